@@ -1,0 +1,126 @@
+"""Command line: parse, build, run. A `UserError` becomes one line on stderr and exit status 1."""
+
+import time
+
+COMMAND_START = time.perf_counter()  # e2e_time starts here, before torch is imported
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from .errors import UserError  # noqa: E402
+
+EXIT_USER_ERROR = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="retinaperf",
+        description="Train RetinaNet ResNet-50-FPN on COCO2017; report how well a machine does it.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run", help="run the benchmark (default: smoke preset, generated data)"
+    )
+    run.add_argument("--preset", default="smoke", help="preset name (see `retinaperf presets`)")
+    run.add_argument("--data-dir", help="COCO2017 root; default: the generated dataset")
+    run.add_argument("--output-dir", help="run directory; default: runs/<timestamp>")
+    run.add_argument("--backbone-weights", help="URL, file:// URL, path, or `none` (random init)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a configuration key (repeatable), e.g. --set lr=0.02",
+    )
+
+    gen = commands.add_parser("synth", help="write the generated COCO-layout dataset")
+    gen.add_argument("--out", required=True, help="new or empty folder to write into")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--train-images", type=int, default=512)
+    gen.add_argument("--val-images", type=int, default=96)
+    gen.add_argument("--image-size", type=int, default=128, help="short side in pixels")
+
+    ev = commands.add_parser("evaluate", help="COCO bbox scores of a detections file")
+    ev.add_argument("--annotations", required=True, help="COCO instances JSON (ground truth)")
+    ev.add_argument("--detections", required=True, help="COCO results JSON (list of detections)")
+
+    presets = commands.add_parser("presets", help="list presets (or every configuration key)")
+    presets.add_argument("--keys", action="store_true", help="list configuration keys instead")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as err:
+        print(f"retinaperf: error: {_rank_prefix()}{err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("retinaperf: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import config, train
+    from .report import format_table, table_row
+
+    flags = {
+        "data_dir": args.data_dir,
+        "output_dir": args.output_dir,
+        "backbone_weights": args.backbone_weights,
+    }
+    pairs = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    resolved = config.resolve(args.preset, config.parse_overrides(pairs + args.overrides))
+    results = train.run(resolved, COMMAND_START)
+    if results:
+        print(format_table([table_row(results)]))
+        print(f"results: {Path(results['run_dir']) / 'results.json'}")
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from .synth import SynthSpec, generate
+
+    spec = SynthSpec(args.seed, args.train_images, args.val_images, args.image_size)
+    out = generate(spec, Path(args.out))
+    print(f"wrote {spec.train_images} training and {spec.val_images} validation images to {out}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_files
+
+    print(json.dumps(evaluate_files(Path(args.annotations), Path(args.detections))))
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from . import config
+
+    if args.keys:
+        for key, kind, doc in config.all_keys():
+            print(f"{key:34} {kind:10} {doc}")
+    else:
+        for name in config.preset_names():
+            print(f"{name:10} {config.preset_description(name)}")
+    return 0
+
+
+COMMANDS = {"run": _run, "synth": _synth, "evaluate": _evaluate, "presets": _presets}
+
+
+def _rank_prefix() -> str:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"retinaperf: warning: {_rank_prefix()}{message}", file=sys.stderr)

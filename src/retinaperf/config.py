@@ -1,0 +1,344 @@
+"""Typed configuration: one dataclass per concern, composed by `RunConfig`.
+
+Precedence, lowest first: the defaults below < the preset file < the command line (`--set KEY=VALUE`
+and its shortcut flags). Every key has a name unique across sections, so `--set lr=0.02` and
+`--set train.lr=0.02` mean the same. Values are checked where they are defined (`__post_init__`);
+a bad one raises `UserError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+BACKBONE_URL = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
+PRECISIONS = ("auto", "fp32", "tf32", "amp", "bf16", "fp16")
+
+
+def _check(condition: bool, key: str, value: object, need: str) -> None:
+    if not condition:
+        raise UserError(f"config: {key}={value!r} is not valid: {need}")
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = ""
+    """COCO2017 root (train2017/, val2017/, annotations/). Empty: the generated dataset."""
+    num_workers: int = 4
+    """DataLoader worker processes per rank; 0 loads in the training process."""
+    hflip_prob: float = 0.5
+    """Probability of a horizontal flip of each training image."""
+    aspect_ratio_group_factor: int = 3
+    """Aspect-ratio bins for grouped batches (torchvision's reference uses 3); -1 turns it off."""
+    synth_train_images: int = 512
+    """Generated dataset: number of training images (used when data_dir is empty)."""
+    synth_val_images: int = 96
+    """Generated dataset: number of validation images."""
+    synth_image_size: int = 128
+    """Generated dataset: short side of the images in pixels."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 0, "num_workers", self.num_workers, "use 0 or more")
+        _check(0 <= self.hflip_prob <= 1, "hflip_prob", self.hflip_prob, "use a value in [0, 1]")
+        _check(
+            self.aspect_ratio_group_factor >= -1,
+            "aspect_ratio_group_factor",
+            self.aspect_ratio_group_factor,
+            "use -1 (off) or 0 or more",
+        )
+        for key in ("synth_train_images", "synth_val_images"):
+            _check(getattr(self, key) >= 1, key, getattr(self, key), "use 1 or more")
+        _check(self.synth_image_size >= 32, "synth_image_size", self.synth_image_size, "use 32+")
+
+
+@dataclass
+class ModelConfig:
+    backbone_weights: str = BACKBONE_URL
+    """ImageNet ResNet-50 weights: a URL, file:// URL, a path, or `none` for random init."""
+    min_size: int = 800
+    """The model's resize: short side of the input in pixels."""
+    max_size: int = 1333
+    """The model's resize: longest side allowed in pixels."""
+
+    def __post_init__(self) -> None:
+        _check(self.min_size >= 32, "min_size", self.min_size, "use 32 or more")
+        _check(self.max_size >= self.min_size, "max_size", self.max_size, "use at least min_size")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16
+    """Images per device per step (the local batch)."""
+    lr: float = 0.04
+    """Peak learning rate after warm-up."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 1e-4
+    """SGD weight decay (L2), on every trainable parameter."""
+    epochs: int = 26
+    """Most epochs to run (epochs 0..epochs-1)."""
+    lr_steps: tuple[int, ...] = (16, 22)
+    """Epochs at whose start the learning rate is multiplied by lr_gamma."""
+    lr_gamma: float = 0.1
+    """Learning-rate multiplier at each of lr_steps."""
+    warmup_iters: int = 1000
+    """Linear warm-up length in steps, capped at (steps per epoch - 1)."""
+    warmup_factor: float = 1e-3
+    """Warm-up starts at lr * warmup_factor."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: no limit); a final evaluation follows."""
+    precision: str = "fp32"
+    """fp32, tf32, amp (fp16 autocast + loss scaling), bf16 (autocast), fp16 (half model with
+    fp32 master weights), or auto (the faster of fp32 and bf16 on this device, timed at start)."""
+    target_map: float = 0.35
+    """Stop at the first evaluation whose mAP reaches this; 0 never stops early."""
+    seed: int = 0
+    """Seeds weights, sampling and augmentation."""
+    log_every: int = 20
+    """Steps between logged steps (loss, lr, images/s)."""
+    deterministic: bool = False
+    """Use deterministic kernels (slower); for equivalence tests."""
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "epochs", "log_every"):
+            _check(getattr(self, key) >= 1, key, getattr(self, key), "use 1 or more")
+        for key in ("lr", "lr_gamma", "warmup_factor"):
+            _check(getattr(self, key) > 0, key, getattr(self, key), "use a positive number")
+        for key in ("momentum", "weight_decay", "warmup_iters", "max_steps"):
+            _check(getattr(self, key) >= 0, key, getattr(self, key), "use 0 or more")
+        _check(self.precision in PRECISIONS, "precision", self.precision, f"use {PRECISIONS}")
+        _check(0 <= self.target_map <= 1, "target_map", self.target_map, "use a value in [0, 1]")
+        _check(
+            list(self.lr_steps) == sorted(self.lr_steps),
+            "lr_steps",
+            self.lr_steps,
+            "list epochs in increasing order",
+        )
+
+
+@dataclass
+class EvalConfig:
+    eval_batch_size: int = 8
+    """Images per device per inference batch."""
+
+    def __post_init__(self) -> None:
+        _check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "use 1+")
+
+
+@dataclass
+class RunConfig:
+    preset: str = ""
+    """Name of the preset this configuration started from."""
+    device: str = "auto"
+    """A torch device type (cuda, cpu, ...) or auto: the accelerator if there is one, else cpu."""
+    nodes: int = 1
+    """Nodes the preset is meant for: a job of another shape is refused, as its row would not
+    compare with the preset's."""
+    devices_per_node: int = 1
+    """Processes (devices) per node the preset is meant for."""
+    output_dir: str = ""
+    """Run directory. Empty: runs/<timestamp>/."""
+    cache_dir: str = ""
+    """Downloads and the generated dataset. Empty: $RETINAPERF_CACHE or ~/.cache/retinaperf."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.nodes >= 1, "nodes", self.nodes, "use 1 or more")
+        _check(self.devices_per_node >= 1, "devices_per_node", self.devices_per_node, "use 1+")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(RunConfig)
+    return {name: hints[name] for name in ("data", "model", "train", "eval")}
+
+
+def _key_index() -> dict[str, tuple[str | None, type]]:
+    """Every settable key: bare name -> (section or None for the root, value type)."""
+    index: dict[str, tuple[str | None, type]] = {}
+    root_hints = typing.get_type_hints(RunConfig)
+    sections = _section_types()
+    for f in dataclasses.fields(RunConfig):
+        if f.name not in sections:
+            index[f.name] = (None, root_hints[f.name])
+    for section, cls in sections.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            assert f.name not in index, f"config key {f.name} is defined twice"
+            index[f.name] = (section, hints[f.name])
+    return index
+
+
+def _parse_value(key: str, text: str, kind: type) -> Any:
+    """Turn the text of `--set key=text` into a value of the key's type."""
+    try:
+        if kind is bool:
+            lowered = text.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        if typing.get_origin(kind) is tuple:
+            return tuple(int(part) for part in text.split(",") if part.strip())
+        return text
+    except ValueError:
+        raise UserError(f"config: {key}={text!r} is not a valid {_type_name(kind)}") from None
+
+
+def _type_name(kind: type) -> str:
+    if typing.get_origin(kind) is tuple:
+        return "int list"
+    return {bool: "true/false", int: "integer", float: "number", str: "string"}[kind]
+
+
+def _check_type(key: str, value: Any, kind: type, where: str) -> Any:
+    """Check a value read from a preset file; TOML already typed it."""
+    if typing.get_origin(kind) is tuple:
+        ok = isinstance(value, list) and all(type(v) is int for v in value)
+        value = tuple(value) if ok else value
+    elif kind is float:
+        ok = type(value) in (int, float)
+        value = float(value) if ok else value
+    else:
+        ok = type(value) is kind
+    if not ok:
+        raise UserError(f"{where}: {key} = {value!r} is not a valid {_type_name(kind)}")
+    return value
+
+
+def preset_names() -> list[str]:
+    files = resources.files("retinaperf") / "presets"
+    return sorted(p.name.removesuffix(".toml") for p in files.iterdir() if p.name.endswith(".toml"))
+
+
+def preset_description(name: str) -> str:
+    """The first comment line of a preset file, which says what it is for."""
+    text = (resources.files("retinaperf") / "presets" / f"{name}.toml").read_text()
+    first = text.splitlines()[0] if text else ""
+    return first.lstrip("# ").strip()
+
+
+def _read_preset(name: str) -> dict[str, Any]:
+    if name not in preset_names():
+        raise UserError(f"unknown preset {name!r}: choose one of {', '.join(preset_names())}")
+    path = resources.files("retinaperf") / "presets" / f"{name}.toml"
+    return tomllib.loads(path.read_text())
+
+
+def _flatten_preset(name: str, table: dict[str, Any]) -> dict[str, Any]:
+    """{section: {key: value}} or {key: value} from a preset file -> {key: typed value}."""
+    index = _key_index()
+    where = f"preset file {name}.toml"
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict) and key in _section_types():
+            for sub, subvalue in value.items():
+                if sub not in index or index[sub][0] != key:
+                    raise UserError(f"{where}: unknown key {key}.{sub}")
+                flat[sub] = _check_type(sub, subvalue, index[sub][1], where)
+        elif key in index and index[key][0] is None:
+            flat[key] = _check_type(key, value, index[key][1], where)
+        else:
+            raise UserError(f"{where}: unknown key {key}")
+    return flat
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["lr=0.02", "train.epochs=3"]` -> `{"lr": 0.02, "epochs": 3}`, each checked."""
+    index = _key_index()
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep:
+            raise UserError(f"--set {pair!r}: write KEY=VALUE, e.g. --set lr=0.02")
+        section, _, bare = key.rpartition(".")
+        if bare not in index or (section and index[bare][0] != section):
+            raise UserError(
+                f"--set {key}: unknown key; `retinaperf presets --keys` lists the valid keys"
+            )
+        if bare in overrides:
+            raise UserError(f"--set {key}: given twice; give each key once")
+        overrides[bare] = _parse_value(key, text, index[bare][1])
+    return overrides
+
+
+def resolve(preset: str, overrides: dict[str, Any]) -> RunConfig:
+    """Defaults < preset file < overrides, validated."""
+    values = {**_flatten_preset(preset, _read_preset(preset)), **overrides, "preset": preset}
+    index = _key_index()
+    root: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {name: {} for name in _section_types()}
+    for key, value in values.items():
+        section = index[key][0]
+        (sections[section] if section else root)[key] = value
+    built = {name: cls(**sections[name]) for name, cls in _section_types().items()}
+    return RunConfig(**root, **built)
+
+
+def all_keys() -> list[tuple[str, str, str]]:
+    """(qualified key, type, docstring's first line) for `retinaperf presets --keys`."""
+    docs = _field_docs()
+    rows = []
+    for key, (section, kind) in _key_index().items():
+        if key == "preset":
+            continue
+        qualified = f"{section}.{key}" if section else key
+        rows.append((qualified, _type_name(kind), docs.get(key, "")))
+    return rows
+
+
+def _field_docs() -> dict[str, str]:
+    """Field docstrings (the string literal under each field) read from this module's source."""
+    import ast
+
+    tree = ast.parse(Path(__file__).read_text())
+    docs: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ClassDef):
+            continue
+        body = node.body
+        for item, following in itertools.pairwise(body):
+            if (
+                isinstance(item, ast.AnnAssign)
+                and isinstance(item.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
+                docs[item.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+__all__ = [
+    "BACKBONE_URL",
+    "PRECISIONS",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "all_keys",
+    "parse_overrides",
+    "preset_description",
+    "preset_names",
+    "resolve",
+]

@@ -1,0 +1,345 @@
+"""COCO2017 detection data: the annotation index, filtering, sampling and loading.
+
+Filtering (SPEC §1): a box is dropped from the training targets when it is a crowd box or has no
+area once clamped to the image (x1 > x0 and y1 > y0 must hold); a training image is dropped when no
+box is left. Validation images are all kept: COCO scoring sees every one.
+
+Images are decoded to uint8 CHW tensors; conversion to float and normalisation happen on the device,
+inside the model (see `model.py`), so workers and host-to-device copies move 4x fewer bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.io import ImageReadMode, decode_image
+
+from .errors import UserError
+
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of the index; boxes are xyxy in pixels, labels are COCO category ids."""
+
+    image_id: int
+    file_name: str
+    width: int
+    height: int
+    boxes: np.ndarray  # float32 [N, 4]
+    labels: np.ndarray  # int64 [N]
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    """An image that could not be read. Returned rather than raised so that it crosses the worker
+    process boundary as data; `check_batch` turns it into a UserError in the training process."""
+
+    path: str
+    reason: str
+
+
+def annotation_file(root: Path, split: str) -> Path:
+    return Path(root) / "annotations" / f"instances_{split}2017.json"
+
+
+def image_dir(root: Path, split: str) -> Path:
+    return Path(root) / f"{split}2017"
+
+
+def check_root(root: Path) -> None:
+    """Fail early, with one clear line, when `root` is not a COCO2017 folder."""
+    root = Path(root)
+    layout = (
+        "a COCO2017 root holds train2017/, val2017/ and annotations/instances_{train,val}2017.json"
+    )
+    if not root.is_dir():
+        raise UserError(f"data: {root} does not exist or is not a folder: {layout}")
+    for split in SPLITS:
+        if not annotation_file(root, split).is_file():
+            raise UserError(f"data: {annotation_file(root, split)} is missing: {layout}")
+        if not image_dir(root, split).is_dir():
+            raise UserError(f"data: {image_dir(root, split)} is missing: {layout}")
+
+
+def read_annotations(path: Path) -> dict:
+    """The instances JSON, with a clear error for a missing, unreadable or malformed file."""
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"data: {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"data: {path} is not valid JSON ({err}): re-extract the file") from None
+    if not isinstance(data, dict):
+        raise UserError(f"data: {path} is not a COCO instances file: it holds no JSON object")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise UserError(f"data: {path} has no list {key!r}: it is not a COCO instances file")
+    return data
+
+
+def load_split(root: Path, split: str, *, drop_empty: bool) -> tuple[list[ImageRecord], dict]:
+    """The images of a split with their kept boxes (images left without a box dropped if asked),
+    and the annotation file's content (the ground truth of evaluation)."""
+    path = annotation_file(root, split)
+    data = read_annotations(path)
+    try:
+        images = {
+            int(im["id"]): (str(im["file_name"]), int(im["width"]), int(im["height"]))
+            for im in data["images"]
+        }
+        per_image: dict[int, list[tuple[list[float], int]]] = {i: [] for i in images}
+        for ann in data["annotations"]:
+            if ann.get("iscrowd", 0):
+                continue
+            image_id = int(ann["image_id"])
+            if image_id not in per_image:
+                raise UserError(
+                    f"data: {path}: annotation {ann.get('id')} refers to image {image_id}, "
+                    "which is not in 'images'"
+                )
+            per_image[image_id].append(([float(v) for v in ann["bbox"]], int(ann["category_id"])))
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"data: {path}: an image or annotation lacks a valid {err}") from None
+
+    _check_files_exist(image_dir(root, split), path, [name for name, _, _ in images.values()])
+    records = []
+    for image_id, (file_name, width, height) in images.items():
+        boxes, labels = _kept_boxes(per_image[image_id], width, height)
+        if drop_empty and len(boxes) == 0:
+            continue
+        records.append(ImageRecord(image_id, file_name, width, height, boxes, labels))
+    if not records:
+        raise UserError(f"data: {path} has no usable image (every image lacks a usable box)")
+    return records, data
+
+
+def _kept_boxes(
+    annotations: list[tuple[list[float], int]], width: int, height: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """COCO xywh -> xyxy clamped to the image; boxes with no area are dropped."""
+    if not annotations:
+        return np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
+    xywh = np.array([box for box, _ in annotations], np.float32).reshape(-1, 4)
+    labels = np.array([label for _, label in annotations], np.int64)
+    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return boxes[keep], labels[keep]
+
+
+def _check_files_exist(folder: Path, annotations: Path, names: list[str]) -> None:
+    try:
+        present = set(os.listdir(folder))
+    except OSError as err:
+        raise UserError(f"data: cannot list {folder}: {err.strerror}") from None
+    missing = [name for name in names if name not in present]
+    if missing:
+        raise UserError(
+            f"data: {len(missing)} image(s) listed in {annotations} are missing from {folder}, "
+            f"e.g. {missing[0]}: restore them or use the matching annotation file"
+        )
+
+
+class CocoDetection(Dataset):
+    """Decoded images and targets of one split, addressed by (epoch, index) keys.
+
+    The key carries the epoch so that the flip of an image is a pure function of
+    (seed, epoch, index): the same run gives the same augmentation whatever the number of
+    workers, and each epoch flips differently.
+    """
+
+    def __init__(
+        self, root: Path, split: str, records: Sequence[ImageRecord], hflip_prob: float, seed: int
+    ) -> None:
+        self.folder = image_dir(root, split)
+        self.records = list(records)
+        self.hflip_prob = hflip_prob
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, dict] | LoadFailure:
+        epoch, index = key
+        record = self.records[index]
+        path = self.folder / record.file_name
+        try:
+            image = decode_image(str(path), mode=ImageReadMode.RGB)  # uint8 [3, H, W]
+        except (RuntimeError, OSError) as err:
+            return LoadFailure(
+                str(path), str(err).splitlines()[0] if str(err) else type(err).__name__
+            )
+        if tuple(image.shape[1:]) != (record.height, record.width):
+            return LoadFailure(
+                str(path),
+                f"is {image.shape[2]}x{image.shape[1]} but the annotations say "
+                f"{record.width}x{record.height}",
+            )
+        boxes = torch.from_numpy(record.boxes.copy())
+        if self.hflip_prob > 0 and self._flip(epoch, index):
+            image = image.flip(-1)
+            boxes = torch.stack(
+                [record.width - boxes[:, 2], boxes[:, 1], record.width - boxes[:, 0], boxes[:, 3]],
+                dim=1,
+            )
+        target = {
+            "boxes": boxes,
+            "labels": torch.from_numpy(record.labels.copy()),
+            "image_id": record.image_id,
+        }
+        return image, target
+
+    def _flip(self, epoch: int, index: int) -> bool:
+        return np.random.default_rng([self.seed, epoch, index]).random() < self.hflip_prob
+
+
+def aspect_ratio_groups(records: Sequence[ImageRecord], group_factor: int) -> list[int]:
+    """Group id per image: its width/height ratio binned into 2*factor+1 log-spaced bins.
+
+    The bins are torchvision's reference ones (2**linspace(-1, 1, 2k+1)); a factor of -1 puts
+    every image in one group.
+    """
+    if group_factor < 0:
+        return [0] * len(records)
+    bins = 2 ** np.linspace(-1, 1, 2 * group_factor + 1)
+    ratios = np.array([r.width / r.height for r in records])
+    return np.digitize(ratios, bins).tolist()
+
+
+class GroupedBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Shuffled batches whose images share an aspect-ratio group, one shard per rank.
+
+    Each epoch: a permutation from (seed, epoch), padded by repetition to a multiple of the world
+    size so every rank gets as many images, taken every world_size-th for this rank; images are
+    buffered per group and a batch is emitted when a group has batch_size images. Every rank emits
+    exactly len(self) full batches, the leftovers completed from their own group, so DDP steps stay
+    in lock-step and every step trains world_size * batch_size images.
+    """
+
+    def __init__(
+        self,
+        group_ids: Sequence[int],
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.group_ids = list(group_ids)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.shard_size = math.ceil(len(self.group_ids) / world_size)
+        if self.shard_size < batch_size:
+            raise UserError(
+                f"data: {len(self.group_ids)} training images cannot fill one batch of "
+                f"{batch_size} on each of {world_size} rank(s): lower batch_size or add images"
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.shard_size // self.batch_size
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(len(self.group_ids), generator=generator).tolist()
+        padded = (order * math.ceil(self.shard_size * self.world_size / len(order)))[
+            : self.shard_size * self.world_size
+        ]
+        shard = padded[self.rank :: self.world_size]
+        buffers: dict[int, list[int]] = {}
+        seen: dict[int, list[int]] = {}
+        emitted = 0
+        for index in shard:
+            group = self.group_ids[index]
+            buffers.setdefault(group, []).append(index)
+            seen.setdefault(group, []).append(index)
+            if len(buffers[group]) == self.batch_size:
+                yield [(self.epoch, i) for i in buffers.pop(group)]
+                emitted += 1
+        # Complete the fullest leftover groups with images of the same group seen this epoch.
+        for group, rest in sorted(buffers.items(), key=lambda item: -len(item[1])):
+            if emitted == len(self):
+                break
+            pool = seen[group]
+            rest = rest + (pool * self.batch_size)[: self.batch_size - len(rest)]
+            yield [(self.epoch, i) for i in rest]
+            emitted += 1
+
+
+def eval_batches(
+    records: Sequence[ImageRecord], batch_size: int, rank: int = 0, world_size: int = 1
+) -> list[list[tuple[int, int]]]:
+    """This rank's inference batches: every image exactly once over all ranks, no padding.
+
+    Batches are formed over the whole split (images sorted by aspect ratio, to pad little) and
+    then dealt to ranks, so each batch is the same whatever the world size and the detections of a
+    distributed evaluation equal those of a single process.
+    """
+    order = sorted(range(len(records)), key=lambda i: (records[i].width / records[i].height, i))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return [[(0, i) for i in batch] for batch in batches[rank::world_size]]
+
+
+def collate(batch: list) -> list:
+    """Keep images as a list: the model batches and pads them itself."""
+    return batch
+
+
+def check_batch(batch: list) -> tuple[list[torch.Tensor], list[dict]]:
+    """Split a collated batch into images and targets; raise for an image that failed to load."""
+    for item in batch:
+        if isinstance(item, LoadFailure):
+            raise UserError(
+                f"data: cannot read image {item.path}: {item.reason}: replace the file "
+                "(or remove it and its annotations)"
+            )
+    images, targets = zip(*batch, strict=True)
+    return list(images), list(targets)
+
+
+def make_loader(
+    dataset: CocoDetection,
+    batch_sampler: Sampler | list,
+    num_workers: int,
+    pin_memory: bool,
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        collate_fn=collate,
+        # Workers live across epochs: forking them again each epoch costs seconds on COCO.
+        persistent_workers=num_workers > 0,
+    )
+
+
+def to_device(
+    images: list[torch.Tensor], targets: list[dict], device: torch.device
+) -> tuple[list[torch.Tensor], list[dict]]:
+    """Host-to-device copy; asynchronous from pinned memory."""
+    images = [image.to(device, non_blocking=True) for image in images]
+    targets = [
+        {
+            "boxes": t["boxes"].to(device, non_blocking=True),
+            "labels": t["labels"].to(device, non_blocking=True),
+        }
+        for t in targets
+    ]
+    return images, targets

@@ -1,0 +1,169 @@
+"""All timing, counting and memory of a run, and the SPEC §3 metrics computed from them.
+
+The training loop tells the `Meter` what happened (a core step with its images, an evaluation
+with its stats); nothing else touches its counters. Every window that covers device work starts
+and ends with a device synchronize, so asynchronous kernels are counted where they ran.
+
+Windows (host clock, seconds):
+    command start ... train start | step: [wait for data, copy] [core] ... | eval | ... | end
+    e2e_time   = results written - command start
+    train_time = end of the last evaluation - train start
+    eval_time  = sum of evaluation windows
+    core time  = sum of core windows (forward + loss + backward + optimizer step)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .distributed import DistEnv, synchronize
+
+GIB = 1024**3
+
+
+@dataclass
+class EvalRecord:
+    epoch: int
+    step: int
+    stats: dict[str, float]
+    seconds: float
+    train_time: float
+    """Seconds from train start to the end of this evaluation."""
+
+
+@dataclass
+class Meter:
+    command_start: float
+    device: torch.device
+    clock: Callable[[], float] = time.perf_counter
+    synchronize: Callable[[torch.device], None] = synchronize
+    train_start: float | None = None
+    train_end: float | None = None
+    images: int = 0
+    steps: int = 0
+    core_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    evals: list[EvalRecord] = field(default_factory=list)
+    _interval_start: float = 0.0
+    _interval_images: int = 0
+    _last_eval_seconds: float = 0.0
+
+    def train_started(self) -> None:
+        """Call after the barrier that has every rank ready."""
+        self.train_start = self._interval_start = self.clock()
+
+    @contextlib.contextmanager
+    def core_step(self, images: int) -> Iterator[None]:
+        """Times forward + loss + backward + optimizer step of one step of `images` local images."""
+        self.synchronize(self.device)  # the host-to-device copy stays outside the window
+        start = self.clock()
+        yield
+        self.synchronize(self.device)  # the step's kernels are queued, not done: wait for them
+        self.core_seconds += self.clock() - start
+        self.images += images
+        self.steps += 1
+        self._interval_images += images
+
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[None]:
+        self.synchronize(self.device)
+        start = self.clock()
+        yield
+        self.synchronize(self.device)
+        end = self.clock()
+        self._last_eval_seconds = end - start
+        self.eval_seconds += self._last_eval_seconds
+        self.train_end = end
+        self._interval_start, self._interval_images = end, 0
+
+    def eval_done(self, epoch: int, stats: dict[str, float]) -> EvalRecord:
+        """Record the stats of the evaluation that just ended."""
+        assert self.train_start is not None and self.train_end is not None
+        record = EvalRecord(
+            epoch=epoch,
+            step=self.steps,
+            stats=dict(stats),
+            seconds=self._last_eval_seconds,
+            train_time=self.train_end - self.train_start,
+        )
+        self.evals.append(record)
+        return record
+
+    def interval_rate(self) -> float:
+        """Local images per second since the last call (or train start, or the last evaluation)."""
+        now = self.clock()
+        rate = self._interval_images / max(now - self._interval_start, 1e-9)
+        self._interval_start, self._interval_images = now, 0
+        return rate
+
+
+def memory_peak(device: torch.device) -> dict[str, float | str]:
+    """This process's peak memory and the device's capacity, GiB.
+
+    Accelerators: the caching allocator's peak reserved bytes (what the process holds on the
+    device; allocated tensors are a subset) over the device's total. CPU: the peak resident set
+    over the machine's RAM.
+    """
+    if device.type == "cpu":
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return {"used": peak / GIB, "total": total / GIB, "source": "peak resident set / RAM"}
+    _free, total = torch.accelerator.get_memory_info(device)
+    return {
+        "used": torch.accelerator.max_memory_reserved(device) / GIB,
+        "allocated": torch.accelerator.max_memory_allocated(device) / GIB,
+        "total": total / GIB,
+        "source": "allocator peak reserved / device total",
+    }
+
+
+def summarize(meter: Meter, env: DistEnv, target_map: float) -> dict:
+    """SPEC §3 metrics but e2e_time (which ends when results.json is written, so the writer adds
+    it), reduced over ranks: images summed, core time and memory maxed. Every rank must call this:
+    it runs collectives."""
+    assert meter.train_start is not None and meter.train_end is not None, "no evaluation ran"
+    images, steps = env.all_reduce([meter.images, meter.steps], "sum")
+    (core_max,) = env.all_reduce([meter.core_seconds], "max")
+    peak = memory_peak(env.device)
+    per_rank = env.gather(peak)
+    used_max = max(p["used"] for p in per_rank) if per_rank else peak["used"]
+
+    train_time = meter.train_end - meter.train_start
+    train_minus_eval = train_time - meter.eval_seconds
+    last = meter.evals[-1]
+    best = max(meter.evals, key=lambda e: e.stats["AP"])
+    reached = next((e for e in meter.evals if e.stats["AP"] >= target_map), None)
+    return {
+        "init_time": meter.train_start - meter.command_start,
+        "train_time": train_time,
+        "eval_time": meter.eval_seconds,
+        "core_time": core_max,
+        "trained_images": int(images),
+        "steps": int(steps / env.world_size),
+        "p_whole": images / train_time,
+        "p_train": images / train_minus_eval,
+        "p_core": images / core_max,
+        "mAP": last.stats["AP"],
+        "best_mAP": best.stats["AP"],
+        "best_epoch": best.epoch,
+        "best_step": best.step,
+        "converged": reached is not None,
+        "target_mAP": target_map,
+        "time_to_target": reached.train_time if reached else None,
+        "mem": f"{used_max:.1f}/{peak['total']:.1f}",
+        "mem_used_gib": used_max,
+        "mem_total_gib": peak["total"],
+        "mem_source": peak["source"],
+        "mem_per_rank_gib": [p["used"] for p in per_rank] if per_rank else None,
+        "evaluations": [
+            {"epoch": e.epoch, "step": e.step, "mAP": e.stats["AP"], "seconds": e.seconds}
+            for e in meter.evals
+        ],
+    }

@@ -1,0 +1,275 @@
+"""The embedded dataset: a small COCO2017-layout dataset generated deterministically from a seed.
+
+Shapes of a few categories on textured backgrounds, written as real JPEG files with
+`instances_{train,val}2017.json`, in the folder names of COCO2017. The annotations include what
+the real loader must cope with: crowd regions, boxes of zero area, tiny boxes, and images without
+any object, so the same reading and filtering code runs on it as on COCO.
+
+Every image is drawn from its own random stream, seeded by (seed, split, index): the output depends
+only on the arguments, not on the order of generation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .errors import UserError
+
+# Bump when the drawing changes, so cached datasets of an older generator are not reused.
+GENERATOR_VERSION = 1
+
+# COCO category ids are not contiguous; ours skip numbers too so the code never assumes they are.
+CATEGORIES = (
+    {"id": 1, "name": "circle", "supercategory": "shape"},
+    {"id": 3, "name": "square", "supercategory": "shape"},
+    {"id": 7, "name": "triangle", "supercategory": "shape"},
+    {"id": 12, "name": "cross", "supercategory": "shape"},
+)
+
+# Share of images with each special case (drawn independently per image).
+P_EMPTY = 0.06  # no object at all
+P_CROWD = 0.12  # one crowd region (many tiny shapes under one iscrowd box)
+P_DEGENERATE = 0.06  # one annotation of zero width or height
+P_TINY = 0.08  # one valid but tiny shape (a few pixels)
+JPEG_QUALITY = 90
+
+
+@dataclass(frozen=True)
+class SynthSpec:
+    """What to generate; the dataset is a pure function of these values."""
+
+    seed: int = 0
+    train_images: int = 512
+    val_images: int = 96
+    image_size: int = 128
+    """Short side of every image in pixels; the long side is this or 4/3 of it."""
+
+    def __post_init__(self) -> None:
+        if self.train_images < 1 or self.val_images < 1:
+            raise UserError("synth: --train-images and --val-images must be at least 1")
+        if self.image_size < 32:
+            raise UserError(f"synth: --image-size {self.image_size} is too small: use 32 or more")
+
+    def cache_key(self) -> str:
+        text = json.dumps({**asdict(self), "version": GENERATOR_VERSION}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def generate(spec: SynthSpec, out_dir: Path) -> Path:
+    """Write the dataset into `out_dir` (which must not exist or be empty) and return it.
+
+    The files are written into a temporary sibling folder and renamed at the end, so an
+    interrupted run leaves nothing that looks like a dataset.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"synth: {out_dir} is not empty: give a new or empty folder with --out")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        (staging / "annotations").mkdir()
+        first_id = 1
+        for split, count in (("train", spec.train_images), ("val", spec.val_images)):
+            coco = _generate_split(spec, split, count, first_id, staging / f"{split}2017")
+            with open(staging / "annotations" / f"instances_{split}2017.json", "w") as f:
+                json.dump(coco, f)
+            first_id += count
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def cached(spec: SynthSpec, cache_dir: Path) -> Path:
+    """The dataset for `spec` under `cache_dir`, generated on first use and reused afterwards."""
+    target = Path(cache_dir) / f"synth-{spec.cache_key()}"
+    complete = target / "annotations" / "instances_val2017.json"
+    if complete.is_file():
+        return target
+    try:
+        return generate(spec, target)
+    except (OSError, UserError):
+        # Another node sharing the cache renamed its copy into place first: use that one.
+        if complete.is_file():
+            return target
+        raise
+
+
+def _generate_split(
+    spec: SynthSpec, split: str, count: int, first_id: int, image_dir: Path
+) -> dict:
+    image_dir.mkdir()
+    images, annotations = [], []
+    split_code = {"train": 0, "val": 1}[split]
+    for index in range(count):
+        image_id = first_id + index
+        rng = np.random.default_rng([spec.seed, split_code, index])
+        picture, objects = _draw_image(rng, spec.image_size)
+        file_name = f"{image_id:012d}.jpg"
+        picture.save(image_dir / file_name, quality=JPEG_QUALITY)
+        images.append(
+            {
+                "id": image_id,
+                "file_name": file_name,
+                "width": picture.width,
+                "height": picture.height,
+            }
+        )
+        for obj in objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **obj})
+    return {
+        "info": {"description": f"retinaperf generated dataset ({split}), seed {spec.seed}"},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [dict(c) for c in CATEGORIES],
+    }
+
+
+def _draw_image(rng: np.random.Generator, short_side: int) -> tuple[Image.Image, list[dict]]:
+    long_side = round(short_side * 4 / 3)
+    width, height = [(short_side, short_side), (long_side, short_side), (short_side, long_side)][
+        rng.integers(3)
+    ]
+    picture = _background(rng, width, height)
+    draw = ImageDraw.Draw(picture)
+    objects: list[dict] = []
+    if rng.random() >= P_EMPTY:
+        placed: list[tuple[float, float, float, float]] = []
+        for _ in range(rng.integers(1, 4)):
+            size = rng.uniform(0.22, 0.6) * short_side
+            spot = _free_spot(rng, width, height, size, placed)
+            if spot is None:
+                continue
+            category = CATEGORIES[rng.integers(len(CATEGORIES))]["id"]
+            polygon = _shape(category, spot, size, rng)
+            draw.polygon(polygon, fill=_colour(rng))
+            objects.append(_annotation(category, polygon, crowd=False))
+            placed.append((*spot, size))
+        if rng.random() < P_CROWD:
+            objects.append(_crowd(rng, draw, width, height, short_side))
+        if rng.random() < P_TINY:
+            size = rng.uniform(3, 6)
+            x, y = rng.uniform(0, width - size), rng.uniform(0, height - size)
+            category = CATEGORIES[rng.integers(len(CATEGORIES))]["id"]
+            polygon = [(x, y), (x + size, y), (x + size, y + size), (x, y + size)]
+            draw.polygon(polygon, fill=_colour(rng))
+            objects.append(_annotation(category, polygon, crowd=False))
+        if rng.random() < P_DEGENERATE:
+            # A zero-width box, as COCO has a few: the loader must drop it from the targets.
+            x, y = float(rng.integers(0, width)), float(rng.integers(0, height - 8))
+            category = CATEGORIES[rng.integers(len(CATEGORIES))]["id"]
+            objects.append(
+                {
+                    "category_id": category,
+                    "bbox": [x, y, 0.0, 8.0],
+                    "area": 0.0,
+                    "iscrowd": 0,
+                    "segmentation": [[x, y, x, y + 8.0, x, y + 8.0]],
+                }
+            )
+    return picture, objects
+
+
+def _background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """Smooth colour noise with stripes: texture that edges must be told apart from."""
+    coarse = rng.uniform(60, 200, size=(4, 4, 3)).astype(np.uint8)
+    base = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BILINEAR), np.float32)
+    angle = rng.uniform(0, math.pi)
+    period = rng.uniform(6, 20)
+    yy, xx = np.mgrid[0:height, 0:width]
+    stripes = np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period)
+    texture = base + stripes[..., None] * rng.uniform(5, 25) + rng.normal(0, 6, base.shape)
+    return Image.fromarray(np.clip(texture, 0, 255).astype(np.uint8))
+
+
+def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    # Saturated or very dark/bright colours so shapes stand out from the mid-tone background.
+    channels = rng.permutation([rng.integers(0, 40), rng.integers(215, 256), rng.integers(0, 256)])
+    return tuple(int(c) for c in channels)
+
+
+def _free_spot(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    size: float,
+    placed: list[tuple[float, float, float]],
+) -> tuple[float, float] | None:
+    """Top-left corner for a shape of `size` that overlaps no placed shape, if one is found."""
+    for _ in range(20):
+        x, y = rng.uniform(0, width - size), rng.uniform(0, height - size)
+        if all(
+            x + size <= px or px + psize <= x or y + size <= py or py + psize <= y
+            for px, py, psize in placed
+        ):
+            return x, y
+    return None
+
+
+def _shape(
+    category: int, spot: tuple[float, float], size: float, rng: np.random.Generator
+) -> list[tuple[float, float]]:
+    """The outline of a shape of `category` filling the square at `spot` with side `size`."""
+    x, y = spot
+    cx, cy, r = x + size / 2, y + size / 2, size / 2
+    if category == 1:  # circle, as a 32-gon so that the polygon is the segmentation
+        return [
+            (cx + r * math.cos(2 * math.pi * k / 32), cy + r * math.sin(2 * math.pi * k / 32))
+            for k in range(32)
+        ]
+    if category == 3:  # square, possibly squashed into a rectangle
+        h = size * rng.uniform(0.6, 1.0)
+        return [(x, y), (x + size, y), (x + size, y + h), (x, y + h)]
+    if category == 7:  # triangle
+        return [(cx, y), (x + size, y + size), (x, y + size)]
+    arm = size / 3  # cross
+    return [
+        (x + arm, y), (x + 2 * arm, y), (x + 2 * arm, y + arm), (x + size, y + arm),
+        (x + size, y + 2 * arm), (x + 2 * arm, y + 2 * arm), (x + 2 * arm, y + size),
+        (x + arm, y + size), (x + arm, y + 2 * arm), (x, y + 2 * arm), (x, y + arm),
+        (x + arm, y + arm),
+    ]  # fmt: skip
+
+
+def _annotation(category: int, polygon: list[tuple[float, float]], crowd: bool) -> dict:
+    xs, ys = [p[0] for p in polygon], [p[1] for p in polygon]
+    x0, y0, x1, y1 = min(xs), min(ys), max(xs), max(ys)
+    # Shoelace formula: the polygon's own area, as COCO's `area` is the segment's area.
+    area = 0.5 * abs(sum(xs[i] * ys[i - 1] - xs[i - 1] * ys[i] for i in range(len(xs))))
+    return {
+        "category_id": category,
+        "bbox": [round(v, 2) for v in (x0, y0, x1 - x0, y1 - y0)],
+        "area": round(area, 2),
+        "iscrowd": int(crowd),
+        "segmentation": [[round(v, 2) for p in polygon for v in p]],
+    }
+
+
+def _crowd(
+    rng: np.random.Generator, draw: ImageDraw.ImageDraw, width: int, height: int, short_side: int
+) -> dict:
+    """Many small shapes of one category in a region, annotated once with iscrowd=1."""
+    category = CATEGORIES[rng.integers(len(CATEGORIES))]["id"]
+    region = rng.uniform(0.25, 0.4) * short_side
+    x, y = rng.uniform(0, width - region), rng.uniform(0, height - region)
+    dot = region / 5
+    for gx in range(4):
+        for gy in range(4):
+            corner = (x + gx * region / 4 + dot / 8, y + gy * region / 4 + dot / 8)
+            draw.polygon(_shape(category, corner, dot, rng), fill=_colour(rng))
+    outline = [(x, y), (x + region, y), (x + region, y + region), (x, y + region)]
+    return _annotation(category, outline, crowd=True)

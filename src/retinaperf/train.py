@@ -1,0 +1,343 @@
+"""Training: the step, the loop around it, and the run that builds both and writes the results.
+
+Read top to bottom: `run` sets up (data, weights, model, optimizer), `_train` loops over epochs
+and steps, calling `train_step` inside the meter's core window and evaluating after every epoch;
+`_finish` reduces the metrics and writes the run directory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from . import data, distributed, environment, metrics, report, synth, weights
+from .config import RunConfig
+from .distributed import DistEnv
+from .errors import UserError
+from .evaluate import CocoEvaluator, load_ground_truth
+from .model import build_model
+from .precision import Precision, resolve_auto
+
+
+def lr_factor(
+    step_in_epoch: int,
+    epoch: int,
+    warmup_iters: int,
+    warmup_factor: float,
+    lr_steps: tuple[int, ...],
+    gamma: float,
+) -> float:
+    """Multiplier of the base lr: linear warm-up over the first steps of epoch 0 (from
+    warmup_factor to 1), then x gamma at the start of each epoch in lr_steps."""
+    factor = gamma ** sum(epoch >= milestone for milestone in lr_steps)
+    if epoch == 0 and step_in_epoch < warmup_iters:
+        alpha = step_in_epoch / warmup_iters
+        factor *= warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+def train_step(
+    model: nn.Module,
+    images: list[torch.Tensor],
+    targets: list[dict],
+    optimizer: torch.optim.Optimizer,
+    precision: Precision,
+) -> dict[str, torch.Tensor]:
+    """One optimizer step: forward, loss, backward, update. Returns the loss parts (on device)."""
+    with precision.autocast():
+        losses = model(images, targets)  # {"classification": [], "bbox_regression": []}
+    loss = sum(losses.values())
+    precision.backward_and_step(loss, optimizer)
+    return {name: value.detach() for name, value in losses.items()}
+
+
+@dataclass
+class Setup:
+    """Everything the loop needs, built once by `run`."""
+
+    config: RunConfig
+    env: DistEnv
+    precision: Precision
+    model: nn.Module  # wrapped in DDP when world_size > 1
+    inference_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_loader: torch.utils.data.DataLoader
+    train_sampler: data.GroupedBatchSampler
+    val_loader: torch.utils.data.DataLoader
+    evaluator: CocoEvaluator
+    meter: metrics.Meter
+    events: report.EventLog
+    run_dir: Path
+    facts: dict  # dataset and weight facts that go into the results
+
+
+def run(config: RunConfig, command_start: float) -> dict:
+    """Run the benchmark; returns the results written to `<run_dir>/results.json` (on rank 0)."""
+    env = distributed.setup(config.device)
+    events = report.EventLog(None, command_start)
+    try:
+        setup = _set_up(config, env, command_start)
+        events = setup.events
+        _train(setup)
+        return _finish(setup)
+    except BaseException as err:
+        events.emit("run_failed", error=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        events.close()
+        distributed.teardown()
+
+
+def _set_up(config: RunConfig, env: DistEnv, command_start: float) -> Setup:
+    _check_topology(config, env)
+    precision_name = env.broadcast(resolve_auto(config.train.precision, env.device))
+    precision = Precision(precision_name, env.device)
+    torch.manual_seed(config.train.seed)
+    if config.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    cache_dir = _cache_dir(config)
+
+    root, dataset_label = _dataset_root(config, env, cache_dir)
+    data.check_root(root)
+    train_records, _ = data.load_split(root, "train", drop_empty=True)
+    val_records, val_annotations = data.load_split(root, "val", drop_empty=False)
+    evaluator = CocoEvaluator(load_ground_truth(val_annotations) if env.is_main else None, env)
+    del val_annotations
+
+    backbone = _load_weights(config, env, cache_dir)
+    model = build_model(config.model, backbone.state_dict if backbone else None)
+    model = precision.prepare(model.to(env.device))
+    optimizer = torch.optim.SGD(
+        precision.optimizer_params(model),
+        lr=config.train.lr,
+        momentum=config.train.momentum,
+        weight_decay=config.train.weight_decay,
+    )
+    inference_model = model
+    if env.world_size > 1:
+        model = DistributedDataParallel(
+            model, device_ids=[env.device] if env.device.type != "cpu" else None
+        )
+
+    pin = env.device.type != "cpu"
+    train_set = data.CocoDetection(
+        root, "train", train_records, config.data.hflip_prob, config.train.seed
+    )
+    train_sampler = data.GroupedBatchSampler(
+        data.aspect_ratio_groups(train_records, config.data.aspect_ratio_group_factor),
+        config.train.batch_size,
+        config.train.seed,
+        env.rank,
+        env.world_size,
+    )
+    val_set = data.CocoDetection(root, "val", val_records, hflip_prob=0.0, seed=0)
+    val_batches = data.eval_batches(
+        val_records, config.eval.eval_batch_size, env.rank, env.world_size
+    )
+    workers = config.data.num_workers
+    run_dir = _make_run_dir(config, env)
+    events = report.EventLog(run_dir / report.EVENTS if env.is_main else None, command_start)
+    facts = {
+        "dataset": dataset_label,
+        "train_images": len(train_records),
+        "val_images": len(val_records),
+        "backbone_weights": config.model.backbone_weights,
+        "backbone_sha256": backbone.sha256 if backbone else None,
+        "precision": precision_name,
+    }
+    events.emit("run_start", config=config.to_dict(), world_size=env.world_size, **facts)
+    return Setup(
+        config=config,
+        env=env,
+        precision=precision,
+        model=model,
+        inference_model=inference_model,
+        optimizer=optimizer,
+        train_loader=data.make_loader(train_set, train_sampler, workers, pin),
+        train_sampler=train_sampler,
+        val_loader=data.make_loader(val_set, val_batches, workers, pin),
+        evaluator=evaluator,
+        meter=metrics.Meter(command_start, env.device),
+        events=events,
+        run_dir=run_dir,
+        facts=facts,
+    )
+
+
+def _train(s: Setup) -> None:
+    cfg, env, meter = s.config.train, s.env, s.meter
+    steps_per_epoch = len(s.train_loader)
+    warmup_iters = min(cfg.warmup_iters, steps_per_epoch - 1)
+    env.barrier()  # every rank is built and ready: training time starts now
+    meter.train_started()
+    for epoch in range(cfg.epochs):
+        s.train_sampler.set_epoch(epoch)
+        s.model.train()
+        progress = tqdm(
+            total=steps_per_epoch, desc=f"epoch {epoch}", unit="step", disable=not env.is_main
+        )
+        for step_in_epoch, batch in enumerate(s.train_loader):
+            lr = cfg.lr * lr_factor(
+                step_in_epoch, epoch, warmup_iters, cfg.warmup_factor, cfg.lr_steps, cfg.lr_gamma
+            )
+            for group in s.optimizer.param_groups:
+                group["lr"] = lr
+            images, targets = data.check_batch(batch)
+            images, targets = data.to_device(images, targets, env.device)
+            with meter.core_step(len(images)):
+                losses = train_step(s.model, images, targets, s.optimizer, s.precision)
+            progress.update()
+            if meter.steps % cfg.log_every == 0:
+                _log_step(s, epoch, lr, losses, progress)
+            if cfg.max_steps and meter.steps >= cfg.max_steps:
+                break
+        progress.close()
+        record = _evaluate(s, epoch)
+        reached = cfg.target_map > 0 and record.stats["AP"] >= cfg.target_map
+        if reached or (cfg.max_steps and meter.steps >= cfg.max_steps):
+            break
+
+
+def _log_step(
+    s: Setup, epoch: int, lr: float, losses: dict[str, torch.Tensor], progress: tqdm
+) -> None:
+    parts = {name: value.item() for name, value in losses.items()}  # waits for the device
+    loss = sum(parts.values())
+    if not math.isfinite(loss) and not s.precision.scaler.is_enabled():
+        raise UserError(
+            f"training diverged at step {s.meter.steps}: loss is {loss}; lower lr (now {lr:g})"
+        )
+    # Every rank trains the same batch size, so the global rate is the local one x world size.
+    rate = s.meter.interval_rate() * s.env.world_size
+    s.events.emit(
+        "step", epoch=epoch, step=s.meter.steps, loss=loss, **parts, lr=lr, images_per_s=rate
+    )
+    progress.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.1f}", lr=f"{lr:.3g}")
+
+
+@torch.inference_mode()
+def _evaluate(s: Setup, epoch: int) -> metrics.EvalRecord:
+    """Inference on this rank's share of the val set, then COCO scoring of every image."""
+    model = s.inference_model
+    model.eval()
+    s.evaluator.reset()
+    with s.meter.evaluation():
+        for batch in tqdm(s.val_loader, desc="eval", unit="batch", disable=not s.env.is_main):
+            images, targets = data.check_batch(batch)
+            images = [image.to(s.env.device, non_blocking=True) for image in images]
+            with s.precision.autocast():
+                outputs = model(images)
+            s.evaluator.add([t["image_id"] for t in targets], outputs)
+        stats, detections = s.evaluator.score()
+    model.train()
+    record = s.meter.eval_done(epoch, stats)
+    s.events.emit(
+        "eval",
+        epoch=epoch,
+        step=record.step,
+        mAP=stats["AP"],
+        **stats,
+        detections=detections,
+        seconds=record.seconds,
+    )
+    if s.env.is_main:
+        tqdm.write(f"epoch {epoch}: mAP {stats['AP']:.4f} (AP50 {stats['AP50']:.4f})")
+    return record
+
+
+def _finish(s: Setup) -> dict:
+    cfg, env = s.config, s.env
+    hosts = env.gather(environment.hostname())
+    summary = metrics.summarize(s.meter, env, cfg.train.target_map)
+    if not env.is_main:
+        return {}
+    results = {
+        "metrics": {
+            **summary,
+            **s.facts,
+            "epochs": s.meter.evals[-1].epoch + 1,
+            "world_size": env.world_size,
+            "nodes": env.nodes,
+            "devices_per_node": env.local_world_size,
+            "local_batch": cfg.train.batch_size,
+            "global_batch": cfg.train.batch_size * env.world_size,
+            "lr": cfg.train.lr,
+            "seed": cfg.train.seed,
+            "device_name": environment.device_name(env.device),
+        },
+        "config": cfg.to_dict(),
+        "environment": environment.capture(env.device, hosts),
+        "run_dir": str(s.run_dir),
+    }
+    # e2e_time ends here, as results.json is written.
+    results["metrics"]["e2e_time"] = time.perf_counter() - s.meter.command_start
+    report.write_json_atomic(s.run_dir / report.RESULTS, results)
+    s.events.emit("run_end", **{k: v for k, v in results["metrics"].items() if k != "evaluations"})
+    text = report.render_report(results)
+    (s.run_dir / report.REPORT).write_text(text, encoding="utf-8")
+    return results
+
+
+def _check_topology(config: RunConfig, env: DistEnv) -> None:
+    expected = (config.nodes, config.devices_per_node)
+    actual = (env.nodes, env.local_world_size)
+    if expected != actual:
+        raise UserError(
+            f"preset {config.preset} is for {expected[0]} node(s) x {expected[1]} device(s), but "
+            f"this job has {actual[0]} x {actual[1]} process(es): start it with torchrun "
+            f"--nnodes {expected[0]} --nproc-per-node {expected[1]}, or set "
+            f"nodes={actual[0]} devices_per_node={actual[1]} to run the preset's recipe as is"
+        )
+
+
+def _cache_dir(config: RunConfig) -> Path:
+    if config.cache_dir:
+        return Path(config.cache_dir)
+    return Path(os.environ.get("RETINAPERF_CACHE", Path.home() / ".cache" / "retinaperf"))
+
+
+def _dataset_root(config: RunConfig, env: DistEnv, cache_dir: Path) -> tuple[Path, str]:
+    if config.data.data_dir:
+        return Path(config.data.data_dir), config.data.data_dir
+    spec = synth.SynthSpec(
+        seed=0,
+        train_images=config.data.synth_train_images,
+        val_images=config.data.synth_val_images,
+        image_size=config.data.synth_image_size,
+    )
+    # One process per node generates (the cache may be node-local); the others wait for it.
+    if env.local_rank == 0:
+        root = synth.cached(spec, cache_dir)
+    env.barrier()
+    if env.local_rank != 0:
+        root = synth.cached(spec, cache_dir)
+    return root, f"generated ({spec.train_images}+{spec.val_images} images of {spec.image_size} px)"
+
+
+def _load_weights(config: RunConfig, env: DistEnv, cache_dir: Path) -> weights.LoadedWeights | None:
+    # As for the dataset: one download per node, then every rank reads the cached file.
+    if env.local_rank == 0:
+        loaded = weights.load(config.model.backbone_weights, cache_dir)
+    env.barrier()
+    if env.local_rank != 0:
+        loaded = weights.load(config.model.backbone_weights, cache_dir)
+    return loaded
+
+
+def _make_run_dir(config: RunConfig, env: DistEnv) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(config.output_dir) if config.output_dir else Path("runs") / stamp
+    if env.is_main:
+        if path.exists() and any(path.iterdir()):
+            raise UserError(f"output: {path} is not empty: choose a new --output-dir")
+        path.mkdir(parents=True, exist_ok=True)
+    return Path(env.broadcast(str(path)))

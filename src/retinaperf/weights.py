@@ -1,0 +1,133 @@
+"""Backbone weights: from a URL, a file:// URL or a path, verified, cached, loaded safely.
+
+torchvision names its weight files `<name>-<hex>.pth` where <hex> is the start of the file's
+sha256; we check that prefix for every file named that way. A file named otherwise cannot be
+checked: it is used with a warning, and its sha256 is recorded in the results either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    state_dict: dict[str, torch.Tensor]
+    path: str
+    sha256: str
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def expected_prefix(name: str) -> str | None:
+    match = HASH_IN_NAME.search(name)
+    return match.group(1) if match else None
+
+
+def fetch(source: str, cache_dir: Path) -> Path:
+    """A local, verified file for `source` (URL, file:// URL or path), downloading if needed."""
+    parsed = urllib.parse.urlparse(source)
+    if parsed.scheme in ("http", "https"):
+        name = Path(parsed.path).name
+        for candidate in (Path(cache_dir) / "weights" / name, _torch_hub_file(name)):
+            if candidate.is_file():
+                _verify(candidate, name)
+                return candidate
+        return _download(source, Path(cache_dir) / "weights" / name)
+    path = (
+        Path(urllib.request.url2pathname(parsed.path)) if parsed.scheme == "file" else Path(source)
+    )
+    if parsed.scheme not in ("", "file") and not Path(source).exists():
+        raise UserError(
+            f"backbone weights: unsupported source {source!r}: use http(s)://, file:// or a path"
+        )
+    if not path.is_file():
+        raise UserError(
+            f"backbone weights: {path} does not exist: give the path of resnet50-0676ba61.pth "
+            "(or `none` for random initialisation)"
+        )
+    _verify(path, path.name)
+    return path
+
+
+def load(source: str, cache_dir: Path) -> LoadedWeights | None:
+    """The state dict for `source`, or None for `none` (random initialisation)."""
+    if source.strip().lower() == "none":
+        return None
+    path = fetch(source, cache_dir)
+    try:
+        # weights_only: a checkpoint is data; never let it run code.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a bad file
+        raise UserError(
+            f"backbone weights: cannot load {path}: {str(err).splitlines()[0]}"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"backbone weights: {path} does not hold a state dict of tensors")
+    return LoadedWeights(state, str(path), sha256_of(path))
+
+
+def _torch_hub_file(name: str) -> Path:
+    # torch.hub.get_dir() honours $TORCH_HOME, where torchvision itself would have cached it.
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
+def _verify(path: Path, name: str) -> None:
+    prefix = expected_prefix(name)
+    if prefix is None:
+        warnings.warn(
+            f"backbone weights: {path.name} has no hash in its name (torchvision names files "
+            "<name>-<sha256 prefix>.pth), so it cannot be verified; its sha256 is recorded",
+            stacklevel=2,
+        )
+        return
+    actual = sha256_of(path)
+    if not actual.startswith(prefix):
+        raise UserError(
+            f"backbone weights: {path} has sha256 {actual[: len(prefix)]}..., but its name expects "
+            f"{prefix}: the file is corrupt or not the named one; download it again"
+        )
+
+
+def _download(url: str, target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            shutil.copyfileobj(response, out, CHUNK)
+        _verify(Path(partial), target.name)
+        os.replace(partial, target)
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", None) or err
+        raise UserError(
+            f"backbone weights: cannot download {target.name} from {url} ({reason}): download it "
+            f"where there is network and put it at {target}, or pass "
+            f"--backbone-weights /path/to/{target.name}"
+        ) from None
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
