@@ -93,6 +93,9 @@ class TrainConfig:
     """Linear warm-up length in steps, capped at (steps per epoch - 1)."""
     warmup_factor: float = 1e-3
     """Warm-up starts at lr * warmup_factor."""
+    clip_grad_norm: float = 0.0
+    """Clip the gradients' global L2 norm to this before each update; 0 is off, as in the
+    reference recipe. Training from random initialisation (smoke) needs it to stay stable."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0: no limit); a final evaluation follows."""
     precision: str = "fp32"
@@ -112,7 +115,7 @@ class TrainConfig:
             _check(getattr(self, key) >= 1, key, getattr(self, key), "use 1 or more")
         for key in ("lr", "lr_gamma", "warmup_factor"):
             _check(getattr(self, key) > 0, key, getattr(self, key), "use a positive number")
-        for key in ("momentum", "weight_decay", "warmup_iters", "max_steps"):
+        for key in ("momentum", "weight_decay", "warmup_iters", "max_steps", "clip_grad_norm"):
             _check(getattr(self, key) >= 0, key, getattr(self, key), "use 0 or more")
         _check(self.precision in PRECISIONS, "precision", self.precision, f"use {PRECISIONS}")
         _check(0 <= self.target_map <= 1, "target_map", self.target_map, "use a value in [0, 1]")
@@ -271,6 +274,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not sep:
             raise UserError(f"--set {pair!r}: write KEY=VALUE, e.g. --set lr=0.02")
         section, _, bare = key.rpartition(".")
+        if bare == "preset":
+            raise UserError(f"--set {key}: choose the preset with --preset NAME, not --set")
         if bare not in index or (section and index[bare][0] != section):
             raise UserError(
                 f"--set {key}: unknown key; `retinaperf presets --keys` lists the valid keys"

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.io import ImageReadMode, decode_image
 
 from .errors import UserError
 
@@ -108,7 +108,10 @@ def load_split(root: Path, split: str, *, drop_empty: bool) -> tuple[list[ImageR
                     f"data: {path}: annotation {ann.get('id')} refers to image {image_id}, "
                     "which is not in 'images'"
                 )
-            per_image[image_id].append(([float(v) for v in ann["bbox"]], int(ann["category_id"])))
+            box = [float(v) for v in ann["bbox"]]
+            if len(box) != 4:
+                raise ValueError("'bbox' (4 numbers: x, y, width, height)")
+            per_image[image_id].append((box, int(ann["category_id"])))
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"data: {path}: an image or annotation lacks a valid {err}") from None
 
@@ -176,11 +179,13 @@ class CocoDetection(Dataset):
         record = self.records[index]
         path = self.folder / record.file_name
         try:
-            image = decode_image(str(path), mode=ImageReadMode.RGB)  # uint8 [3, H, W]
-        except (RuntimeError, OSError) as err:
+            image = _decode_rgb(path)  # uint8 [3, H, W]
+        except UnidentifiedImageError:
             return LoadFailure(
-                str(path), str(err).splitlines()[0] if str(err) else type(err).__name__
+                str(path), "not a decodable image (corrupt, truncated or not a JPEG)"
             )
+        except (OSError, ValueError) as err:
+            return LoadFailure(str(path), str(err).splitlines()[0] or type(err).__name__)
         if tuple(image.shape[1:]) != (record.height, record.width):
             return LoadFailure(
                 str(path),
@@ -205,6 +210,17 @@ class CocoDetection(Dataset):
         return np.random.default_rng([self.seed, epoch, index]).random() < self.hflip_prob
 
 
+def _decode_rgb(path: Path) -> torch.Tensor:
+    """JPEG (or any Pillow format; grey and CMYK too) -> uint8 RGB [3, H, W].
+
+    Pillow rather than torchvision.io, whose decoders are deprecated since 0.29; both use
+    libjpeg-turbo.
+    """
+    with Image.open(path) as picture:
+        rgb = np.array(picture.convert("RGB"))  # [H, W, 3], writable for torch
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+
+
 def aspect_ratio_groups(records: Sequence[ImageRecord], group_factor: int) -> list[int]:
     """Group id per image: its width/height ratio binned into 2*factor+1 log-spaced bins.
 
@@ -213,7 +229,8 @@ def aspect_ratio_groups(records: Sequence[ImageRecord], group_factor: int) -> li
     """
     if group_factor < 0:
         return [0] * len(records)
-    bins = 2 ** np.linspace(-1, 1, 2 * group_factor + 1)
+    # As torchvision's reference: factor 0 splits at a ratio of 1 (portrait vs landscape).
+    bins = 2 ** np.linspace(-1, 1, 2 * group_factor + 1) if group_factor > 0 else np.array([1.0])
     ratios = np.array([r.width / r.height for r in records])
     return np.digitize(ratios, bins).tolist()
 

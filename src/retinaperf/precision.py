@@ -103,13 +103,20 @@ class Precision:
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             yield
 
-    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        """Backward, (un)scaling and the optimizer update; skipped on overflow when scaling."""
+    def backward_and_step(
+        self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, clip_grad_norm: float = 0.0
+    ) -> None:
+        """Backward, (un)scaling, optional clipping and the optimizer update; the update is
+        skipped when loss scaling finds an overflow."""
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         for model_param, master in self._masters:
             master.grad = None if model_param.grad is None else model_param.grad.float()
             model_param.grad = None
+        if clip_grad_norm > 0:
+            self.scaler.unscale_(optimizer)  # clip true gradients, not scaled ones
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
         self.scaler.step(optimizer)  # unscales and skips the step if a gradient is inf/nan
         self.scaler.update()
         with torch.no_grad():

@@ -51,12 +51,13 @@ def train_step(
     targets: list[dict],
     optimizer: torch.optim.Optimizer,
     precision: Precision,
+    clip_grad_norm: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """One optimizer step: forward, loss, backward, update. Returns the loss parts (on device)."""
     with precision.autocast():
         losses = model(images, targets)  # {"classification": [], "bbox_regression": []}
     loss = sum(losses.values())
-    precision.backward_and_step(loss, optimizer)
+    precision.backward_and_step(loss, optimizer, clip_grad_norm)
     return {name: value.detach() for name, value in losses.items()}
 
 
@@ -174,17 +175,26 @@ def _set_up(config: RunConfig, env: DistEnv, command_start: float) -> Setup:
 
 
 def _train(s: Setup) -> None:
-    cfg, env, meter = s.config.train, s.env, s.meter
-    steps_per_epoch = len(s.train_loader)
-    warmup_iters = min(cfg.warmup_iters, steps_per_epoch - 1)
-    env.barrier()  # every rank is built and ready: training time starts now
+    cfg, meter = s.config.train, s.meter
+    warmup_iters = min(cfg.warmup_iters, len(s.train_loader) - 1)
+    s.env.barrier()  # every rank is built and ready: training time starts now
     meter.train_started()
     for epoch in range(cfg.epochs):
-        s.train_sampler.set_epoch(epoch)
-        s.model.train()
-        progress = tqdm(
-            total=steps_per_epoch, desc=f"epoch {epoch}", unit="step", disable=not env.is_main
-        )
+        _train_epoch(s, epoch, warmup_iters)
+        record = _evaluate(s, epoch)
+        reached = cfg.target_map > 0 and record.stats["AP"] >= cfg.target_map
+        if reached or (cfg.max_steps and meter.steps >= cfg.max_steps):
+            break
+
+
+def _train_epoch(s: Setup, epoch: int, warmup_iters: int) -> None:
+    cfg, meter = s.config.train, s.meter
+    s.train_sampler.set_epoch(epoch)
+    s.model.train()
+    bar = tqdm(
+        total=len(s.train_loader), desc=f"epoch {epoch}", unit="step", disable=not s.env.is_main
+    )
+    with bar:  # closed on error too, so the error starts on a line of its own
         for step_in_epoch, batch in enumerate(s.train_loader):
             lr = cfg.lr * lr_factor(
                 step_in_epoch, epoch, warmup_iters, cfg.warmup_factor, cfg.lr_steps, cfg.lr_gamma
@@ -192,19 +202,16 @@ def _train(s: Setup) -> None:
             for group in s.optimizer.param_groups:
                 group["lr"] = lr
             images, targets = data.check_batch(batch)
-            images, targets = data.to_device(images, targets, env.device)
+            images, targets = data.to_device(images, targets, s.env.device)
             with meter.core_step(len(images)):
-                losses = train_step(s.model, images, targets, s.optimizer, s.precision)
-            progress.update()
+                losses = train_step(
+                    s.model, images, targets, s.optimizer, s.precision, cfg.clip_grad_norm
+                )
+            bar.update()
             if meter.steps % cfg.log_every == 0:
-                _log_step(s, epoch, lr, losses, progress)
+                _log_step(s, epoch, lr, losses, bar)
             if cfg.max_steps and meter.steps >= cfg.max_steps:
-                break
-        progress.close()
-        record = _evaluate(s, epoch)
-        reached = cfg.target_map > 0 and record.stats["AP"] >= cfg.target_map
-        if reached or (cfg.max_steps and meter.steps >= cfg.max_steps):
-            break
+                return
 
 
 def _log_step(

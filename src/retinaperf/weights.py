@@ -95,11 +95,13 @@ def _torch_hub_file(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / name
 
 
-def _verify(path: Path, name: str) -> None:
+def _verify(path: Path, name: str, shown: str | None = None) -> None:
+    """Check `path` against the hash prefix in `name`; messages call the file `shown` (default:
+    its path; a download names its URL, not the temporary file it is checked in)."""
     prefix = expected_prefix(name)
     if prefix is None:
         warnings.warn(
-            f"backbone weights: {path.name} has no hash in its name (torchvision names files "
+            f"backbone weights: {name} has no hash in its name (torchvision names files "
             "<name>-<sha256 prefix>.pth), so it cannot be verified; its sha256 is recorded",
             stacklevel=2,
         )
@@ -107,8 +109,8 @@ def _verify(path: Path, name: str) -> None:
     actual = sha256_of(path)
     if not actual.startswith(prefix):
         raise UserError(
-            f"backbone weights: {path} has sha256 {actual[: len(prefix)]}..., but its name expects "
-            f"{prefix}: the file is corrupt or not the named one; download it again"
+            f"backbone weights: {shown or path} has sha256 {actual[: len(prefix)]}..., but its "
+            f"name expects {prefix}: the file is corrupt or not the named one; download it again"
         )
 
 
@@ -118,7 +120,7 @@ def _download(url: str, target: Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
             shutil.copyfileobj(response, out, CHUNK)
-        _verify(Path(partial), target.name)
+        _verify(Path(partial), target.name, shown=f"{target.name} downloaded from {url}")
         os.replace(partial, target)
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", None) or err

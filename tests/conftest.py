@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny generated dataset and the settings of a fast CPU run."""
+
+from pathlib import Path
+
+import pytest
+
+from retinaperf.synth import SynthSpec, generate
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 training and 8 validation images of 64 px, generated once per test session."""
+    root = tmp_path_factory.mktemp("data") / "coco"
+    return generate(SynthSpec(seed=3, train_images=24, val_images=8, image_size=64), root)
+
+
+def _tiny_run_args(data_dir: Path, out: Path, *flags: str, **overrides: object) -> list[str]:
+    """`retinaperf run` arguments for a run of a few seconds: 64 px, batch 2, fp32, no workers;
+    `overrides` replace or add `--set` keys, `flags` are passed as they are."""
+    settings = {
+        "min_size": 64,
+        "max_size": 86,
+        "batch_size": 2,
+        "eval_batch_size": 4,
+        "precision": "fp32",
+        "num_workers": 0,
+        "log_every": 1,
+        "epochs": 1,
+        "max_steps": 2,
+        **overrides,
+    }
+    args = ["run", "--data-dir", str(data_dir), "--output-dir", str(out)]
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    return args + list(flags)
+
+
+@pytest.fixture
+def tiny_run_args():
+    """Builds `retinaperf run` arguments: tiny_run_args(data_dir, out, *flags, **settings)."""
+    return _tiny_run_args

@@ -1,0 +1,130 @@
+"""The command line: subcommands, and bad input -> one clear line, exit 1, nothing half-written."""
+
+import hashlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from retinaperf import cli
+
+
+def fails_cleanly(args: list[str], capsys, *needles: str) -> str:
+    """Run the CLI; assert exit 1 and a single stderr line naming every needle; return it."""
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if line.startswith("retinaperf: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(autouse=True)
+def keep_warning_display():
+    import warnings
+
+    saved = warnings.showwarning
+    yield
+    warnings.showwarning = saved
+
+
+def test_unknown_preset(capsys, tmp_path):
+    out = tmp_path / "run"
+    fails_cleanly(["run", "--preset", "H100-9x9", "--output-dir", str(out)], capsys, "H100-9x9")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("setting", "needle"),
+    [("no_such_key=1", "no_such_key"), ("batch_size=many", "batch_size"), ("lr", "lr")],
+)
+def test_bad_settings(setting, needle, capsys, tmp_path):
+    out = tmp_path / "run"
+    fails_cleanly(["run", "--output-dir", str(out), "--set", setting], capsys, needle)
+    assert not out.exists()
+
+
+def test_missing_data_dir(tiny_run_args, capsys, tmp_path):
+    out = tmp_path / "run"
+    missing = tmp_path / "nowhere"
+    args = tiny_run_args(missing, out)
+    fails_cleanly(args, capsys, str(missing))
+    assert not out.exists()
+
+
+def test_empty_data_dir(tiny_run_args, capsys, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "run"
+    fails_cleanly(tiny_run_args(empty, out), capsys, "instances_train2017.json")
+    assert not out.exists()
+
+
+def test_output_dir_that_holds_files_is_left_alone(tiny_run_args, tiny_dataset, capsys, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    fails_cleanly(tiny_run_args(tiny_dataset, out), capsys, str(out))
+    assert (out / "results.json").read_text() == "{}"
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]
+
+
+def test_corrupt_jpeg_stops_the_run_naming_the_file(tiny_run_args, tiny_dataset, capsys, tmp_path):
+    data = tmp_path / "coco"
+    shutil.copytree(tiny_dataset, data)
+    for victim in (data / "train2017").iterdir():
+        victim.write_bytes(b"\xff\xd8 this is not a JPEG")
+    out = tmp_path / "run"
+    line = fails_cleanly(tiny_run_args(data, out), capsys, "train2017")
+    assert ".jpg" in line
+    assert not (out / "results.json").exists()
+
+
+def test_weights_with_a_wrong_hash(tiny_run_args, tiny_dataset, capsys, tmp_path):
+    bad = tmp_path / "resnet50-0676ba61.pth"
+    torch.save({"w": torch.zeros(1)}, bad)
+    assert not hashlib.sha256(bad.read_bytes()).hexdigest().startswith("0676ba61")
+    out = tmp_path / "run"
+    args = tiny_run_args(tiny_dataset, out, "--backbone-weights", str(bad))
+    fails_cleanly(args, capsys, "0676ba61", str(bad))
+    assert not out.exists()
+
+
+def test_preset_that_does_not_fit_the_job(tiny_run_args, tiny_dataset, capsys, tmp_path):
+    args = tiny_run_args(tiny_dataset, tmp_path / "run", "--preset", "A100-1x8")
+    fails_cleanly(args, capsys, "A100-1x8", "--nproc-per-node 8")
+
+
+def test_presets_lists_the_shipped_presets_with_their_purpose(capsys):
+    assert cli.main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("smoke", "A100-1x1", "A100-1x8", "A100-2x8"):
+        assert any(line.startswith(name + " ") for line in out.splitlines())
+    assert "lr 0.08" in out
+
+
+def test_presets_keys_lists_settable_keys(capsys):
+    assert cli.main(["presets", "--keys"]) == 0
+    keys = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    for key in ("train.batch_size", "train.lr", "train.precision", "train.max_steps", "device"):
+        assert key in keys
+
+
+def test_synth_command_writes_a_dataset(tmp_path, capsys):
+    out = tmp_path / "ds"
+    args = ["synth", "--out", str(out), "--train-images", "3", "--val-images", "2"]
+    assert cli.main([*args, "--image-size", "40"]) == 0
+    assert len(list((out / "train2017").iterdir())) == 3
+    assert len(list((out / "val2017").iterdir())) == 2
+    fails_cleanly(["synth", "--out", str(out)], capsys, str(out))
+
+
+def test_python_dash_m_runs_the_cli():
+    done = subprocess.run(
+        [sys.executable, "-m", "retinaperf", "presets"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0 and "smoke" in done.stdout

@@ -1,0 +1,332 @@
+"""Configuration: precedence, key syntax, typing, validation and the shipped presets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from retinaperf import config
+from retinaperf.config import (
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    parse_overrides,
+    resolve,
+)
+from retinaperf.errors import UserError
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+def _fake_preset(monkeypatch: pytest.MonkeyPatch, table: dict) -> None:
+    """Make every preset name read `table` instead of the shipped file."""
+    monkeypatch.setattr(config, "_read_preset", lambda name: table)
+
+
+# --- precedence -------------------------------------------------------------------------------
+
+
+def test_defaults_apply_where_preset_and_overrides_say_nothing(monkeypatch):
+    _fake_preset(monkeypatch, {})
+    cfg = resolve("A100-1x1", {})
+    assert cfg.train.lr == TrainConfig().lr
+    assert cfg.train.batch_size == TrainConfig().batch_size
+    assert cfg.model.min_size == ModelConfig().min_size
+    assert cfg.data.hflip_prob == DataConfig().hflip_prob
+    assert cfg.eval.eval_batch_size == EvalConfig().eval_batch_size
+    assert cfg.nodes == RunConfig().nodes
+
+
+def test_preset_beats_defaults_and_overrides_beat_preset(monkeypatch):
+    _fake_preset(
+        monkeypatch,
+        {"nodes": 3, "train": {"lr": 0.5, "epochs": 7}, "model": {"min_size": 64, "max_size": 96}},
+    )
+    cfg = resolve("smoke", parse_overrides(["lr=0.25", "nodes=5"]))
+    assert cfg.train.lr == 0.25  # override over preset
+    assert cfg.nodes == 5  # override over preset (root key)
+    assert cfg.train.epochs == 7  # preset over default (26)
+    assert (cfg.model.min_size, cfg.model.max_size) == (64, 96)
+    assert cfg.train.momentum == 0.9  # untouched default
+    assert cfg.preset == "smoke"
+
+
+def test_shipped_smoke_preset_overrides_defaults_and_command_line_overrides_it():
+    cfg = resolve("smoke", {})
+    assert cfg.model.backbone_weights == "none"
+    assert cfg.train.batch_size == 8
+    cfg = resolve("smoke", parse_overrides(["batch_size=2", "model.backbone_weights=/w.pth"]))
+    assert cfg.train.batch_size == 2
+    assert cfg.model.backbone_weights == "/w.pth"
+    assert cfg.train.lr == 0.01  # still the preset's
+
+
+# --- key syntax -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bare", "qualified", "value", "expected"),
+    [
+        ("lr", "train.lr", "0.02", 0.02),
+        ("batch_size", "train.batch_size", "4", 4),
+        ("min_size", "model.min_size", "64", 64),
+        ("hflip_prob", "data.hflip_prob", "0.25", 0.25),
+        ("eval_batch_size", "eval.eval_batch_size", "3", 3),
+        ("data_dir", "data.data_dir", "/coco", "/coco"),
+    ],
+)
+def test_bare_and_qualified_keys_mean_the_same(bare, qualified, value, expected):
+    assert parse_overrides([f"{bare}={value}"]) == {bare: expected}
+    assert parse_overrides([f"{qualified}={value}"]) == {bare: expected}
+
+
+def test_values_are_typed():
+    parsed = parse_overrides(
+        ["lr=1e-3", "epochs=3", "deterministic=yes", "device=cpu", "lr_steps=16,22"]
+    )
+    assert parsed == {
+        "lr": 0.001,
+        "epochs": 3,
+        "deterministic": True,
+        "device": "cpu",
+        "lr_steps": (16, 22),
+    }
+    assert type(parsed["lr"]) is float
+    assert type(parsed["epochs"]) is int
+    assert type(parsed["lr_steps"]) is tuple
+
+
+@pytest.mark.parametrize(("text", "expected"), [("true", True), ("0", False), ("Off", False)])
+def test_bool_spellings(text, expected):
+    assert parse_overrides([f"deterministic={text}"]) == {"deterministic": expected}
+
+
+def test_lr_steps_reaches_the_config_as_a_tuple():
+    cfg = resolve("smoke", parse_overrides(["lr_steps=3,5"]))
+    assert cfg.train.lr_steps == (3, 5)
+
+
+def test_value_may_contain_equals_sign():
+    assert parse_overrides(["data_dir=/a=b"]) == {"data_dir": "/a=b"}
+
+
+# --- bad overrides ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pair", ["bogus=1", "train.bogus=1", "nodes.x=1", "=1"])
+def test_unknown_key_is_refused_naming_it(pair):
+    key = pair.partition("=")[0]
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        parse_overrides([pair])
+
+
+def test_key_in_wrong_section_is_refused():
+    # lr lives in train: model.lr must not silently set train.lr.
+    with pytest.raises(UserError, match=r"model\.lr"):
+        parse_overrides(["model.lr=0.1"])
+
+
+@pytest.mark.parametrize(
+    ("pair", "key", "value"),
+    [
+        ("batch_size=abc", "batch_size", "abc"),
+        ("batch_size=1.5", "batch_size", "1.5"),
+        ("lr=fast", "lr", "fast"),
+        ("deterministic=maybe", "deterministic", "maybe"),
+        ("lr_steps=16,x", "lr_steps", "16,x"),
+    ],
+)
+def test_wrong_typed_value_is_refused_naming_key_and_value(pair, key, value):
+    with pytest.raises(UserError) as err:
+        parse_overrides([pair])
+    assert key in str(err.value)
+    assert value in str(err.value)
+
+
+@pytest.mark.parametrize("pairs", [["lr=0.1", "lr=0.2"], ["lr=0.1", "train.lr=0.2"]])
+def test_key_given_twice_is_refused(pairs):
+    with pytest.raises(UserError, match="lr"):
+        parse_overrides(pairs)
+
+
+def test_missing_equals_sign_is_refused_naming_the_pair():
+    with pytest.raises(UserError, match=r"lr0\.1"):
+        parse_overrides(["lr0.1"])
+
+
+def test_preset_is_not_settable_as_a_key():
+    # resolve() takes the preset name from its argument; `--set preset=...` would be ignored.
+    with pytest.raises(UserError, match="preset"):
+        parse_overrides(["preset=A100-1x1"])
+
+
+def test_unknown_preset_is_refused_naming_it():
+    with pytest.raises(UserError, match="no-such-preset"):
+        resolve("no-such-preset", {})
+
+
+# --- validation in __post_init__ --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pair", "key"),
+    [
+        ("precision=fp8", "precision"),
+        ("batch_size=0", "batch_size"),
+        ("epochs=0", "epochs"),
+        ("lr=0", "lr"),
+        ("lr=-0.1", "lr"),
+        ("momentum=-1", "momentum"),
+        ("hflip_prob=1.5", "hflip_prob"),
+        ("target_map=2", "target_map"),
+        ("lr_steps=22,16", "lr_steps"),
+        ("aspect_ratio_group_factor=-2", "aspect_ratio_group_factor"),
+        ("num_workers=-1", "num_workers"),
+        ("synth_image_size=16", "synth_image_size"),
+        ("synth_train_images=0", "synth_train_images"),
+        ("min_size=16", "min_size"),
+        ("eval_batch_size=0", "eval_batch_size"),
+        ("nodes=0", "nodes"),
+        ("devices_per_node=0", "devices_per_node"),
+    ],
+)
+def test_invalid_value_is_refused_naming_key(pair, key):
+    with pytest.raises(UserError) as err:
+        resolve("smoke", parse_overrides([pair]))
+    assert key in str(err.value)
+
+
+def test_max_size_below_min_size_is_refused():
+    with pytest.raises(UserError, match="max_size"):
+        resolve("smoke", parse_overrides(["min_size=200", "max_size=100"]))
+    with pytest.raises(UserError, match="max_size"):
+        ModelConfig(min_size=800, max_size=799)
+    assert ModelConfig(min_size=800, max_size=800).max_size == 800
+
+
+def test_every_precision_choice_is_accepted():
+    for name in ("auto", "fp32", "tf32", "amp", "bf16", "fp16"):
+        assert TrainConfig(precision=name).precision == name
+
+
+# --- keys -------------------------------------------------------------------------------------
+
+
+def test_every_key_name_is_unique_across_sections():
+    names = [f.name for f in dataclasses.fields(RunConfig) if f.name not in SECTIONS]
+    for cls in SECTIONS.values():
+        names += [f.name for f in dataclasses.fields(cls)]
+    assert len(names) == len(set(names))
+    assert not set(names) & set(SECTIONS)  # a section name is not also a key
+
+
+def test_all_keys_lists_every_settable_key_qualified_with_a_doc():
+    rows = config.all_keys()
+    listed = {key for key, _, _ in rows}
+    expected = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    root = {f.name for f in dataclasses.fields(RunConfig)} - set(SECTIONS) - {"preset"}
+    assert listed == expected | root
+    assert all(doc for _, _, doc in rows)
+    sample = {"integer": "1", "number": "0.5", "true/false": "true", "string": "x"}
+    for key, kind, _ in rows:  # every listed key is accepted by --set
+        text = sample.get(kind, "1,2")
+        assert key.rpartition(".")[2] in parse_overrides([f"{key}={text}"])
+
+
+# --- shipped presets --------------------------------------------------------------------------
+
+
+def test_shipped_presets_are_listed():
+    assert set(config.preset_names()) >= {"A100-1x1", "A100-1x8", "A100-2x8", "smoke"}
+
+
+@pytest.mark.parametrize("name", config.preset_names())
+def test_every_shipped_preset_resolves_and_has_a_description(name):
+    cfg = resolve(name, {})
+    assert cfg.preset == name
+    assert config.preset_description(name)
+    assert not config.preset_description(name).startswith("#")
+
+
+@pytest.mark.parametrize(
+    ("name", "nodes", "devices", "batch", "lr"),
+    [
+        ("A100-1x1", 1, 1, 16, 0.04),
+        ("A100-1x8", 1, 8, 16, 0.08),
+        ("A100-2x8", 2, 8, 16, 0.08),
+    ],
+)
+def test_a100_presets_carry_the_seed_numbers(name, nodes, devices, batch, lr):
+    cfg = resolve(name, {})
+    assert (cfg.nodes, cfg.devices_per_node) == (nodes, devices)
+    assert cfg.train.batch_size == batch
+    assert cfg.train.lr == pytest.approx(lr)
+    assert cfg.train.precision == "fp32"
+    # The fixed workload of SPEC §1 is left at its defaults.
+    assert cfg.train.momentum == 0.9
+    assert cfg.train.weight_decay == pytest.approx(1e-4)
+    assert cfg.train.epochs == 26
+    assert cfg.train.lr_steps == (16, 22)
+    assert cfg.train.target_map == pytest.approx(0.35)
+    assert cfg.data.hflip_prob == 0.5
+    assert cfg.data.aspect_ratio_group_factor == 3
+    assert (cfg.model.min_size, cfg.model.max_size) == (800, 1333)
+    assert cfg.model.backbone_weights == config.BACKBONE_URL
+
+
+# --- bad preset files -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ({"train": {"bogus": 1}}, "bogus"),
+        ({"bogus": 1}, "bogus"),
+        ({"model": {"lr": 0.1}}, "lr"),  # a real key in the wrong section
+        ({"lr": 0.1}, "lr"),  # a section key at the root
+        ({"unknown_section": {"lr": 0.1}}, "unknown_section"),
+    ],
+)
+def test_preset_with_unknown_key_is_refused_naming_file_and_key(monkeypatch, table, key):
+    _fake_preset(monkeypatch, table)
+    with pytest.raises(UserError) as err:
+        resolve("A100-1x8", {})
+    assert "A100-1x8.toml" in str(err.value)
+    assert key in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ({"train": {"batch_size": "16"}}, "batch_size"),
+        ({"train": {"batch_size": 16.0}}, "batch_size"),
+        ({"train": {"batch_size": True}}, "batch_size"),
+        ({"train": {"deterministic": "yes"}}, "deterministic"),
+        ({"train": {"lr": "0.1"}}, "lr"),
+        ({"train": {"lr_steps": [16, "22"]}}, "lr_steps"),
+        ({"train": {"precision": 32}}, "precision"),
+        ({"nodes": "2"}, "nodes"),
+    ],
+)
+def test_preset_with_wrong_typed_value_is_refused_naming_file_and_key(monkeypatch, table, key):
+    _fake_preset(monkeypatch, table)
+    with pytest.raises(UserError) as err:
+        resolve("A100-2x8", {})
+    assert "A100-2x8.toml" in str(err.value)
+    assert key in str(err.value)
+
+
+def test_preset_values_are_converted_to_the_field_types(monkeypatch):
+    _fake_preset(monkeypatch, {"train": {"lr": 1, "lr_steps": [3, 4]}})
+    cfg = resolve("smoke", {})
+    assert type(cfg.train.lr) is float and cfg.train.lr == 1.0
+    assert cfg.train.lr_steps == (3, 4)
+
+
+def test_preset_with_invalid_value_is_refused_naming_key(monkeypatch):
+    _fake_preset(monkeypatch, {"train": {"precision": "fp8"}})
+    with pytest.raises(UserError, match="precision"):
+        resolve("smoke", {})

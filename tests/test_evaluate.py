@@ -1,0 +1,561 @@
+"""COCO bbox scoring held to pycocotools (the reference implementation) on the cases that matter.
+
+Every expected number comes from pycocotools' COCOeval on the same ground truth and detections;
+the package scores with faster-coco-eval, so these tests compare two implementations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import random
+import warnings
+
+import pytest
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from retinaperf.cli import main
+from retinaperf.distributed import DistEnv
+from retinaperf.errors import UserError
+from retinaperf.evaluate import CocoEvaluator, evaluate_files, load_ground_truth, score
+
+STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+TOL = 1e-9
+CATEGORIES = (3, 7, 18, 44, 90)  # non-contiguous, like COCO's
+NO_GT_CATEGORY = 55  # listed in 'categories', never annotated
+IMAGE_W, IMAGE_H = 640, 480
+# Box sides by COCO area range: small < 32², medium < 96², large above.
+SIDES = {"small": (4, 28), "medium": (36, 90), "large": (100, 300)}
+
+
+def one_process() -> DistEnv:
+    return DistEnv(
+        rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu")
+    )
+
+
+# --- the reference ---------------------------------------------------------------------------
+
+
+def reference(gt: dict, detections: list[dict]) -> dict[str, float]:
+    """pycocotools' 12 stats. It mutates what it gets and cannot load an empty list: copies."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = copy.deepcopy(gt)
+        coco.createIndex()
+        results = coco.loadRes(copy.deepcopy(detections))
+        evaluator = COCOeval(coco, results, iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return dict(zip(STATS, (float(v) for v in evaluator.stats), strict=True))
+
+
+def ours(gt: dict, detections: list[dict]) -> dict[str, float]:
+    return score(load_ground_truth(copy.deepcopy(gt)), detections)
+
+
+def assert_stats_equal(actual: dict[str, float], expected: dict[str, float]) -> None:
+    assert list(actual) == list(STATS)
+    for name in STATS:
+        assert actual[name] == pytest.approx(expected[name], abs=TOL, rel=0), name
+
+
+# --- building cases --------------------------------------------------------------------------
+
+
+class Case:
+    """A ground-truth dict and detections, built one box at a time."""
+
+    def __init__(self, categories=CATEGORIES, extra_categories=(NO_GT_CATEGORY,)) -> None:
+        cats = [*categories, *extra_categories]
+        self.gt: dict = {
+            "images": [],
+            "annotations": [],
+            "categories": [{"id": c, "name": f"c{c}", "supercategory": "s"} for c in cats],
+        }
+        self.detections: list[dict] = []
+
+    def image(self, image_id: int) -> int:
+        self.gt["images"].append(
+            {"id": image_id, "width": IMAGE_W, "height": IMAGE_H, "file_name": f"{image_id}.jpg"}
+        )
+        return image_id
+
+    def box(self, image_id, category_id, bbox, *, area=None, iscrowd=0) -> None:
+        w, h = bbox[2], bbox[3]
+        self.gt["annotations"].append(
+            {
+                "id": len(self.gt["annotations"]) + 1,  # pycocotools treats id 0 as "no match"
+                "image_id": image_id,
+                "category_id": category_id,
+                "bbox": [float(v) for v in bbox],
+                "area": float(w * h if area is None else area),
+                "iscrowd": iscrowd,
+            }
+        )
+
+    def detect(self, image_id, category_id, bbox, score_) -> None:
+        self.detections.append(
+            {
+                "image_id": image_id,
+                "category_id": category_id,
+                "bbox": [float(v) for v in bbox],
+                "score": float(score_),
+            }
+        )
+
+
+def random_box(rng: random.Random, size: str) -> list[float]:
+    lo, hi = SIDES[size]
+    w, h = rng.uniform(lo, hi), rng.uniform(lo, hi)
+    return [rng.uniform(0, IMAGE_W - w), rng.uniform(0, IMAGE_H - h), w, h]
+
+
+def jitter(rng: random.Random, bbox: list[float], amount: float) -> list[float]:
+    x, y, w, h = bbox
+    return [
+        x + rng.gauss(0, amount * w),
+        y + rng.gauss(0, amount * h),
+        max(1.0, w * (1 + rng.gauss(0, amount))),
+        max(1.0, h * (1 + rng.gauss(0, amount))),
+    ]
+
+
+def random_case(seed: int, n_images: int = 12) -> Case:
+    """Several images and categories, boxes of every area range, crowd boxes with detections on
+    them, an image without boxes (but detections), one without detections, one with neither, and
+    detections for a category that has no ground truth."""
+    rng = random.Random(seed)
+    case = Case()
+    image_ids = [case.image(1000 + 7 * i) for i in range(n_images)]
+    no_boxes, no_detections, nothing = image_ids[0], image_ids[1], image_ids[2]
+    for image_id in image_ids:
+        if image_id in (no_boxes, nothing):
+            continue
+        for _ in range(rng.randint(1, 6)):
+            category = rng.choice(CATEGORIES)
+            bbox = random_box(rng, rng.choice(list(SIDES)))
+            # A segment covers part of its box: the area range follows 'area', not w*h.
+            area = bbox[2] * bbox[3] * rng.uniform(0.6, 1.0)
+            case.box(image_id, category, bbox, area=area)
+            if image_id == no_detections:
+                continue
+            if rng.random() < 0.85:
+                wrong = rng.random() < 0.1
+                label = rng.choice(CATEGORIES) if wrong else category
+                case.detect(image_id, label, jitter(rng, bbox, 0.08), rng.random())
+            if rng.random() < 0.3:  # a duplicate: matched at most once
+                case.detect(image_id, category, jitter(rng, bbox, 0.15), rng.random())
+        if rng.random() < 0.4:
+            crowd = random_box(rng, "large")
+            category = rng.choice(CATEGORIES)
+            case.box(image_id, category, crowd, iscrowd=1)
+            for _ in range(rng.randint(1, 3)):  # inside the crowd region: ignored, not FP
+                x, y, w, h = crowd
+                dw, dh = rng.uniform(0.2, 0.6) * w, rng.uniform(0.2, 0.6) * h
+                inside = [x + rng.uniform(0, w - dw), y + rng.uniform(0, h - dh), dw, dh]
+                case.detect(image_id, category, inside, rng.random())
+    for image_id in image_ids:
+        if image_id in (no_detections, nothing):
+            continue
+        for _ in range(rng.randint(0, 4)):  # false positives, some on the image without boxes
+            category = rng.choice([*CATEGORIES, NO_GT_CATEGORY])
+            case.detect(image_id, category, random_box(rng, rng.choice(list(SIDES))), rng.random())
+    return case
+
+
+# --- score() against pycocotools --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_random_cases_match_pycocotools(seed):
+    case = random_case(seed)
+    expected = reference(case.gt, case.detections)
+    # The case exercises every area range (a range without boxes would read -1).
+    assert min(expected.values()) > 0
+    assert_stats_equal(ours(case.gt, case.detections), expected)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tied_scores_match_pycocotools(seed):
+    """Equal scores are ranked in input order (a stable sort), as pycocotools does."""
+    case = random_case(seed)
+    rng = random.Random(seed)
+    for d in case.detections:
+        d["score"] = rng.choice((0.25, 0.5, 0.75))
+    assert_stats_equal(ours(case.gt, case.detections), reference(case.gt, case.detections))
+
+
+def test_score_leaves_inputs_alone_and_gt_reusable():
+    case = random_case(5)
+    other = random_case(6)
+    detections = copy.deepcopy(case.detections)
+    gt = load_ground_truth(copy.deepcopy(case.gt))
+    first = score(gt, detections)
+    assert detections == case.detections  # no ids or areas written into the caller's dicts
+    # The same ground truth object scores every epoch: earlier scoring must not leak into later.
+    score(gt, [d for d in other.detections if d["image_id"] in gt.getImgIds()][:7])
+    assert score(gt, detections) == first
+    assert_stats_equal(first, reference(case.gt, case.detections))
+
+
+def test_crowd_boxes_ignore_detections_inside_them():
+    case = Case()
+    image = case.image(42)
+    case.box(image, 7, [10, 10, 50, 40])
+    case.box(image, 7, [200, 100, 300, 250], iscrowd=1)
+    case.detect(image, 7, [11, 10, 49, 41], 0.9)
+    for i in range(6):  # many detections in the crowd region, some scoring above the true one
+        case.detect(image, 7, [210 + 40 * i, 120 + 20 * i, 45, 60], 0.95 - 0.1 * i)
+    case.detect(image, 7, [100, 300, 60, 60], 0.5)  # a plain false positive
+    expected = reference(case.gt, case.detections)
+    assert_stats_equal(ours(case.gt, case.detections), expected)
+    # Without the crowd box the same detections are false positives: AP must drop.
+    no_crowd = copy.deepcopy(case.gt)
+    no_crowd["annotations"] = [a for a in no_crowd["annotations"] if not a["iscrowd"]]
+    assert ours(no_crowd, case.detections)["AP"] < expected["AP"]
+
+
+def test_crowd_only_image_has_no_positives():
+    case = Case()
+    crowd_image, plain = case.image(1), case.image(2)
+    case.box(crowd_image, 3, [0, 0, 300, 300], iscrowd=1)
+    case.box(plain, 3, [20, 20, 60, 60])
+    case.detect(crowd_image, 3, [10, 10, 100, 100], 0.99)
+    case.detect(plain, 3, [22, 18, 60, 62], 0.4)
+    assert_stats_equal(ours(case.gt, case.detections), reference(case.gt, case.detections))
+
+
+def test_more_than_100_detections_on_an_image():
+    rng = random.Random(11)
+    case = Case()
+    crowded, sparse = case.image(5), case.image(9)
+    objects = [random_box(rng, "medium") for _ in range(40)]
+    for bbox in objects:
+        case.box(crowded, 18, bbox)
+    for bbox in objects:  # true positives at every rank, so the cut at 1/10/100 matters
+        case.detect(crowded, 18, jitter(rng, bbox, 0.05), rng.random())
+    for _ in range(130):
+        case.detect(crowded, 18, random_box(rng, rng.choice(list(SIDES))), rng.random())
+    for _ in range(120):  # other categories on the same image: each is cut at 100 separately
+        case.detect(crowded, rng.choice((3, 44)), random_box(rng, "small"), rng.random())
+    case.box(sparse, 3, [5, 5, 20, 20])
+    case.detect(sparse, 3, [5, 6, 20, 19], 0.3)
+    assert sum(d["image_id"] == crowded for d in case.detections) > 200
+    expected = reference(case.gt, case.detections)
+    assert expected["AR1"] < expected["AR10"] < expected["AR100"]
+    assert_stats_equal(ours(case.gt, case.detections), expected)
+    # Dropping detections ranked below 100 must not change anything: they are never seen.
+    top = sorted(
+        (d for d in case.detections if d["image_id"] == crowded and d["category_id"] == 18),
+        key=lambda d: -d["score"],
+    )[:100]
+    rest = [d for d in case.detections if d["image_id"] != crowded or d["category_id"] != 18]
+    assert_stats_equal(ours(case.gt, top + rest), expected)
+
+
+def test_category_without_ground_truth_does_not_count():
+    case = random_case(7)
+    extra = {"image_id": 1000, "category_id": NO_GT_CATEGORY, "bbox": [1.0, 2.0, 30.0, 40.0]}
+    with_extra = [*case.detections, {**extra, "score": 0.999}]
+    assert any(d["category_id"] == NO_GT_CATEGORY for d in case.detections)
+    expected = reference(case.gt, with_extra)
+    assert_stats_equal(ours(case.gt, with_extra), expected)
+    # Only ground-truth categories are averaged: the extra detections change nothing.
+    without = [d for d in case.detections if d["category_id"] != NO_GT_CATEGORY]
+    assert_stats_equal(ours(case.gt, without), expected)
+
+
+@pytest.mark.parametrize("size", sorted(SIDES))
+def test_one_area_range_only(size):
+    """With boxes of one range, the other ranges have no ground truth: -1, like pycocotools."""
+    rng = random.Random(len(size))
+    case = Case()
+    for image_id in (10, 20, 30):
+        case.image(image_id)
+        for _ in range(3):
+            bbox = random_box(rng, size)
+            case.box(image_id, rng.choice(CATEGORIES), bbox)
+            case.detect(image_id, rng.choice(CATEGORIES), jitter(rng, bbox, 0.1), rng.random())
+    expected = reference(case.gt, case.detections)
+    assert sorted(k for k, v in expected.items() if v == -1) == sorted(
+        k for k in STATS if k[-1] in "sml" and k[-1] != size[0]
+    )
+    assert_stats_equal(ours(case.gt, case.detections), expected)
+
+
+def test_area_range_follows_annotation_area_not_box():
+    """A 40x40 box (1600 px², medium) whose segment covers 900 px² is a small object."""
+    case = Case()
+    image = case.image(3)
+    case.box(image, 7, [100, 100, 40, 40], area=900)
+    case.box(image, 7, [300, 200, 40, 40])
+    case.detect(image, 7, [101, 100, 40, 40], 0.8)
+    expected = reference(case.gt, case.detections)
+    assert expected["APs"] >= 0 and expected["APm"] >= 0
+    assert_stats_equal(ours(case.gt, case.detections), expected)
+
+
+def test_no_detections_scores_zero():
+    case = random_case(8)
+    stats = ours(case.gt, [])
+    # Ranges with ground truth score 0 (nothing found), not -1 and not a crash.
+    assert stats["AP"] == 0.0 and stats["AR100"] == 0.0
+    expected_ap = reference(case.gt, case.detections[:1])  # pycocotools cannot take []
+    assert all(stats[k] == 0.0 for k in STATS if expected_ap[k] >= 0)
+
+
+def test_perfect_detections_score_one():
+    rng = random.Random(4)
+    case = Case()
+    for image_id in (1, 2, 3):
+        case.image(image_id)
+        for category, size in zip(CATEGORIES, SIDES, strict=False):
+            case.box(image_id, category, random_box(rng, size))  # one per category: AR1 = 1
+    for ann in case.gt["annotations"]:
+        case.detect(ann["image_id"], ann["category_id"], ann["bbox"], rng.random())
+    stats = ours(case.gt, case.detections)
+    assert all(v == pytest.approx(1.0, abs=TOL) for v in stats.values()), stats
+    assert_stats_equal(stats, reference(case.gt, case.detections))
+
+
+# --- CocoEvaluator ----------------------------------------------------------------------------
+
+
+def model_outputs(case: Case, rng: random.Random):
+    """Model-style outputs for `case`'s images, and the xywh detections they stand for.
+
+    Coordinates are multiples of 1/4 and scores float32 values, so that the xyxy float32 tensors
+    and the xywh numbers describe exactly the same boxes.
+    """
+    image_ids = [im["id"] for im in case.gt["images"]]
+    outputs, detections = [], []
+    for image_id in image_ids:
+        n = rng.choice([0, 1, 3, 8])
+        boxes, scores, labels = [], [], []
+        for _ in range(n):
+            x, y = rng.randrange(0, 2000) / 4, rng.randrange(0, 1500) / 4
+            w, h = rng.randrange(8, 600) / 4, rng.randrange(8, 500) / 4
+            s = float(torch.tensor(rng.random(), dtype=torch.float32))
+            label = rng.choice([*CATEGORIES, NO_GT_CATEGORY])
+            boxes.append([x, y, x + w, y + h])
+            scores.append(s)
+            labels.append(label)
+            detections.append(
+                {"image_id": image_id, "category_id": label, "bbox": [x, y, w, h], "score": s}
+            )
+        outputs.append(
+            {
+                "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                "scores": torch.tensor(scores, dtype=torch.float32),
+                "labels": torch.tensor(labels, dtype=torch.int64),
+            }
+        )
+    return image_ids, outputs, detections
+
+
+def test_evaluator_matches_scoring_the_same_detections():
+    rng = random.Random(21)
+    case = random_case(9)
+    # Outputs near the ground truth, so the stats are far from 0.
+    for ann in case.gt["annotations"]:
+        x, y, w, h = (round(v * 4) / 4 for v in ann["bbox"])
+        ann["bbox"] = [x, y, w, h]
+    image_ids, outputs, detections = model_outputs(case, rng)
+    for ann in case.gt["annotations"]:
+        if rng.random() < 0.8:
+            i = image_ids.index(ann["image_id"])
+            x, y, w, h = ann["bbox"]
+            s = float(torch.tensor(rng.random(), dtype=torch.float32))
+            box = torch.tensor([[x, y, x + w, y + h]], dtype=torch.float32)
+            outputs[i]["boxes"] = torch.cat([outputs[i]["boxes"], box])
+            outputs[i]["scores"] = torch.cat([outputs[i]["scores"], torch.tensor([s])])
+            outputs[i]["labels"] = torch.cat(
+                [outputs[i]["labels"], torch.tensor([ann["category_id"]])]
+            )
+            detections.append(
+                {
+                    "image_id": ann["image_id"],
+                    "category_id": ann["category_id"],
+                    "bbox": [x, y, w, h],
+                    "score": s,
+                }
+            )
+    assert any(len(o["scores"]) == 0 for o in outputs)  # an image without detections
+
+    gt = load_ground_truth(copy.deepcopy(case.gt))
+    evaluator = CocoEvaluator(gt, one_process())
+    half = len(image_ids) // 2  # added batch by batch
+    evaluator.add(image_ids[:half], outputs[:half])
+    evaluator.add(image_ids[half:], outputs[half:])
+    stats, count = evaluator.score()
+    assert count == len(detections)
+    expected = reference(case.gt, detections)
+    assert expected["AP"] > 0.2
+    assert_stats_equal(stats, expected)
+    assert_stats_equal(stats, score(gt, detections))
+
+    # reset: the next pass starts from nothing.
+    evaluator.reset()
+    stats, count = evaluator.score()
+    assert count == 0 and stats["AP"] == 0.0
+    evaluator.add(image_ids[:half], outputs[:half])
+    stats, count = evaluator.score()
+    first_half = [d for d in detections if d["image_id"] in image_ids[:half]]
+    assert count == len(first_half)
+    assert_stats_equal(stats, reference(case.gt, first_half))
+
+
+def test_evaluator_moves_device_tensors_and_other_dtypes():
+    case = Case()
+    image = case.image(77)
+    case.box(image, 44, [10.0, 20.0, 30.0, 40.0])
+    outputs = [
+        {
+            "boxes": torch.tensor([[10.0, 20.0, 40.0, 60.0]], dtype=torch.float16),
+            "scores": torch.tensor([0.5], dtype=torch.bfloat16),
+            "labels": torch.tensor([44], dtype=torch.int32),
+        }
+    ]
+    evaluator = CocoEvaluator(load_ground_truth(case.gt), one_process())
+    evaluator.add([image], outputs)
+    stats, count = evaluator.score()
+    assert count == 1
+    assert stats["AP"] == pytest.approx(1.0, abs=TOL)
+    assert isinstance(evaluator.detections[0]["category_id"], int)
+
+
+def test_evaluator_on_rank_0_needs_ground_truth():
+    with pytest.raises(ValueError):
+        CocoEvaluator(None, one_process())
+
+
+EMPTY_OUTPUT = {
+    "boxes": torch.zeros(0, 4),
+    "scores": torch.zeros(0),
+    "labels": torch.zeros(0, dtype=torch.int64),
+}
+
+
+def test_add_rejects_mismatched_lengths():
+    evaluator = CocoEvaluator(load_ground_truth(Case().gt), one_process())
+    with pytest.raises(ValueError):
+        evaluator.add([1, 2], [EMPTY_OUTPUT])
+
+
+# --- evaluate_files and the CLI ----------------------------------------------------------------
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """Run `retinaperf ...`; returns (status, stdout, stderr). The CLI installs its own warning
+    printer: put the original back afterwards."""
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+
+    def run(*argv: str):
+        status = main(list(argv))
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run
+
+
+@pytest.fixture
+def files(tmp_path):
+    case = random_case(12)
+    gt_path, dets_path = tmp_path / "instances_val.json", tmp_path / "dets.json"
+    gt_path.write_text(json.dumps(case.gt))
+    dets_path.write_text(json.dumps(case.detections))
+    return case, gt_path, dets_path
+
+
+def test_cli_evaluate_prints_the_12_stats_as_json(cli, files):
+    case, gt_path, dets_path = files
+    status, out, err = cli(
+        "evaluate", "--annotations", str(gt_path), "--detections", str(dets_path)
+    )
+    assert status == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 1
+    printed = json.loads(lines[0])
+    assert list(printed) == list(STATS)
+    assert_stats_equal(printed, reference(case.gt, case.detections))
+    assert evaluate_files(gt_path, dets_path) == printed
+
+
+def test_cli_evaluate_empty_detections_list(cli, files):
+    _, gt_path, dets_path = files
+    dets_path.write_text("[]")
+    status, out, _ = cli("evaluate", "--annotations", str(gt_path), "--detections", str(dets_path))
+    assert status == 0
+    assert json.loads(out)["AP"] == 0.0
+
+
+def bad_detections(case: Case):
+    """(name, content of the detections file, what the message must name)."""
+    good = case.detections[0]
+    no_bbox = {k: v for k, v in good.items() if k != "bbox"}
+    no_score = {k: v for k, v in good.items() if k != "score"}
+    stranger = {**good, "image_id": 999_999}
+    return [
+        ("stranger", json.dumps([*case.detections, stranger]), ["999999"]),
+        ("malformed", '[{"image_id": 1, ', []),
+        ("not a list", json.dumps({"annotations": case.detections}), ["list"]),
+        ("no bbox", json.dumps([good, no_bbox]), ["entry 1", "bbox"]),
+        ("no score", json.dumps([no_score, good]), ["entry 0", "score"]),
+        ("string score", json.dumps([{**good, "score": "0.5"}]), ["entry 0", "score"]),
+        ("short bbox", json.dumps([{**good, "bbox": [1, 2, 3]}]), ["entry 0", "bbox"]),
+        ("nan bbox", json.dumps([{**good, "bbox": [1, 2, float("nan"), 4]}]), ["entry 0"]),
+        ("not utf-8", b"\xff\xfe\x00garbage", []),
+    ]
+
+
+@pytest.mark.parametrize("kind", [b[0] for b in bad_detections(random_case(12))])
+def test_cli_evaluate_bad_detections(cli, files, kind):
+    case, gt_path, dets_path = files
+    _, content, names = next(b for b in bad_detections(case) if b[0] == kind)
+    if isinstance(content, bytes):
+        dets_path.write_bytes(content)
+    else:
+        dets_path.write_text(content)
+    status, out, err = cli(
+        "evaluate", "--annotations", str(gt_path), "--detections", str(dets_path)
+    )
+    assert_one_line_error(status, out, err, [str(dets_path), *names])
+    with pytest.raises(UserError):
+        evaluate_files(gt_path, dets_path)
+
+
+def test_cli_evaluate_missing_detections_file(cli, files, tmp_path):
+    _, gt_path, _ = files
+    missing = tmp_path / "nowhere" / "dets.json"
+    status, out, err = cli("evaluate", "--annotations", str(gt_path), "--detections", str(missing))
+    assert_one_line_error(status, out, err, [str(missing)])
+
+
+@pytest.mark.parametrize("content", [None, "{not json", "[]", '{"images": []}'])
+def test_cli_evaluate_bad_annotations_file(cli, files, tmp_path, content):
+    _, _, dets_path = files
+    gt_path = tmp_path / "instances_missing.json"
+    if content is not None:
+        gt_path.write_text(content)
+    status, out, err = cli(
+        "evaluate", "--annotations", str(gt_path), "--detections", str(dets_path)
+    )
+    assert_one_line_error(status, out, err, [str(gt_path)])
+
+
+def assert_one_line_error(status: int, out: str, err: str, names: list[str]) -> None:
+    assert status == 1
+    assert out == ""
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("retinaperf: error: ")
+    for name in names:
+        assert name in lines[0], (name, lines[0])

@@ -1,0 +1,176 @@
+"""The SPEC §3 arithmetic, driven by a fake clock so every window has a known length."""
+
+import pytest
+import torch
+
+from retinaperf.distributed import DistEnv
+from retinaperf.metrics import Meter, memory_peak, summarize
+
+CPU = torch.device("cpu")
+
+
+class FakeClock:
+    """A clock that moves only when told; records when the device was synchronized."""
+
+    def __init__(self, start: float) -> None:
+        self.now = start
+        self.log: list[tuple[str, float]] = []
+
+    def __call__(self) -> float:
+        self.log.append(("read", self.now))
+        return self.now
+
+    def sync(self, device: torch.device) -> None:
+        self.log.append(("sync", self.now))
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def single() -> DistEnv:
+    return DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, device=CPU)
+
+
+def stats(ap: float) -> dict[str, float]:
+    return {"AP": ap, "AP50": ap}
+
+
+def scripted_run(clock: FakeClock) -> Meter:
+    """Command at t=100; training starts at 103; two epochs of 2 steps and an eval each.
+
+    step: 0.5 s waiting for data, then 2 s of core; eval: 4 s (first), 6 s (second).
+    """
+    meter = Meter(command_start=100.0, device=CPU, clock=clock, synchronize=clock.sync)
+    clock.advance(3.0)
+    meter.train_started()
+    for epoch, (eval_seconds, ap) in enumerate([(4.0, 0.2), (6.0, 0.4)]):
+        for _ in range(2):
+            clock.advance(0.5)
+            with meter.core_step(images=8):
+                clock.advance(2.0)
+        with meter.evaluation():
+            clock.advance(eval_seconds)
+        meter.eval_done(epoch, stats(ap))
+    return meter
+
+
+def test_windows_and_throughputs_follow_the_definitions():
+    clock = FakeClock(100.0)
+    meter = scripted_run(clock)
+    m = summarize(meter, single(), target_map=0.35)
+    # train: 2 epochs x (2 x 2.5 s) + 4 s + 6 s = 20 s; eval 10 s; core 4 x 2 s = 8 s; 32 images.
+    assert m["init_time"] == pytest.approx(3.0)
+    assert m["train_time"] == pytest.approx(20.0)
+    assert m["eval_time"] == pytest.approx(10.0)
+    assert m["core_time"] == pytest.approx(8.0)
+    assert m["trained_images"] == 32
+    assert m["steps"] == 4
+    assert m["p_whole"] == pytest.approx(32 / 20)
+    assert m["p_train"] == pytest.approx(32 / 10)
+    assert m["p_core"] == pytest.approx(32 / 8)
+    assert m["p_core"] >= m["p_train"] >= m["p_whole"]
+
+
+def test_accuracy_fields_track_last_best_and_target():
+    clock = FakeClock(100.0)
+    meter = scripted_run(clock)
+    m = summarize(meter, single(), target_map=0.35)
+    assert m["mAP"] == 0.4
+    assert (m["best_mAP"], m["best_epoch"], m["best_step"]) == (0.4, 1, 4)
+    assert m["converged"] is True
+    assert m["time_to_target"] == pytest.approx(20.0)  # train_time at the end of eval 2
+    assert [e["seconds"] for e in m["evaluations"]] == pytest.approx([4.0, 6.0])
+
+    never = summarize(meter, single(), target_map=0.9)
+    assert never["converged"] is False and never["time_to_target"] is None
+
+
+def test_best_map_is_not_the_last_when_accuracy_drops():
+    clock = FakeClock(0.0)
+    meter = Meter(command_start=0.0, device=CPU, clock=clock, synchronize=clock.sync)
+    meter.train_started()
+    for epoch, ap in enumerate([0.3, 0.5, 0.45]):
+        with meter.core_step(images=2):
+            clock.advance(1.0)
+        with meter.evaluation():
+            clock.advance(1.0)
+        meter.eval_done(epoch, stats(ap))
+    m = summarize(meter, single(), target_map=0.0 + 0.49)
+    assert (m["mAP"], m["best_mAP"], m["best_epoch"]) == (0.45, 0.5, 1)
+    assert m["time_to_target"] == pytest.approx(4.0)  # end of the second evaluation
+
+
+def test_core_window_is_bracketed_by_device_synchronizes():
+    clock = FakeClock(0.0)
+    meter = Meter(command_start=0.0, device=CPU, clock=clock, synchronize=clock.sync)
+    meter.train_started()
+    clock.log.clear()
+    with meter.core_step(images=1):
+        clock.advance(1.0)
+    kinds = [kind for kind, _ in clock.log]
+    # sync before the start is read (the copy stays out), sync before the end is read
+    assert kinds == ["sync", "read", "sync", "read"]
+
+
+def test_interval_rate_counts_images_since_last_call():
+    clock = FakeClock(0.0)
+    meter = Meter(command_start=0.0, device=CPU, clock=clock, synchronize=clock.sync)
+    meter.train_started()
+    for _ in range(3):
+        with meter.core_step(images=4):
+            clock.advance(1.0)
+    assert meter.interval_rate() == pytest.approx(12 / 3.0)
+    with meter.core_step(images=4):
+        clock.advance(0.5)
+    clock.advance(0.5)
+    assert meter.interval_rate() == pytest.approx(4 / 1.0)
+
+
+class FakeWorld(DistEnv):
+    """Rank 0 of a world of two; the other rank's numbers are given."""
+
+    def __init__(self, other_images: float, other_core: float, other_mem: float) -> None:
+        super().__init__(rank=0, world_size=2, local_rank=0, local_world_size=2, device=CPU)
+        object.__setattr__(self, "other", (other_images, other_core, other_mem))
+
+    def all_reduce(self, values, op):
+        other_images, other_core, _ = self.other
+        others = [other_images, values[1]] if len(values) == 2 else [other_core]
+        if op == "sum":
+            return [a + b for a, b in zip(values, others, strict=True)]
+        return [max(a, b) for a, b in zip(values, others, strict=True)]
+
+    def gather(self, obj):
+        return [obj, {**obj, "used": self.other[2]}]
+
+
+def test_multi_rank_sums_images_and_takes_the_slowest_core_and_largest_memory():
+    clock = FakeClock(100.0)
+    meter = scripted_run(clock)  # this rank: 32 images, 8 s core
+    world = FakeWorld(other_images=32, other_core=9.0, other_mem=1e6)
+    m = summarize(meter, world, target_map=0.35)
+    assert m["trained_images"] == 64
+    assert m["steps"] == 4  # per rank: steps are global steps, not summed
+    assert m["core_time"] == pytest.approx(9.0)
+    assert m["p_core"] == pytest.approx(64 / 9.0)
+    assert m["mem_used_gib"] == 1e6
+    assert m["mem"].startswith("1000000.0/")
+
+
+def _proc_kib(path: str, field: str) -> int:
+    with open(path) as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def test_cpu_memory_is_peak_resident_set_over_ram():
+    block = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched: the resident set grows
+    current = _proc_kib("/proc/self/status", "VmRSS") / 1024**2
+    peak = _proc_kib("/proc/self/status", "VmHWM") / 1024**2  # the kernel's high-water mark
+    reading = memory_peak(CPU)
+    del block
+    assert reading["used"] >= 0.99 * current
+    assert reading["used"] == pytest.approx(peak, rel=0.05)
+    assert reading["total"] == pytest.approx(
+        _proc_kib("/proc/meminfo", "MemTotal") / 1024**2, rel=0.01
+    )

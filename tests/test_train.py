@@ -1,0 +1,164 @@
+"""The recipe (lr schedule, the step against torchvision's own loss and a hand-made SGD update),
+and whole runs: stop rules, counting, and the run directory."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torchvision.models.detection import retinanet_resnet50_fpn
+
+from retinaperf import cli, evaluate
+from retinaperf.config import ModelConfig
+from retinaperf.model import build_model
+from retinaperf.precision import Precision
+from retinaperf.report import read_events
+from retinaperf.train import lr_factor, train_step
+
+SPEC = {"warmup_factor": 1e-3, "lr_steps": (16, 22), "gamma": 0.1}
+
+
+def factor(step_in_epoch: int, epoch: int, warmup_iters: int = 1000) -> float:
+    return lr_factor(step_in_epoch, epoch, warmup_iters, **SPEC)
+
+
+def test_warmup_is_linear_from_a_thousandth_over_epoch_zero():
+    assert factor(0, 0) == pytest.approx(1e-3)
+    assert factor(500, 0) == pytest.approx(1e-3 + (1 - 1e-3) * 0.5)
+    assert factor(999, 0) == pytest.approx(1e-3 + (1 - 1e-3) * 0.999)
+    assert factor(1000, 0) == 1.0
+    assert factor(5000, 0) == 1.0
+    # A short epoch caps warm-up at steps_per_epoch - 1 (the caller passes the cap).
+    assert factor(9, 0, warmup_iters=9) == 1.0
+    # Warm-up belongs to epoch 0 only.
+    assert factor(0, 1) == 1.0
+
+
+def test_decay_is_tenfold_at_epochs_16_and_22():
+    assert [factor(0, e) for e in (15, 16, 21, 22, 25)] == pytest.approx(
+        [1.0, 0.1, 0.1, 0.01, 0.01]
+    )
+
+
+def _images_and_targets(generator: torch.Generator):
+    images = [torch.randint(0, 256, (3, 64, 80), generator=generator, dtype=torch.uint8)]
+    images.append(torch.randint(0, 256, (3, 64, 64), generator=generator, dtype=torch.uint8))
+    targets = [
+        {"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([3])},
+        {
+            "boxes": torch.tensor([[10.0, 10.0, 30.0, 44.0], [0, 0, 20, 20]]),
+            "labels": torch.tensor([1, 7]),
+        },
+    ]
+    return images, targets
+
+
+def test_step_loss_equals_torchvision_and_update_is_plain_sgd():
+    torch.manual_seed(0)
+    ours = build_model(ModelConfig(min_size=64, max_size=80), None)
+    reference = retinanet_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=91, min_size=64, max_size=80
+    )
+    reference.load_state_dict(ours.state_dict())
+    ours.train()
+    reference.train()
+    images, targets = _images_and_targets(torch.Generator().manual_seed(1))
+
+    # torchvision's own loss on float images in [0, 1], and its gradients
+    expected = reference([im.float() / 255 for im in images], copy.deepcopy(targets))
+    sum(expected.values()).backward()
+
+    lr, momentum, decay = 0.01, 0.9, 1e-4
+    before = copy.deepcopy(ours.state_dict())
+    optimizer = torch.optim.SGD(ours.parameters(), lr=lr, momentum=momentum, weight_decay=decay)
+    losses = train_step(ours, images, targets, optimizer, Precision("fp32", torch.device("cpu")))
+
+    for name in ("classification", "bbox_regression"):
+        assert losses[name].item() == pytest.approx(expected[name].item(), rel=1e-5)
+    # First SGD step with momentum: the buffer is the gradient, so p' = p - lr (g + wd p).
+    ref_params = dict(reference.named_parameters())
+    for name in ("backbone.body.conv1.weight", "head.classification_head.cls_logits.bias"):
+        grad = ref_params[name].grad
+        want = before[name] - lr * (grad + decay * before[name])
+        assert torch.allclose(ours.state_dict()[name], want, atol=1e-6, rtol=1e-4)
+        assert not torch.equal(ours.state_dict()[name], before[name])
+
+
+def run_cli(args: list[str]) -> int:
+    return cli.main(args)
+
+
+def test_run_writes_results_events_and_report(tiny_run_args, tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(tiny_run_args(tiny_dataset, out, max_steps=3)) == 0
+    results = json.loads((out / "results.json").read_text())
+    m = results["metrics"]
+    assert m["steps"] == 3
+    assert m["trained_images"] == 3 * 2  # steps x local batch x 1 rank
+    assert m["p_core"] >= m["p_train"] >= m["p_whole"] > 0
+    assert m["train_time"] >= m["eval_time"] > 0
+    assert m["e2e_time"] > m["train_time"]
+    assert m["e2e_time"] == pytest.approx(m["init_time"] + m["train_time"], abs=5.0)
+    assert m["world_size"] == 1 and m["nodes"] == 1 and m["devices_per_node"] == 1
+    assert m["local_batch"] == 2 and m["global_batch"] == 2
+    used, total = (float(x) for x in m["mem"].split("/"))
+    assert 0 < used < total
+    assert m["train_images"] <= 24 and m["val_images"] == 8
+    assert results["config"]["train"]["max_steps"] == 3
+    assert results["environment"]["packages"]["torch"] == torch.__version__.split("+")[0]
+
+    events = read_events(out / "events.jsonl")
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "run_start" and kinds[-1] == "run_end"
+    steps = [e for e in events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2, 3]
+    for e in steps:
+        assert e["loss"] == pytest.approx(e["classification"] + e["bbox_regression"])
+        assert e["images_per_s"] > 0 and e["lr"] > 0
+    (ev,) = [e for e in events if e["event"] == "eval"]
+    assert set(evaluate.STAT_NAMES) <= set(ev) and ev["mAP"] == ev["AP"] == m["mAP"]
+    end = events[-1]
+    assert end["p_core"] == m["p_core"] and end["e2e_time"] == m["e2e_time"]
+
+    report = (out / "report.md").read_text()
+    assert (
+        "| 配置 | precision | fix_hp | e2e_time | p_whole | p_train | p_core | mAP | mem |"
+        in report
+    )
+    assert f"bs=2,lr={m['lr']:g}" in report and m["mem"] in report
+
+
+def test_run_stops_at_the_first_evaluation_reaching_the_target(
+    tiny_run_args, tiny_dataset, tmp_path, monkeypatch
+):
+    scores = iter([0.1, 0.6, 0.9])
+
+    def fake_score(gt, detections):
+        ap = next(scores)
+        return {name: ap for name in evaluate.STAT_NAMES}
+
+    monkeypatch.setattr(evaluate, "score", fake_score)
+    out = tmp_path / "run"
+    args = tiny_run_args(tiny_dataset, out, epochs=3, max_steps=0, target_map=0.5, batch_size=8)
+    assert run_cli(args) == 0
+    m = json.loads((out / "results.json").read_text())["metrics"]
+    assert m["epochs"] == 2 and m["converged"] is True
+    assert [e["mAP"] for e in m["evaluations"]] == [0.1, 0.6]
+    assert m["time_to_target"] == pytest.approx(m["train_time"])
+    steps_per_epoch = m["train_images"] // 8
+    assert m["steps"] == 2 * steps_per_epoch
+    assert m["trained_images"] == m["steps"] * 8
+
+
+def test_run_without_reaching_the_target_runs_every_epoch(
+    tiny_run_args, tiny_dataset, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(
+        evaluate, "score", lambda gt, dets: {name: 0.2 for name in evaluate.STAT_NAMES}
+    )
+    out = tmp_path / "run"
+    args = tiny_run_args(tiny_dataset, out, epochs=2, max_steps=0, batch_size=8)
+    assert run_cli(args) == 0
+    m = json.loads((out / "results.json").read_text())["metrics"]
+    assert m["epochs"] == 2 and m["converged"] is False and m["time_to_target"] is None
+    assert len(m["evaluations"]) == 2
