@@ -128,3 +128,19 @@ def test_python_dash_m_runs_the_cli():
         [sys.executable, "-m", "retinaperf", "presets"], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0 and "smoke" in done.stdout
+
+
+def test_workers_started_by_the_shortcut_count_e2e_from_the_launcher(monkeypatch):
+    import time
+
+    monkeypatch.setenv(cli.START_ENV, repr(time.time() - 5.0))
+    assert time.perf_counter() - cli._command_start() == pytest.approx(5.0, abs=0.5)
+    monkeypatch.delenv(cli.START_ENV)
+    assert cli._command_start() == cli.COMMAND_START
+
+
+def test_nproc_per_node_checks_settings_before_starting_anything(capsys, tmp_path):
+    out = tmp_path / "run"
+    args = ["run", "--nproc-per-node", "2", "--output-dir", str(out), "--set", "bogus=1"]
+    fails_cleanly(args, capsys, "bogus")
+    assert not out.exists()

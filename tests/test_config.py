@@ -116,11 +116,16 @@ def test_value_may_contain_equals_sign():
 # --- bad overrides ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("pair", ["bogus=1", "train.bogus=1", "nodes.x=1", "=1"])
+@pytest.mark.parametrize("pair", ["bogus=1", "train.bogus=1", "nodes.x=1"])
 def test_unknown_key_is_refused_naming_it(pair):
     key = pair.partition("=")[0]
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         parse_overrides([pair])
+
+
+def test_empty_key_is_refused():
+    with pytest.raises(UserError, match="unknown key"):
+        parse_overrides(["=1"])
 
 
 def test_key_in_wrong_section_is_refused():
@@ -189,8 +194,8 @@ def test_unknown_preset_is_refused_naming_it():
         ("synth_train_images=0", "synth_train_images"),
         ("min_size=16", "min_size"),
         ("eval_batch_size=0", "eval_batch_size"),
-        ("nodes=0", "nodes"),
-        ("devices_per_node=0", "devices_per_node"),
+        ("nodes=-1", "nodes"),
+        ("devices_per_node=-1", "devices_per_node"),
     ],
 )
 def test_invalid_value_is_refused_naming_key(pair, key):

@@ -7,6 +7,7 @@ COMMAND_START = time.perf_counter()  # e2e_time starts here, before torch is imp
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -14,6 +15,7 @@ from pathlib import Path  # noqa: E402
 from .errors import UserError  # noqa: E402
 
 EXIT_USER_ERROR = 1
+START_ENV = "RETINAPERF_COMMAND_START"  # wall-clock start, set by `run --nproc-per-node`
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", help="COCO2017 root; default: the generated dataset")
     run.add_argument("--output-dir", help="run directory; default: runs/<timestamp>")
     run.add_argument("--backbone-weights", help="URL, file:// URL, path, or `none` (random init)")
+    run.add_argument(
+        "--nproc-per-node",
+        type=int,
+        metavar="N",
+        help="start N processes on this node (one per device) through torchrun",
+    )
     run.add_argument(
         "--set",
         dest="overrides",
@@ -78,12 +86,50 @@ def _run(args: argparse.Namespace) -> int:
         "backbone_weights": args.backbone_weights,
     }
     pairs = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    # Resolving first reports a bad setting once, before any process is started.
     resolved = config.resolve(args.preset, config.parse_overrides(pairs + args.overrides))
-    results = train.run(resolved, COMMAND_START)
+    if args.nproc_per_node is not None:
+        return _launch(args)
+    run = train.run
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:
+        # Under torchrun: record this worker's error where torchrun's failure summary reads it,
+        # so the summary says which rank failed and why.
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        run = record(run)
+    results = run(resolved, _command_start())
     if results:
         print(format_table([table_row(results)]))
         print(f"results: {Path(results['run_dir']) / 'results.json'}")
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """`run --nproc-per-node N`: the same run under torchrun, N processes on this node."""
+    if args.nproc_per_node < 1:
+        raise UserError(f"--nproc-per-node {args.nproc_per_node}: give 1 or more")
+    if "LOCAL_RANK" in os.environ:
+        raise UserError("--nproc-per-node: this process is already one of torchrun's workers")
+    child = ["run", "--preset", args.preset]
+    for flag in ("data_dir", "output_dir", "backbone_weights"):
+        if getattr(args, flag) is not None:
+            child += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+    for pair in args.overrides:
+        child += ["--set", pair]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", str(args.nproc_per_node), "-m", "retinaperf", *child]
+    # e2e_time starts at this command, not at the workers' start: hand them its wall-clock time.
+    started = time.time() - (time.perf_counter() - COMMAND_START)
+    env = {**os.environ, START_ENV: repr(started)}
+    return subprocess.run(command, env=env, check=False).returncode
+
+
+def _command_start() -> float:
+    """The perf_counter reading at which this command started; a launcher's start if given."""
+    inherited = os.environ.get(START_ENV)
+    if inherited is None:
+        return COMMAND_START
+    return time.perf_counter() - (time.time() - float(inherited))
 
 
 def _synth(args: argparse.Namespace) -> int:

@@ -142,13 +142,18 @@ class RunConfig:
     """Name of the preset this configuration started from."""
     device: str = "auto"
     """A torch device type (cuda, cpu, ...) or auto: the accelerator if there is one, else cpu."""
-    nodes: int = 1
+    nodes: int = 0
     """Nodes the preset is meant for: a job of another shape is refused, as its row would not
-    compare with the preset's."""
-    devices_per_node: int = 1
-    """Processes (devices) per node the preset is meant for."""
+    compare with the preset's. 0: any."""
+    devices_per_node: int = 0
+    """Processes (devices) per node the preset is meant for. 0: any."""
+    dist_timeout: float = 600.0
+    """Seconds a collective may wait for the other ranks before the job fails (a dead rank on
+    another node is noticed by then at the latest)."""
     output_dir: str = ""
     """Run directory. Empty: runs/<timestamp>/."""
+    save_model: bool = False
+    """Write the trained model's state dict to <run dir>/model.pt at the end."""
     cache_dir: str = ""
     """Downloads and the generated dataset. Empty: $RETINAPERF_CACHE or ~/.cache/retinaperf."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -157,8 +162,9 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        _check(self.nodes >= 1, "nodes", self.nodes, "use 1 or more")
-        _check(self.devices_per_node >= 1, "devices_per_node", self.devices_per_node, "use 1+")
+        _check(self.nodes >= 0, "nodes", self.nodes, "use 1 or more, or 0 for any")
+        _check(self.devices_per_node >= 0, "devices_per_node", self.devices_per_node, "use 0+")
+        _check(self.dist_timeout > 0, "dist_timeout", self.dist_timeout, "use a positive number")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -99,7 +99,7 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device(device_type, local_rank)
 
 
-def setup(requested_device: str, timeout_s: float = 600.0) -> DistEnv:
+def setup(requested_device: str, timeout_s: float) -> DistEnv:
     """Join the process group torchrun describes (if any) and pick this rank's device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

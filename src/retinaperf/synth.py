@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from .errors import UserError
 
 # Bump when the drawing changes, so cached datasets of an older generator are not reused.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 4
 
 # COCO category ids are not contiguous; ours skip numbers too so the code never assumes they are.
 CATEGORIES = (
@@ -46,7 +46,13 @@ P_EMPTY = 0.06  # no object at all
 P_CROWD = 0.12  # one crowd region (many tiny shapes under one iscrowd box)
 P_DEGENERATE = 0.06  # one annotation of zero width or height
 P_TINY = 0.08  # one valid but tiny shape (a few pixels)
+# Shares of square, landscape (4:3) and portrait (3:4) images. Mostly square: a batch is padded
+# to a multiple of 32 px, so at the smoke run's 64 px a 4:3 image costs as much as a 64x96 one.
+SHAPE_SHARES = (0.6, 0.2, 0.2)
 JPEG_QUALITY = 90
+# Smallest side of an ordinary object, pixels: RetinaNet's smallest anchor is 32 px, and objects
+# much smaller than that overlap no anchor enough to be learnt quickly.
+MIN_OBJECT = 24
 
 
 @dataclass(frozen=True)
@@ -146,16 +152,16 @@ def _generate_split(
 
 def _draw_image(rng: np.random.Generator, short_side: int) -> tuple[Image.Image, list[dict]]:
     long_side = round(short_side * 4 / 3)
-    width, height = [(short_side, short_side), (long_side, short_side), (short_side, long_side)][
-        rng.integers(3)
-    ]
+    shapes = [(short_side, short_side), (long_side, short_side), (short_side, long_side)]
+    width, height = shapes[rng.choice(3, p=SHAPE_SHARES)]
     picture = _background(rng, width, height)
     draw = ImageDraw.Draw(picture)
     objects: list[dict] = []
     if rng.random() >= P_EMPTY:
         placed: list[tuple[float, float, float]] = []
-        for _ in range(rng.integers(1, 4)):
-            size = rng.uniform(0.25, 0.6) * short_side
+        for _ in range(rng.integers(2, 5)):  # attempts; a shape that finds no room is skipped
+            largest = 0.6 * short_side
+            size = rng.uniform(min(max(0.25 * short_side, MIN_OBJECT), largest), largest)
             spot = _free_spot(rng, width, height, size, placed)
             if spot is None:
                 continue

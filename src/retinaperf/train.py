@@ -19,11 +19,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import data, distributed, environment, metrics, report, synth, weights
+from . import data, distributed, environment, evaluate, metrics, report, synth, weights
 from .config import RunConfig
 from .distributed import DistEnv
 from .errors import UserError
-from .evaluate import CocoEvaluator, load_ground_truth
 from .model import build_model
 from .precision import Precision, resolve_auto
 
@@ -62,6 +61,17 @@ def train_step(
 
 
 @dataclass
+class Loaders:
+    """The data side of a run, on this rank."""
+
+    train_loader: torch.utils.data.DataLoader
+    train_sampler: data.GroupedBatchSampler
+    val_loader: torch.utils.data.DataLoader
+    evaluator: evaluate.CocoEvaluator
+    facts: dict
+
+
+@dataclass
 class Setup:
     """Everything the loop needs, built once by `run`."""
 
@@ -71,10 +81,7 @@ class Setup:
     model: nn.Module  # wrapped in DDP when world_size > 1
     inference_model: nn.Module
     optimizer: torch.optim.Optimizer
-    train_loader: torch.utils.data.DataLoader
-    train_sampler: data.GroupedBatchSampler
-    val_loader: torch.utils.data.DataLoader
-    evaluator: CocoEvaluator
+    loaders: Loaders
     meter: metrics.Meter
     events: report.EventLog
     run_dir: Path
@@ -83,7 +90,7 @@ class Setup:
 
 def run(config: RunConfig, command_start: float) -> dict:
     """Run the benchmark; returns the results written to `<run_dir>/results.json` (on rank 0)."""
-    env = distributed.setup(config.device)
+    env = distributed.setup(config.device, config.dist_timeout)
     events = report.EventLog(None, command_start)
     try:
         setup = _set_up(config, env, command_start)
@@ -100,20 +107,15 @@ def run(config: RunConfig, command_start: float) -> dict:
 
 def _set_up(config: RunConfig, env: DistEnv, command_start: float) -> Setup:
     _check_topology(config, env)
-    precision_name = env.broadcast(resolve_auto(config.train.precision, env.device))
-    precision = Precision(precision_name, env.device)
+    run_dir = _run_dir(config, env)  # checked now, created once the set-up has succeeded
+    precision = Precision(
+        env.broadcast(resolve_auto(config.train.precision, env.device)), env.device
+    )
     torch.manual_seed(config.train.seed)
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True)
     cache_dir = _cache_dir(config)
-
-    root, dataset_label = _dataset_root(config, env, cache_dir)
-    data.check_root(root)
-    train_records, _ = data.load_split(root, "train", drop_empty=True)
-    val_records, val_annotations = data.load_split(root, "val", drop_empty=False)
-    evaluator = CocoEvaluator(load_ground_truth(val_annotations) if env.is_main else None, env)
-    del val_annotations
-
+    loaders = _build_data(config, env, cache_dir)
     backbone = _load_weights(config, env, cache_dir)
     model = build_model(config.model, backbone.state_dict if backbone else None)
     model = precision.prepare(model.to(env.device))
@@ -123,50 +125,29 @@ def _set_up(config: RunConfig, env: DistEnv, command_start: float) -> Setup:
         momentum=config.train.momentum,
         weight_decay=config.train.weight_decay,
     )
-    inference_model = model
+    trained = model
     if env.world_size > 1:
-        model = DistributedDataParallel(
+        trained = DistributedDataParallel(
             model, device_ids=[env.device] if env.device.type != "cpu" else None
         )
-
-    pin = env.device.type != "cpu"
-    train_set = data.CocoDetection(
-        root, "train", train_records, config.data.hflip_prob, config.train.seed
-    )
-    train_sampler = data.GroupedBatchSampler(
-        data.aspect_ratio_groups(train_records, config.data.aspect_ratio_group_factor),
-        config.train.batch_size,
-        config.train.seed,
-        env.rank,
-        env.world_size,
-    )
-    val_set = data.CocoDetection(root, "val", val_records, hflip_prob=0.0, seed=0)
-    val_batches = data.eval_batches(
-        val_records, config.eval.eval_batch_size, env.rank, env.world_size
-    )
-    workers = config.data.num_workers
-    run_dir = _make_run_dir(config, env)
-    events = report.EventLog(run_dir / report.EVENTS if env.is_main else None, command_start)
     facts = {
-        "dataset": dataset_label,
-        "train_images": len(train_records),
-        "val_images": len(val_records),
+        **loaders.facts,
         "backbone_weights": config.model.backbone_weights,
         "backbone_sha256": backbone.sha256 if backbone else None,
-        "precision": precision_name,
+        "precision": precision.name,
     }
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    events = report.EventLog(run_dir / report.EVENTS if env.is_main else None, command_start)
     events.emit("run_start", config=config.to_dict(), world_size=env.world_size, **facts)
     return Setup(
         config=config,
         env=env,
         precision=precision,
-        model=model,
-        inference_model=inference_model,
+        model=trained,
+        inference_model=model,
         optimizer=optimizer,
-        train_loader=data.make_loader(train_set, train_sampler, workers, pin),
-        train_sampler=train_sampler,
-        val_loader=data.make_loader(val_set, val_batches, workers, pin),
-        evaluator=evaluator,
+        loaders=loaders,
         meter=metrics.Meter(command_start, env.device),
         events=events,
         run_dir=run_dir,
@@ -174,9 +155,44 @@ def _set_up(config: RunConfig, env: DistEnv, command_start: float) -> Setup:
     )
 
 
+def _build_data(config: RunConfig, env: DistEnv, cache_dir: Path) -> Loaders:
+    """Index both splits (with SPEC §1's filtering) and build this rank's loaders."""
+    root, label = _dataset_root(config, env, cache_dir)
+    data.check_root(root)
+    train_records, _ = data.load_split(root, "train", drop_empty=True)
+    val_records, val_annotations = data.load_split(root, "val", drop_empty=False)
+    gt = evaluate.load_ground_truth(val_annotations) if env.is_main else None
+    train_sampler = data.GroupedBatchSampler(
+        data.aspect_ratio_groups(train_records, config.data.aspect_ratio_group_factor),
+        config.train.batch_size,
+        config.train.seed,
+        env.rank,
+        env.world_size,
+    )
+    val_batches = data.eval_batches(
+        val_records, config.eval.eval_batch_size, env.rank, env.world_size
+    )
+    train_set = data.CocoDetection(
+        root, "train", train_records, config.data.hflip_prob, config.train.seed
+    )
+    val_set = data.CocoDetection(root, "val", val_records, hflip_prob=0.0, seed=0)
+    workers, pin = config.data.num_workers, env.device.type != "cpu"
+    return Loaders(
+        train_loader=data.make_loader(train_set, train_sampler, workers, pin),
+        train_sampler=train_sampler,
+        val_loader=data.make_loader(val_set, val_batches, workers, pin),
+        evaluator=evaluate.CocoEvaluator(gt, env),
+        facts={
+            "dataset": label,
+            "train_images": len(train_records),
+            "val_images": len(val_records),
+        },
+    )
+
+
 def _train(s: Setup) -> None:
     cfg, meter = s.config.train, s.meter
-    warmup_iters = min(cfg.warmup_iters, len(s.train_loader) - 1)
+    warmup_iters = min(cfg.warmup_iters, len(s.loaders.train_loader) - 1)
     s.env.barrier()  # every rank is built and ready: training time starts now
     meter.train_started()
     for epoch in range(cfg.epochs):
@@ -189,13 +205,16 @@ def _train(s: Setup) -> None:
 
 def _train_epoch(s: Setup, epoch: int, warmup_iters: int) -> None:
     cfg, meter = s.config.train, s.meter
-    s.train_sampler.set_epoch(epoch)
+    s.loaders.train_sampler.set_epoch(epoch)
     s.model.train()
     bar = tqdm(
-        total=len(s.train_loader), desc=f"epoch {epoch}", unit="step", disable=not s.env.is_main
+        total=len(s.loaders.train_loader),
+        desc=f"epoch {epoch}",
+        unit="step",
+        disable=not s.env.is_main,
     )
     with bar:  # closed on error too, so the error starts on a line of its own
-        for step_in_epoch, batch in enumerate(s.train_loader):
+        for step_in_epoch, batch in enumerate(s.loaders.train_loader):
             lr = cfg.lr * lr_factor(
                 step_in_epoch, epoch, warmup_iters, cfg.warmup_factor, cfg.lr_steps, cfg.lr_gamma
             )
@@ -217,7 +236,10 @@ def _train_epoch(s: Setup, epoch: int, warmup_iters: int) -> None:
 def _log_step(
     s: Setup, epoch: int, lr: float, losses: dict[str, torch.Tensor], progress: tqdm
 ) -> None:
-    parts = {name: value.item() for name, value in losses.items()}  # waits for the device
+    names = sorted(losses)
+    # The global batch's loss: the mean over ranks of each rank's mean (.item() waits for the GPU)
+    totals = s.env.all_reduce([losses[name].item() for name in names], "sum")
+    parts = {name: total / s.env.world_size for name, total in zip(names, totals, strict=True)}
     loss = sum(parts.values())
     if not math.isfinite(loss) and not s.precision.scaler.is_enabled():
         raise UserError(
@@ -231,21 +253,15 @@ def _log_step(
     progress.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.1f}", lr=f"{lr:.3g}")
 
 
-@torch.inference_mode()
 def _evaluate(s: Setup, epoch: int) -> metrics.EvalRecord:
-    """Inference on this rank's share of the val set, then COCO scoring of every image."""
-    model = s.inference_model
-    model.eval()
-    s.evaluator.reset()
     with s.meter.evaluation():
-        for batch in tqdm(s.val_loader, desc="eval", unit="batch", disable=not s.env.is_main):
-            images, targets = data.check_batch(batch)
-            images = [image.to(s.env.device, non_blocking=True) for image in images]
-            with s.precision.autocast():
-                outputs = model(images)
-            s.evaluator.add([t["image_id"] for t in targets], outputs)
-        stats, detections = s.evaluator.score()
-    model.train()
+        stats, detections = evaluate.evaluate_model(
+            s.inference_model,
+            s.loaders.val_loader,
+            s.loaders.evaluator,
+            s.precision.autocast,
+            s.env.is_main,
+        )
     record = s.meter.eval_done(epoch, stats)
     s.events.emit(
         "eval",
@@ -285,6 +301,8 @@ def _finish(s: Setup) -> dict:
         "environment": environment.capture(env.device, hosts),
         "run_dir": str(s.run_dir),
     }
+    if cfg.save_model:
+        torch.save(s.inference_model.state_dict(), s.run_dir / "model.pt")
     # e2e_time ends here, as results.json is written.
     results["metrics"]["e2e_time"] = time.perf_counter() - s.meter.command_start
     report.write_json_atomic(s.run_dir / report.RESULTS, results)
@@ -297,7 +315,7 @@ def _finish(s: Setup) -> dict:
 def _check_topology(config: RunConfig, env: DistEnv) -> None:
     expected = (config.nodes, config.devices_per_node)
     actual = (env.nodes, env.local_world_size)
-    if expected != actual:
+    if any(want and want != got for want, got in zip(expected, actual, strict=True)):
         raise UserError(
             f"preset {config.preset} is for {expected[0]} node(s) x {expected[1]} device(s), but "
             f"this job has {actual[0]} x {actual[1]} process(es): start it with torchrun "
@@ -340,11 +358,10 @@ def _load_weights(config: RunConfig, env: DistEnv, cache_dir: Path) -> weights.L
     return loaded
 
 
-def _make_run_dir(config: RunConfig, env: DistEnv) -> Path:
+def _run_dir(config: RunConfig, env: DistEnv) -> Path:
+    """The run directory (rank 0's choice, shared with every rank); it must be new or empty."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     path = Path(config.output_dir) if config.output_dir else Path("runs") / stamp
-    if env.is_main:
-        if path.exists() and any(path.iterdir()):
-            raise UserError(f"output: {path} is not empty: choose a new --output-dir")
-        path.mkdir(parents=True, exist_ok=True)
+    if env.is_main and path.exists() and any(path.iterdir()):
+        raise UserError(f"output: {path} is not empty: choose a new --output-dir")
     return Path(env.broadcast(str(path)))

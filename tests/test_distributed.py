@@ -1,0 +1,243 @@
+"""Several processes on the CPU with gloo, started by torchrun as on a real cluster: one node of
+two, two "nodes" of one, gradient equivalence with a single process, distributed evaluation, and
+what happens when a rank dies."""
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from retinaperf.report import read_events
+from retinaperf.synth import SynthSpec, generate
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+HERE = Path(__file__).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def results_of(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())["metrics"]
+
+
+def test_two_processes_on_one_node(tiny_run_args, tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_run_args(tiny_dataset, out, "--nproc-per-node", "2", max_steps=3)
+    done = run([sys.executable, "-m", "retinaperf", *args])
+    m = results_of(out)
+    assert (m["world_size"], m["nodes"], m["devices_per_node"]) == (2, 1, 2)
+    assert m["steps"] == 3
+    assert m["trained_images"] == 3 * 2 * 2  # steps x batch_size x ranks
+    assert m["global_batch"] == 4
+    assert m["p_core"] >= m["p_train"] >= m["p_whole"]
+    assert len(m["mem_per_rank_gib"]) == 2
+    # only rank 0 prints the table
+    assert done.stdout.count("| 配置 |") == 1
+
+
+def test_two_nodes_of_one_process(tiny_run_args, tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    endpoint = f"127.0.0.1:{free_port()}"
+    command = [
+        *TORCHRUN,
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        endpoint,
+        "--rdzv-id",
+        "retinaperf-test",
+        "-m",
+        "retinaperf",
+        *tiny_run_args(tiny_dataset, out, max_steps=2),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [
+        subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:]
+    m = results_of(out)
+    assert (m["world_size"], m["nodes"], m["devices_per_node"]) == (2, 2, 1)
+    assert m["trained_images"] == 2 * 2 * 2
+
+
+@pytest.fixture(scope="module")
+def square_dataset(tmp_path_factory) -> Path:
+    """Generated data restricted to square images, so that batches need no padding and a batch
+    of 4 computes exactly what two batches of 2 do."""
+    root = tmp_path_factory.mktemp("square") / "coco"
+    generate(SynthSpec(seed=5, train_images=40, val_images=12, image_size=64), root)
+    for split in ("train", "val"):
+        path = root / "annotations" / f"instances_{split}2017.json"
+        coco = json.loads(path.read_text())
+        keep = {im["id"] for im in coco["images"] if im["width"] == im["height"]}
+        coco["images"] = [im for im in coco["images"] if im["id"] in keep]
+        coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in keep]
+        path.write_text(json.dumps(coco))
+    return root
+
+
+@pytest.fixture(scope="module")
+def frozen_bn_weights(tmp_path_factory) -> Path:
+    """A (random) ResNet-50 checkpoint named as torchvision names its files: with backbone
+    weights the model uses frozen batch norm, whose output does not depend on the batch."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("weights")
+    staging = folder / "staging.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), staging)
+    digest = hashlib.sha256(staging.read_bytes()).hexdigest()
+    return staging.rename(folder / f"resnet50-{digest[:8]}.pth")
+
+
+EQUIVALENCE = {
+    "hflip_prob": 0,
+    "deterministic": "true",
+    "save_model": "true",
+    "max_steps": 3,
+    "lr": 0.02,
+    "warmup_iters": 0,
+    "clip_grad_norm": 0,
+}
+
+
+def test_two_ranks_of_batch_b_train_like_one_rank_of_batch_2b(
+    tiny_run_args, square_dataset, frozen_bn_weights, tmp_path
+):
+    single, double = tmp_path / "single", tmp_path / "double"
+    weights = ["--backbone-weights", str(frozen_bn_weights)]
+    run(
+        [
+            sys.executable,
+            "-m",
+            "retinaperf",
+            *tiny_run_args(square_dataset, single, *weights, batch_size=4, **EQUIVALENCE),
+        ]
+    )
+    run(
+        [
+            sys.executable,
+            "-m",
+            "retinaperf",
+            *tiny_run_args(
+                square_dataset,
+                double,
+                *weights,
+                "--nproc-per-node",
+                "2",
+                batch_size=2,
+                **EQUIVALENCE,
+            ),
+        ]
+    )
+    steps = {
+        name: [e for e in read_events(out / "events.jsonl") if e["event"] == "step"]
+        for name, out in (("single", single), ("double", double))
+    }
+    assert len(steps["single"]) == len(steps["double"]) == 3
+    # float32 sums of the same numbers in another order (a batch of 4 against two of 2 and an
+    # all-reduce) differ in the last bits; 1e-4 relative leaves room for three steps of that.
+    for a, b in zip(steps["single"], steps["double"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["classification"] == pytest.approx(a["classification"], rel=1e-4)
+        assert b["bbox_regression"] == pytest.approx(a["bbox_regression"], rel=1e-4)
+    one = torch.load(single / "model.pt", weights_only=True)
+    two = torch.load(double / "model.pt", weights_only=True)
+    initial = torch.load(frozen_bn_weights, weights_only=True)["layer4.2.conv3.weight"]
+    moved = 0
+    for name, tensor in one.items():
+        assert torch.allclose(two[name], tensor, rtol=1e-4, atol=1e-6), name
+    moved = (one["backbone.body.layer4.2.conv3.weight"] - initial).abs().max().item()
+    assert moved > 1e-6  # the weights compared are trained ones, not the initial ones
+
+
+def test_distributed_evaluation_equals_a_single_process(tiny_run_args, tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    run([sys.executable, "-m", "retinaperf", *tiny_run_args(tiny_dataset, out, save_model="true")])
+    # Two steps from scratch leave every score under the 0.05 threshold; raise the class prior
+    # so that there are detections (hundreds per image) to gather and score.
+    state = torch.load(out / "model.pt", weights_only=True)
+    state["head.classification_head.cls_logits.bias"] += 3.0
+    checkpoint = tmp_path / "boosted.pt"
+    torch.save(state, checkpoint)
+    scores = {}
+    for nproc in (1, 2, 3):
+        target = tmp_path / f"eval{nproc}.json"
+        script = [str(HERE / "dist_eval.py"), str(tiny_dataset), str(checkpoint), str(target)]
+        run([*TORCHRUN, "--standalone", "--nproc-per-node", str(nproc), *script])
+        scores[nproc] = json.loads(target.read_text())
+    assert scores[1]["detections"] > 8 * 100  # more than maxDets per image: ranking matters
+    assert scores[2] == scores[1] and scores[3] == scores[1]
+
+
+def _workers_of(launcher: int) -> dict[int, int]:
+    """{local rank: pid} of torchrun's worker processes."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if parent == launcher:
+            for item in environ:
+                if item.startswith(b"LOCAL_RANK="):
+                    found[int(item.split(b"=")[1])] = int(entry.name)
+    return found
+
+
+def test_killing_one_rank_ends_the_whole_job(tiny_run_args, tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_run_args(tiny_dataset, out, epochs=100, max_steps=0)
+    command = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "retinaperf", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # wait until training is under way
+            log = out / "events.jsonl"
+            if log.exists() and '"event": "step"' in log.read_text():
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("training did not start")
+        workers = _workers_of(job.pid)
+        assert sorted(workers) == [0, 1]
+        os.kill(workers[1], signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, stderr = job.communicate(timeout=60)
+        assert time.monotonic() - killed_at < 60
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0
+    assert b"local_rank: 1" in stderr or b"rank: 1" in stderr  # torchrun names the failed rank
+    assert not (out / "results.json").exists()
