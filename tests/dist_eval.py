@@ -5,8 +5,8 @@ Rank 0 writes the 12 stats and the number of detections to OUT.
 """
 
 import json
-from contextlib import nullcontext
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
