@@ -149,7 +149,7 @@ def test_clipping_bounds_the_update_to_the_clip_norm(name):
 
 def test_auto_picks_bf16_only_when_clearly_faster(monkeypatch):
     def timings(fp32, bf16):
-        return lambda device, dtype: bf16 if dtype is torch.bfloat16 else fp32
+        return lambda device, dtype, give_up_after=None: bf16 if dtype is torch.bfloat16 else fp32
 
     monkeypatch.setattr(precision_module, "_probe_seconds", timings(1.0, 0.5))
     assert resolve_auto("auto", CPU) == "bf16"
