@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from retinaperf.distributed import DistEnv
-from retinaperf.metrics import Meter, memory_peak, summarize
+from retinaperf.metrics import (
+    DRIVER_VIEW,
+    Meter,
+    device_uuid,
+    driver_peak,
+    memory,
+    memory_peak,
+    summarize,
+)
 
 CPU = torch.device("cpu")
 
@@ -153,8 +161,40 @@ def test_multi_rank_sums_images_and_takes_the_slowest_core_and_largest_memory():
     assert m["steps"] == 4  # per rank: steps are global steps, not summed
     assert m["core_time"] == pytest.approx(9.0)
     assert m["p_core"] == pytest.approx(64 / 9.0)
+
+
+def test_memory_is_the_largest_rank_and_labels_its_view():
+    world = FakeWorld(other_images=0, other_core=0.0, other_mem=1e6)
+    m = memory(world, driver=None)
     assert m["mem_used_gib"] == 1e6
-    assert m["mem"].startswith("1000000.0/")
+    assert m["mem"].startswith("1000000.0/") and m["mem"] == m["mem_process"]
+    assert m["mem_source"] == m["mem_process_source"] == "peak resident set / RAM"
+    assert m["mem_driver"] is None
+    assert len(m["mem_per_rank_gib"]) == 2 and max(m["mem_per_rank_gib"]) == 1e6
+
+
+def test_the_table_shows_the_driver_view_when_the_monitor_read_it():
+    m = memory(single(), driver=(38.84, 40.0))
+    assert (m["mem"], m["mem_driver"]) == ("38.8/40.0", "38.8/40.0")
+    assert m["mem_source"] == DRIVER_VIEW
+    assert m["mem_process"] != m["mem"]  # the process's own view is kept beside it
+
+
+def test_driver_peak_takes_the_jobs_devices_only_matched_by_uuid():
+    devices = [
+        {"uuid": "GPU-aaaa", "mem_used_peak_gib": 30.0, "mem_total_gib": 40.0},
+        {"uuid": "GPU-bbbb", "mem_used_peak_gib": 39.0, "mem_total_gib": 40.0},  # not ours
+        {"uuid": "GPU-cccc", "mem_used_peak_gib": 35.5, "mem_total_gib": 40.0},
+        {"uuid": "GPU-dddd", "mem_used_peak_gib": None, "mem_total_gib": 40.0},
+    ]
+    # torch writes UUIDs without NVML's "GPU-" prefix
+    assert driver_peak(devices, ["aaaa", "cccc", "dddd", None]) == (35.5, 40.0)
+    assert driver_peak(devices, ["eeee"]) is None
+    assert driver_peak([], ["aaaa"]) is None
+
+
+def test_cpu_has_no_device_uuid():
+    assert device_uuid(CPU) is None
 
 
 def _proc_kib(path: str, field: str) -> int:

@@ -90,7 +90,7 @@ def run_cli(args: list[str]) -> int:
 
 def test_run_writes_results_events_and_report(tiny_run_args, tiny_dataset, tmp_path):
     out = tmp_path / "run"
-    assert run_cli(tiny_run_args(tiny_dataset, out, max_steps=3)) == 0
+    assert run_cli(tiny_run_args(tiny_dataset, out, max_steps=3, tensorboard="true")) == 0
     results = json.loads((out / "results.json").read_text())
     m = results["metrics"]
     assert m["steps"] == 3
@@ -119,6 +119,33 @@ def test_run_writes_results_events_and_report(tiny_run_args, tiny_dataset, tmp_p
     assert set(evaluate.STAT_NAMES) <= set(ev) and ev["mAP"] == ev["AP"] == m["mAP"]
     end = events[-1]
     assert end["p_core"] == m["p_core"] and end["e2e_time"] == m["e2e_time"]
+
+    # issue 4: monitor samples, plots, environment, FLOPs and the monitor summary
+    samples = read_events(out / "monitor.jsonl")
+    assert len(samples) >= 2 and all(s["devices"] == [] for s in samples)  # a CPU: host only
+    assert results["monitor"]["samples"] == len(samples)
+    assert list(results["monitor"]["host"]) == [samples[0]["host"]]
+    assert sorted(p.name for p in (out / "plots").iterdir()) == [
+        "host.png",
+        "loss.png",
+        "map.png",
+        "throughput.png",
+    ]
+    assert m["flops_per_image"] > 1e8  # a ResNet-50 RetinaNet at 64 px: ~7 GFLOP
+    assert m["achieved_tflops"] == pytest.approx(m["flops_per_image"] * m["p_core"] / 1e12)
+    assert m["mfu"] is None and m["peak_tflops"] is None  # no peak known for a CPU
+    env = results["environment"]
+    assert env["cpu_count"] >= 1 and env["hosts"] == [samples[0]["host"]]
+    assert env["command"] and env["packages"]["torchvision"]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(out / "tensorboard"))
+    board.Reload()
+    assert [e.value for e in board.Scalars("train/loss")] == pytest.approx(
+        [e["loss"] for e in steps]
+    )
+    assert [e.value for e in board.Scalars("eval/mAP")] == pytest.approx([m["mAP"]])
 
     report = (out / "report.md").read_text()
     assert (

@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--annotations", required=True, help="COCO instances JSON (ground truth)")
     ev.add_argument("--detections", required=True, help="COCO results JSON (list of detections)")
 
+    rep = commands.add_parser("report", help="put runs side by side in the seed's table")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    rep.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    rep.add_argument("--plots", action="store_true", help="also draw each run's plots again")
+
     presets = commands.add_parser("presets", help="list presets (or every configuration key)")
     presets.add_argument("--keys", action="store_true", help="list configuration keys instead")
     return parser
@@ -160,7 +165,31 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "synth": _synth, "evaluate": _evaluate, "presets": _presets}
+def _report(args: argparse.Namespace) -> int:
+    from . import report
+
+    runs = [report.load_results(Path(run_dir)) for run_dir in args.run_dirs]
+    print(report.render_comparison(report.compare(runs), args.format))
+    if args.plots:
+        from .plots import write_plots
+
+        for run_dir in map(Path, args.run_dirs):
+            written = write_plots(
+                report.read_events(run_dir / report.EVENTS),
+                report.read_monitor(run_dir),
+                run_dir / report.PLOTS,
+            )
+            print(f"plots: {', '.join(str(p) for p in written)}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {
+    "run": _run,
+    "synth": _synth,
+    "evaluate": _evaluate,
+    "report": _report,
+    "presets": _presets,
+}
 
 
 def _rank_prefix() -> str:

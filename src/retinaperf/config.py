@@ -152,6 +152,12 @@ class RunConfig:
     another node is noticed by then at the latest)."""
     output_dir: str = ""
     """Run directory. Empty: runs/<timestamp>/."""
+    tensorboard: bool = False
+    """Also write the event log's scalars for TensorBoard to <run dir>/tensorboard (needs the
+    tensorboard package)."""
+    monitor_interval: float = 5.0
+    """Seconds between the system monitor's samples (CPU, RAM, and per GPU utilisation, memory,
+    power, temperature, clock); 0 turns the monitor off."""
     save_model: bool = False
     """Write the trained model's state dict to <run dir>/model.pt at the end."""
     cache_dir: str = ""
@@ -165,6 +171,7 @@ class RunConfig:
         _check(self.nodes >= 0, "nodes", self.nodes, "use 1 or more, or 0 for any")
         _check(self.devices_per_node >= 0, "devices_per_node", self.devices_per_node, "use 0+")
         _check(self.dist_timeout > 0, "dist_timeout", self.dist_timeout, "use a positive number")
+        _check(self.monitor_interval >= 0, "monitor_interval", self.monitor_interval, "use 0+")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

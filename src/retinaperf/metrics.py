@@ -125,15 +125,12 @@ def memory_peak(device: torch.device) -> dict[str, float | str]:
 
 
 def summarize(meter: Meter, env: DistEnv, target_map: float) -> dict:
-    """SPEC §3 metrics but e2e_time (which ends when results.json is written, so the writer adds
-    it), reduced over ranks: images summed, core time and memory maxed. Every rank must call this:
-    it runs collectives."""
+    """SPEC §3's times, throughputs and accuracy (e2e_time ends when results.json is written, so
+    the writer adds it; memory comes from `memory`), reduced over ranks: images summed, core
+    time maxed. Every rank must call this: it runs collectives."""
     assert meter.train_start is not None and meter.train_end is not None, "no evaluation ran"
     images, steps = env.all_reduce([meter.images, meter.steps], "sum")
     (core_max,) = env.all_reduce([meter.core_seconds], "max")
-    peak = memory_peak(env.device)
-    per_rank = env.gather(peak)
-    used_max = max(p["used"] for p in per_rank) if per_rank else peak["used"]
 
     train_time = meter.train_end - meter.train_start
     train_minus_eval = train_time - meter.eval_seconds
@@ -157,13 +154,63 @@ def summarize(meter: Meter, env: DistEnv, target_map: float) -> dict:
         "converged": reached is not None,
         "target_mAP": target_map,
         "time_to_target": reached.train_time if reached else None,
-        "mem": f"{used_max:.1f}/{peak['total']:.1f}",
-        "mem_used_gib": used_max,
-        "mem_total_gib": peak["total"],
-        "mem_source": peak["source"],
-        "mem_per_rank_gib": [p["used"] for p in per_rank] if per_rank else None,
         "evaluations": [
             {"epoch": e.epoch, "step": e.step, "mAP": e.stats["AP"], "seconds": e.seconds}
             for e in meter.evals
         ],
     }
+
+
+def memory(env: DistEnv, driver: tuple[float, float] | None) -> dict:
+    """SPEC §3's mem, the largest over ranks, from both views, each labelled.
+
+    `mem` (the table's column) is the driver's view when the monitor read it (NVML: memory used
+    on the device by every context, what nvidia-smi shows, like the seed's table), else this
+    process's view (`memory_peak`). Every rank must call this: it gathers; other ranks get {}.
+    """
+    peaks = env.gather(memory_peak(env.device))
+    if not env.is_main:
+        return {}
+    process_used = max(p["used"] for p in peaks)
+    total = peaks[0]["total"]
+    shown_used, shown_total = driver if driver else (process_used, total)
+    return {
+        "mem": f"{shown_used:.1f}/{shown_total:.1f}",
+        "mem_used_gib": shown_used,
+        "mem_total_gib": shown_total,
+        "mem_source": DRIVER_VIEW if driver else peaks[0]["source"],
+        "mem_process": f"{process_used:.1f}/{total:.1f}",
+        "mem_process_source": peaks[0]["source"],
+        "mem_driver": f"{driver[0]:.1f}/{driver[1]:.1f}" if driver else None,
+        "mem_per_rank_gib": [p["used"] for p in peaks],
+    }
+
+
+DRIVER_VIEW = "driver peak used / device total (NVML, as nvidia-smi shows)"
+
+
+def driver_peak(devices: list[dict], uuids: list[str | None]) -> tuple[float, float] | None:
+    """(peak used, total) GiB of the job's busiest device in the monitor's summary, matched by
+    UUID; None when no monitored device is one of the job's."""
+    wanted = {_bare_uuid(u) for u in uuids if u}
+    mine = [d for d in devices if d.get("uuid") and _bare_uuid(d["uuid"]) in wanted]
+    mine = [d for d in mine if d.get("mem_used_peak_gib") is not None]
+    if not mine:
+        return None
+    busiest = max(mine, key=lambda d: d["mem_used_peak_gib"])
+    return busiest["mem_used_peak_gib"], busiest["mem_total_gib"]
+
+
+def _bare_uuid(uuid: str) -> str:
+    # NVML writes "GPU-<uuid>", torch writes "<uuid>"
+    return uuid.lower().removeprefix("gpu-")
+
+
+def device_uuid(device: torch.device) -> str | None:
+    """The device's UUID where its backend reports one (CUDA does), to find it in NVML's list."""
+    backend = getattr(torch, device.type, None)
+    get_properties = getattr(backend, "get_device_properties", None)
+    if device.type == "cpu" or get_properties is None:
+        return None
+    uuid = getattr(get_properties(device), "uuid", None)
+    return str(uuid) if uuid is not None else None

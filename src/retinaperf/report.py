@@ -6,29 +6,40 @@ results.json and never recomputes a number its own way.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
 import tempfile
 import time
+from importlib import resources
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
+
+from .errors import UserError
 
 RESULTS = "results.json"
 EVENTS = "events.jsonl"
 REPORT = "report.md"
+MONITOR = "monitor.jsonl"
+PLOTS = "plots"
 COLUMNS = ("配置", "precision", "fix_hp", "e2e_time", "p_whole", "p_train", "p_core", "mAP", "mem")
 
 
 class EventLog:
     """Append-only JSON lines, one object per event, flushed as written (a crash keeps the log).
 
-    Only the main rank writes; on other ranks `path` is None and `emit` does nothing.
+    Only the main rank writes; on other ranks `path` is None and `emit` does nothing. Sinks (e.g.
+    TensorBoard) receive every record written: other views of the same numbers.
     """
 
-    def __init__(self, path: Path | None, command_start: float) -> None:
+    def __init__(
+        self, path: Path | None, command_start: float, sinks: tuple[EventSink, ...] = ()
+    ) -> None:
         self.command_start = command_start
         self._file: IO[str] | None = open(path, "a", encoding="utf-8") if path else None
+        self._sinks = sinks if path else ()
 
     def emit(self, event: str, **fields: Any) -> None:
         if self._file is None:
@@ -37,16 +48,76 @@ class EventLog:
         record.update(fields)
         self._file.write(json.dumps(record, default=_jsonable) + "\n")
         self._file.flush()
+        for sink in self._sinks:
+            sink.write(record)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        for sink in self._sinks:
+            sink.close()
+        self._sinks = ()
+
+
+class EventSink(Protocol):
+    def write(self, record: dict) -> None: ...
+    def close(self) -> None: ...
+
+
+def require_tensorboard() -> type:
+    """torch's SummaryWriter, or a UserError saying what to install."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError(
+            "tensorboard=true needs the tensorboard package: pip install tensorboard"
+        ) from None
+    return SummaryWriter
+
+
+class TensorBoardSink:
+    """TensorBoard scalars of the event log: losses, lr and images/s per logged step, the COCO
+    stats per evaluation, keyed by optimizer step."""
+
+    BOOKKEEPING = frozenset({"event", "time", "epoch", "step", "seconds", "detections"})
+
+    def __init__(self, log_dir: Path) -> None:
+        self._writer = require_tensorboard()(str(log_dir))
+
+    def write(self, record: dict) -> None:
+        group = {"step": "train", "eval": "eval"}.get(record["event"])
+        if group is None:
+            return
+        for key, value in record.items():
+            if key not in self.BOOKKEEPING and isinstance(value, (int, float)):
+                self._writer.add_scalar(f"{group}/{key}", value, global_step=record["step"])
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def read_events(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a JSON-lines file (the event log or the monitor's samples)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        raise UserError(f"report: {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"report: {path} is not JSON lines ({err})") from None
+
+
+def read_monitor(run_dir: Path) -> list[dict] | None:
+    """The monitor's samples of a run, or None when it recorded none."""
+    path = Path(run_dir) / MONITOR
+    return read_events(path) if path.exists() else None
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(record, default=_jsonable) + "\n" for record in records)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -80,20 +151,38 @@ def _significant(value: float, digits: int = 3) -> str:
     return f"{value:.{decimals}f}"
 
 
-def table_row(results: dict) -> dict[str, str]:
-    """One row of the seed's table from a results.json object."""
+def row_values(results: dict) -> dict[str, Any]:
+    """The seed's columns of one run: labels as text, numbers as numbers."""
     m = results["metrics"]
     return {
         "配置": f"{m['device_name']} {m['nodes']}x{m['devices_per_node']}",
         "precision": m["precision"],
         "fix_hp": f"bs={m['local_batch']},lr={m['lr']:g}",
-        "e2e_time": f"{m['e2e_time']:.0f}",
-        "p_whole": _significant(m["p_whole"]),
-        "p_train": _significant(m["p_train"]),
-        "p_core": _significant(m["p_core"]),
-        "mAP": f"{m['mAP']:.4f}",
+        **{column: m[column] for column in ("e2e_time", "p_whole", "p_train", "p_core", "mAP")},
         "mem": m["mem"],
     }
+
+
+def table_row(results: dict) -> dict[str, str]:
+    """One row of the seed's table from a results.json object."""
+    return format_cells(row_values(results))
+
+
+def format_cells(row: dict[str, Any]) -> dict[str, str]:
+    """The seed's columns as the seed writes them: e2e in whole seconds, throughputs to three
+    significant figures, mAP to four decimals."""
+    cells = {}
+    for column in COLUMNS:
+        value = row[column]
+        if isinstance(value, str):
+            cells[column] = value
+        elif column == "e2e_time":
+            cells[column] = f"{value:.0f}"
+        elif column == "mAP":
+            cells[column] = f"{value:.4f}"
+        else:
+            cells[column] = _significant(value)
+    return cells
 
 
 def format_table(rows: list[dict[str, str]], columns: tuple[str, ...] = COLUMNS) -> str:
@@ -101,6 +190,95 @@ def format_table(rows: list[dict[str, str]], columns: tuple[str, ...] = COLUMNS)
     lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
     lines += ["| " + " | ".join(row[c] for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+THROUGHPUTS = ("p_whole", "p_train", "p_core")
+COMPARISON_COLUMNS = (*COLUMNS, "scaling", "vs A100 ref")
+
+
+def load_results(run_dir: Path) -> dict:
+    path = Path(run_dir) / RESULTS
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(
+            f"report: {path} does not exist: give run directories of finished runs"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"report: {path} is not valid JSON ({err})") from None
+    if not isinstance(results, dict) or not isinstance(results.get("metrics"), dict):
+        raise UserError(f"report: {path} has no 'metrics': it is not a retinaperf results file")
+    return results
+
+
+def seed_reference() -> dict:
+    """The seed's A100 table (FlagPerf's RetinaNet case), shipped with the package."""
+    text = (resources.files("retinaperf") / "reference" / "flagperf_a100.json").read_text("utf-8")
+    return json.loads(text)
+
+
+def compare(runs: list[dict]) -> list[dict]:
+    """One row per run: the seed's columns as numbers, plus scaling efficiency and the ratio to
+    the seed's A100 row of the same topology.
+
+    Scaling efficiency of a run of W ranks: p / (W x p of the one-device run), for each
+    throughput p, against a run among `runs` with world size 1 on the same device, precision and
+    local batch; None when there is no such run.
+    """
+    reference = seed_reference()["rows"]
+    rows = []
+    for results in runs:
+        m = results["metrics"]
+        topology = f"{m['nodes']}x{m['devices_per_node']}"
+        single = next(
+            (
+                other["metrics"]
+                for other in runs
+                if other["metrics"]["world_size"] == 1
+                and all(
+                    other["metrics"][k] == m[k] for k in ("device_name", "precision", "local_batch")
+                )
+            ),
+            None,
+        )
+        ref_row = reference.get(topology, {})
+        row = {"run_dir": results.get("run_dir"), **row_values(results)}
+        for p in THROUGHPUTS:
+            short = p.removeprefix("p_")
+            row[f"scaling_{short}"] = m[p] / (m["world_size"] * single[p]) if single else None
+            row[f"ref_{short}"] = m[p] / ref_row[p] if ref_row.get(p) else None
+        rows.append(row)
+    return rows
+
+
+def render_comparison(rows: list[dict], fmt: str) -> str:
+    """`retinaperf report`'s output: a markdown table (the seed's layout), CSV or JSON."""
+    if fmt == "json":
+        return json.dumps(rows, indent=2, ensure_ascii=False)
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return out.getvalue().rstrip("\n")
+    text_rows = []
+    for row in rows:
+        cells = format_cells(row)
+        scaling = row["scaling_train"]
+        cells["scaling"] = f"{100 * scaling:.1f}%" if scaling is not None else "-"
+        ratios = [row[f"ref_{p.removeprefix('p_')}"] for p in THROUGHPUTS]
+        cells["vs A100 ref"] = (
+            "/".join("-" if r is None else f"{r:.2f}" for r in ratios)
+            if any(r is not None for r in ratios)
+            else "-"
+        )
+        text_rows.append(cells)
+    notes = (
+        "scaling: p_train / (ranks x p_train of the one-device run of the same device, "
+        "precision and batch). vs A100 ref: p_whole/p_train/p_core over the seed's A100 row of "
+        "the same topology (FlagPerf; its fp32 most likely ran TF32 math)."
+    )
+    return format_table(text_rows, COMPARISON_COLUMNS) + "\n\n" + notes
 
 
 def render_report(results: dict) -> str:
@@ -122,10 +300,47 @@ def render_report(results: dict) -> str:
         f"- times (s): e2e {m['e2e_time']:.1f}, init {m['init_time']:.1f}, train "
         f"{m['train_time']:.1f}, of which evaluation {m['eval_time']:.1f}; core "
         f"{m['core_time']:.1f}",
-        f"- mem: {m['mem']} GiB ({m['mem_source']})",
+        f"- mem: {m['mem']} GiB ({m['mem_source']}); this process's view {m['mem_process']} "
+        f"({m['mem_process_source']})",
+        _utilization_line(m),
+        *_monitor_lines(results.get("monitor")),
         f"- dataset: {m['train_images']} training images after filtering, {m['val_images']} "
         f"validation images ({m['dataset']})",
         "",
         "Metric definitions: docs/metrics.md in the retinaperf repository.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _utilization_line(m: dict) -> str:
+    line = (
+        f"- compute: {m['flops_per_image'] / 1e9:.1f} GFLOP per training image; "
+        f"{m['achieved_tflops']:.3g} TFLOP/s at p_core"
+    )
+    if m["mfu"] is None:
+        return line + " (the device's peak is not in the table: no MFU)"
+    return line + f", {100 * m['mfu']:.1f}% of the peak {m['peak_tflops']:.4g} TFLOP/s (MFU)"
+
+
+def _monitor_lines(summary: dict | None) -> list[str]:
+    if not summary:
+        return ["- monitor: off"]
+    lines = []
+    for host, h in summary["host"].items():
+        cpu = "-" if h["cpu_util_mean"] is None else f"{h['cpu_util_mean']:.0f}%"
+        lines.append(
+            f"- host {host}: CPU {cpu} mean, RAM peak {h['mem_used_peak_gib']:.1f}/"
+            f"{h['mem_total_gib']:.1f} GiB ({summary['samples']} samples)"
+        )
+    for d in summary["devices"]:
+        lines.append(
+            f"- {d['host']}:{d['index']} {d['name']}: utilisation {_maybe(d['util_mean'], '%')} "
+            f"mean, memory peak {_maybe(d['mem_used_peak_gib'])}/{_maybe(d['mem_total_gib'])} "
+            f"GiB, power {_maybe(d['power_mean_w'], ' W')} mean / "
+            f"{_maybe(d['power_peak_w'], ' W')} peak"
+        )
+    return lines
+
+
+def _maybe(value: float | None, unit: str = "") -> str:
+    return "-" if value is None else f"{value:.1f}{unit}"

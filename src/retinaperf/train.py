@@ -19,11 +19,24 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import data, distributed, environment, evaluate, metrics, report, synth, weights
+from . import (
+    data,
+    distributed,
+    environment,
+    evaluate,
+    metrics,
+    monitor,
+    plots,
+    report,
+    synth,
+    utilization,
+    weights,
+)
 from .config import RunConfig
 from .distributed import DistEnv
 from .errors import UserError
 from .model import build_model
+from .monitor import Monitor
 from .precision import Precision, resolve_auto
 
 
@@ -83,6 +96,8 @@ class Setup:
     optimizer: torch.optim.Optimizer
     loaders: Loaders
     meter: metrics.Meter
+    monitor: Monitor | None  # local rank 0 of each node only
+    flops_per_image: float | None  # rank 0 only
     events: report.EventLog
     run_dir: Path
     facts: dict  # dataset and weight facts that go into the results
@@ -92,15 +107,18 @@ def run(config: RunConfig, command_start: float) -> dict:
     """Run the benchmark; returns the results written to `<run_dir>/results.json` (on rank 0)."""
     env = distributed.setup(config.device, config.dist_timeout)
     events = report.EventLog(None, command_start)
+    sampler = None
     try:
         setup = _set_up(config, env, command_start)
-        events = setup.events
+        events, sampler = setup.events, setup.monitor
         _train(setup)
         return _finish(setup)
     except BaseException as err:
         events.emit("run_failed", error=f"{type(err).__name__}: {err}")
         raise
     finally:
+        if sampler is not None:
+            sampler.stop()  # its thread must not outlive the run
         events.close()
         distributed.teardown()
 
@@ -108,6 +126,8 @@ def run(config: RunConfig, command_start: float) -> dict:
 def _set_up(config: RunConfig, env: DistEnv, command_start: float) -> Setup:
     _check_topology(config, env)
     run_dir = _run_dir(config, env)  # checked now, created once the set-up has succeeded
+    if config.tensorboard:
+        report.require_tensorboard()
     precision = Precision(
         env.broadcast(resolve_auto(config.train.precision, env.device)), env.device
     )
@@ -125,6 +145,8 @@ def _set_up(config: RunConfig, env: DistEnv, command_start: float) -> Setup:
         momentum=config.train.momentum,
         weight_decay=config.train.weight_decay,
     )
+    # Counted before DDP wraps the model, so that no gradient hook fires.
+    flops = _count_flops(model, loaders, env, precision) if env.is_main else None
     trained = model
     if env.world_size > 1:
         trained = DistributedDataParallel(
@@ -138,7 +160,12 @@ def _set_up(config: RunConfig, env: DistEnv, command_start: float) -> Setup:
     }
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    events = report.EventLog(run_dir / report.EVENTS if env.is_main else None, command_start)
+    sinks = (report.TensorBoardSink(run_dir / "tensorboard"),) if config.tensorboard else ()
+    events = report.EventLog(
+        run_dir / report.EVENTS if env.is_main else None,
+        command_start,
+        sinks if env.is_main else (),
+    )
     events.emit("run_start", config=config.to_dict(), world_size=env.world_size, **facts)
     return Setup(
         config=config,
@@ -149,6 +176,12 @@ def _set_up(config: RunConfig, env: DistEnv, command_start: float) -> Setup:
         optimizer=optimizer,
         loaders=loaders,
         meter=metrics.Meter(command_start, env.device),
+        monitor=(
+            Monitor(config.monitor_interval, command_start)
+            if env.local_rank == 0 and config.monitor_interval > 0
+            else None
+        ),
+        flops_per_image=flops,
         events=events,
         run_dir=run_dir,
         facts=facts,
@@ -195,6 +228,8 @@ def _train(s: Setup) -> None:
     warmup_iters = min(cfg.warmup_iters, len(s.loaders.train_loader) - 1)
     s.env.barrier()  # every rank is built and ready: training time starts now
     meter.train_started()
+    if s.monitor is not None:
+        s.monitor.start()
     for epoch in range(cfg.epochs):
         _train_epoch(s, epoch, warmup_iters)
         record = _evaluate(s, epoch)
@@ -279,13 +314,20 @@ def _evaluate(s: Setup, epoch: int) -> metrics.EvalRecord:
 
 def _finish(s: Setup) -> dict:
     cfg, env = s.config, s.env
+    samples = _gather_samples(s.monitor.stop() if s.monitor else None, env)
+    uuids = env.gather(metrics.device_uuid(env.device))
     hosts = env.gather(environment.hostname())
     summary = metrics.summarize(s.meter, env, cfg.train.target_map)
+    monitored = monitor.summarize(samples) if samples else None
+    driver = metrics.driver_peak(monitored["devices"], uuids) if monitored else None
+    memory = metrics.memory(env, driver)
     if not env.is_main:
         return {}
+    device_name = environment.device_name(env.device)
     results = {
         "metrics": {
             **summary,
+            **memory,
             **s.facts,
             "epochs": s.meter.evals[-1].epoch + 1,
             "world_size": env.world_size,
@@ -295,21 +337,44 @@ def _finish(s: Setup) -> dict:
             "global_batch": cfg.train.batch_size * env.world_size,
             "lr": cfg.train.lr,
             "seed": cfg.train.seed,
-            "device_name": environment.device_name(env.device),
+            "device_name": device_name,
+            **utilization.utilization(
+                s.flops_per_image, summary["p_core"], device_name, s.precision.name, env.world_size
+            ),
         },
+        "monitor": monitored,
         "config": cfg.to_dict(),
         "environment": environment.capture(env.device, hosts),
         "run_dir": str(s.run_dir),
     }
+    if samples:
+        report.write_jsonl(s.run_dir / report.MONITOR, samples)
     if cfg.save_model:
         torch.save(s.inference_model.state_dict(), s.run_dir / "model.pt")
     # e2e_time ends here, as results.json is written.
     results["metrics"]["e2e_time"] = time.perf_counter() - s.meter.command_start
     report.write_json_atomic(s.run_dir / report.RESULTS, results)
     s.events.emit("run_end", **{k: v for k, v in results["metrics"].items() if k != "evaluations"})
-    text = report.render_report(results)
-    (s.run_dir / report.REPORT).write_text(text, encoding="utf-8")
+    (s.run_dir / report.REPORT).write_text(report.render_report(results), encoding="utf-8")
+    plots.write_plots(
+        report.read_events(s.run_dir / report.EVENTS), samples, s.run_dir / report.PLOTS
+    )
     return results
+
+
+def _gather_samples(samples: list[dict] | None, env: DistEnv) -> list[dict]:
+    """Every node's monitor samples, on rank 0 (ranks without a monitor send None)."""
+    gathered = env.gather(samples)
+    return [sample for part in gathered or [] if part for sample in part]
+
+
+def _count_flops(model: nn.Module, loaders: Loaders, env: DistEnv, precision: Precision) -> float:
+    """Training FLOPs per image on the run's first batch (see utilization.py), once per run."""
+    dataset = loaders.train_loader.dataset
+    keys = next(iter(loaders.train_sampler))  # epoch 0's first batch: the sampler is pure
+    images, targets = data.check_batch([dataset[key] for key in keys])
+    images, targets = data.to_device(images, targets, env.device)
+    return utilization.train_flops_per_image(model, images, targets, precision.autocast)
 
 
 def _check_topology(config: RunConfig, env: DistEnv) -> None:

@@ -1,0 +1,167 @@
+"""The report: the seed's table from results.json, runs side by side with scaling efficiency and
+the ratio to the seed's A100 numbers, in markdown, CSV and JSON; and the TensorBoard view."""
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from retinaperf import cli
+from retinaperf.errors import UserError
+from retinaperf.report import (
+    EventLog,
+    TensorBoardSink,
+    compare,
+    format_cells,
+    load_results,
+    render_comparison,
+    seed_reference,
+    write_json_atomic,
+)
+
+
+def results(run_dir: str, nodes: int, devices: int, p: tuple[float, float, float], **extra) -> dict:
+    """A results.json object with the fields the report reads."""
+    world = nodes * devices
+    metrics = {
+        "device_name": "NVIDIA A100-SXM4-40GB",
+        "nodes": nodes,
+        "devices_per_node": devices,
+        "world_size": world,
+        "precision": "fp32",
+        "local_batch": 16,
+        "lr": 0.04 if world == 1 else 0.08,
+        "e2e_time": 1234.4,
+        "p_whole": p[0],
+        "p_train": p[1],
+        "p_core": p[2],
+        "mAP": 0.35012,
+        "mem": "38.1/40.0",
+        **extra,
+    }
+    return {"metrics": metrics, "config": {}, "environment": {}, "run_dir": run_dir}
+
+
+@pytest.fixture
+def runs(tmp_path) -> list[Path]:
+    """Three run directories: 1x1, 1x8 and 2x8 on the same device, like the seed's table."""
+    made = []
+    for name, nodes, devices, p in [
+        ("one", 1, 1, (20.0, 22.0, 25.0)),
+        ("eight", 1, 8, (140.0, 160.0, 180.0)),
+        ("sixteen", 2, 8, (250.0, 300.0, 350.0)),
+    ]:
+        folder = tmp_path / name
+        folder.mkdir()
+        write_json_atomic(folder / "results.json", results(str(folder), nodes, devices, p))
+        made.append(folder)
+    return made
+
+
+def test_scaling_efficiency_is_against_the_one_device_run(runs):
+    rows = compare([load_results(r) for r in runs])
+    one, eight, sixteen = rows
+    assert one["scaling_train"] == pytest.approx(1.0)
+    assert eight["scaling_whole"] == pytest.approx(140 / (8 * 20))
+    assert eight["scaling_train"] == pytest.approx(160 / (8 * 22))
+    assert sixteen["scaling_core"] == pytest.approx(350 / (16 * 25))
+
+
+def test_no_scaling_without_a_matching_one_device_run(runs):
+    loaded = [load_results(r) for r in runs[1:]]  # no 1x1 run
+    assert all(row["scaling_train"] is None for row in compare(loaded))
+    other = results("x", 1, 1, (20.0, 22.0, 25.0))
+    other["metrics"]["precision"] = "amp"  # a 1x1 run of another precision does not count
+    assert compare([load_results(runs[1]), other])[0]["scaling_train"] is None
+
+
+def test_ratio_to_the_seed_reference_row_of_the_same_topology(runs):
+    reference = json.loads(
+        (Path(cli.__file__).parent / "reference" / "flagperf_a100.json").read_text()
+    )["rows"]
+    one, eight, sixteen = compare([load_results(r) for r in runs])
+    assert one["ref_whole"] == pytest.approx(20.0 / reference["1x1"]["p_whole"])
+    assert eight["ref_train"] == pytest.approx(160.0 / reference["1x8"]["p_train"])
+    assert sixteen["ref_core"] == pytest.approx(350.0 / reference["2x8"]["p_core"])
+    # and the shipped numbers are the seed's table
+    assert (reference["1x8"]["p_whole"], reference["1x8"]["mAP"]) == (138, 0.3529)
+    assert reference["1x1"]["mem"] == "39.5/40.0"
+    assert seed_reference()["rows"] == reference
+
+
+def test_no_reference_ratio_for_a_topology_the_seed_lacks():
+    row = compare([results("x", 1, 4, (1.0, 2.0, 3.0))])[0]
+    assert row["ref_whole"] is None and row["ref_core"] is None
+
+
+def test_markdown_table_has_the_seed_layout_and_the_computed_values(runs):
+    text = render_comparison(compare([load_results(r) for r in runs]), "md")
+    lines = text.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == [
+        "配置", "precision", "fix_hp", "e2e_time", "p_whole", "p_train", "p_core", "mAP", "mem",
+        "scaling", "vs A100 ref",
+    ]  # fmt: skip
+    eight = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert eight[0] == "NVIDIA A100-SXM4-40GB 1x8"
+    assert eight[2] == "bs=16,lr=0.08"
+    assert eight[3:9] == ["1234", "140", "160", "180", "0.3501", "38.1/40.0"]
+    assert eight[9] == f"{100 * 160 / (8 * 22):.1f}%"
+    assert eight[10] == f"{140 / 138:.2f}/{160 / 152:.2f}/{180 / 164:.2f}"
+
+
+def test_csv_and_json_carry_the_same_numbers(runs):
+    rows = compare([load_results(r) for r in runs])
+    parsed = list(csv.DictReader(io.StringIO(render_comparison(rows, "csv"))))
+    assert [float(r["p_core"]) for r in parsed] == [25.0, 180.0, 350.0]
+    assert float(parsed[1]["scaling_train"]) == pytest.approx(160 / (8 * 22))
+    as_json = json.loads(render_comparison(rows, "json"))
+    assert as_json == json.loads(json.dumps(rows))
+    assert as_json[2]["ref_whole"] == pytest.approx(250 / 258)
+
+
+def test_significant_figures_like_the_seed():
+    cells = format_cells(
+        {
+            "配置": "x", "precision": "fp32", "fix_hp": "bs=1,lr=1", "e2e_time": 15252.6,
+            "p_whole": 138.44, "p_train": 22.349, "p_core": 0.41234, "mAP": 0.35294, "mem": "1/2",
+        }
+    )  # fmt: skip
+    assert (cells["e2e_time"], cells["p_whole"], cells["p_train"]) == ("15253", "138", "22.3")
+    assert (cells["p_core"], cells["mAP"]) == ("0.412", "0.3529")
+
+
+def test_report_command_prints_the_table(runs, capsys):
+    assert cli.main(["report", *map(str, runs), "--format", "json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [row["p_whole"] for row in printed] == [20.0, 140.0, 250.0]
+
+
+def test_report_of_a_folder_without_results_fails_cleanly(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "results.json" in err and str(tmp_path) in err and "Traceback" not in err
+    with pytest.raises(UserError):
+        load_results(tmp_path / "missing")
+
+
+def test_tensorboard_gets_the_event_log_numbers(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = EventLog(tmp_path / "events.jsonl", 0.0, sinks=(TensorBoardSink(tmp_path / "tb"),))
+    log.emit("run_start", config={})
+    for step, loss in [(5, 1.5), (10, 0.75)]:
+        log.emit("step", epoch=0, step=step, loss=loss, classification=loss / 3, lr=0.01)
+    log.emit("eval", epoch=0, step=10, mAP=0.25, AP50=0.5, seconds=3.0, detections=7)
+    log.close()
+    accumulator = EventAccumulator(str(tmp_path / "tb"))
+    accumulator.Reload()
+    scalars = accumulator.Tags()["scalars"]
+    assert {"train/loss", "train/classification", "train/lr", "eval/mAP", "eval/AP50"} <= set(
+        scalars
+    )
+    assert "eval/seconds" not in scalars and "train/epoch" not in scalars
+    assert [(e.step, e.value) for e in accumulator.Scalars("train/loss")] == [(5, 1.5), (10, 0.75)]
+    assert [(e.step, e.value) for e in accumulator.Scalars("eval/mAP")] == [(10, 0.25)]
