@@ -41,7 +41,8 @@ def results(run_dir: str, nodes: int, devices: int, p: tuple[float, float, float
         "mem": "38.1/40.0",
         **extra,
     }
-    return {"metrics": metrics, "config": {}, "environment": {}, "run_dir": run_dir}
+    config = {"data": {"data_dir": "/data/coco2017"}, "model": {"min_size": 800, "max_size": 1333}}
+    return {"metrics": metrics, "config": config, "environment": {}, "run_dir": run_dir}
 
 
 @pytest.fixture
@@ -94,6 +95,16 @@ def test_ratio_to_the_seed_reference_row_of_the_same_topology(runs):
 def test_no_reference_ratio_for_a_topology_the_seed_lacks():
     row = compare([results("x", 1, 4, (1.0, 2.0, 3.0))])[0]
     assert row["ref_whole"] is None and row["ref_core"] is None
+
+
+def test_no_reference_ratio_for_another_workload():
+    generated = results("x", 1, 1, (1.0, 2.0, 3.0))
+    generated["config"]["data"]["data_dir"] = ""  # the embedded dataset
+    small = results("y", 1, 1, (1.0, 2.0, 3.0))
+    small["config"]["model"]["min_size"] = 64
+    for row in compare([generated, small]):
+        assert row["ref_whole"] is None and row["ref_train"] is None and row["ref_core"] is None
+    assert render_comparison(compare([generated]), "md").splitlines()[2].endswith("| - |")
 
 
 def test_markdown_table_has_the_seed_layout_and_the_computed_values(runs):

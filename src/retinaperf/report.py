@@ -223,7 +223,8 @@ def compare(runs: list[dict]) -> list[dict]:
 
     Scaling efficiency of a run of W ranks: p / (W x p of the one-device run), for each
     throughput p, against a run among `runs` with world size 1 on the same device, precision and
-    local batch; None when there is no such run.
+    local batch; None when there is no such run. The reference ratio is given only for runs of
+    the seed's workload (COCO2017 at 800/1333 px): a generated-data run's speed is not comparable.
     """
     reference = seed_reference()["rows"]
     rows = []
@@ -241,7 +242,7 @@ def compare(runs: list[dict]) -> list[dict]:
             ),
             None,
         )
-        ref_row = reference.get(topology, {})
+        ref_row = reference.get(topology, {}) if _is_seed_workload(results["config"]) else {}
         row = {"run_dir": results.get("run_dir"), **row_values(results)}
         for p in THROUGHPUTS:
             short = p.removeprefix("p_")
@@ -249,6 +250,16 @@ def compare(runs: list[dict]) -> list[dict]:
             row[f"ref_{short}"] = m[p] / ref_row[p] if ref_row.get(p) else None
         rows.append(row)
     return rows
+
+
+def _is_seed_workload(config: dict) -> bool:
+    """Whether a run's numbers can stand beside the seed's: COCO2017 at the recipe's sizes (not
+    the generated dataset, nor another resize)."""
+    data, model = config.get("data", {}), config.get("model", {})
+    return bool(data.get("data_dir")) and (model.get("min_size"), model.get("max_size")) == (
+        800,
+        1333,
+    )
 
 
 def render_comparison(rows: list[dict], fmt: str) -> str:
