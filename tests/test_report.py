@@ -176,3 +176,53 @@ def test_tensorboard_gets_the_event_log_numbers(tmp_path):
     assert "eval/seconds" not in scalars and "train/epoch" not in scalars
     assert [(e.step, e.value) for e in accumulator.Scalars("train/loss")] == [(5, 1.5), (10, 0.75)]
     assert [(e.step, e.value) for e in accumulator.Scalars("eval/mAP")] == [(10, 0.25)]
+
+
+def test_report_plots_draws_each_runs_plots_from_its_logs(runs, capsys):
+    from retinaperf.report import write_jsonl
+
+    folder = runs[0]
+    write_jsonl(
+        folder / "events.jsonl",
+        [
+            {
+                "event": "step",
+                "time": 1.0,
+                "step": 5,
+                "loss": 2.0,
+                "classification": 1.5,
+                "bbox_regression": 0.5,
+                "lr": 0.01,
+                "images_per_s": 6.0,
+            },
+            {
+                "event": "step",
+                "time": 2.0,
+                "step": 10,
+                "loss": 1.0,
+                "classification": 0.7,
+                "bbox_regression": 0.3,
+                "lr": 0.01,
+                "images_per_s": 7.0,
+            },
+            {"event": "eval", "time": 3.0, "step": 10, "mAP": 0.2, "AP50": 0.4, "AP75": 0.1},
+        ],
+    )
+    write_jsonl(
+        folder / "monitor.jsonl",
+        [
+            {
+                "time": t,
+                "host": "n1",
+                "cpu_util": 50.0 + t,
+                "mem_used_gib": 2.0,
+                "mem_total_gib": 8.0,
+                "devices": [],
+            }
+            for t in (0.0, 5.0)
+        ],
+    )
+    assert cli.main(["report", str(folder), "--plots"]) == 0
+    drawn = sorted(p.name for p in (folder / "plots").iterdir())
+    assert drawn == ["host.png", "loss.png", "map.png", "throughput.png"]
+    assert str(folder / "plots" / "loss.png") in capsys.readouterr().err
