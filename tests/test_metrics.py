@@ -137,25 +137,22 @@ def test_interval_rate_counts_images_since_last_call():
 class FakeWorld(DistEnv):
     """Rank 0 of a world of two; the other rank's numbers are given."""
 
-    def __init__(self, other_images: float, other_core: float, other_mem: float) -> None:
+    def __init__(self, other_images: float, other_core: float) -> None:
         super().__init__(rank=0, world_size=2, local_rank=0, local_world_size=2, device=CPU)
-        object.__setattr__(self, "other", (other_images, other_core, other_mem))
+        object.__setattr__(self, "other", (other_images, other_core))
 
     def all_reduce(self, values, op):
-        other_images, other_core, _ = self.other
+        other_images, other_core = self.other
         others = [other_images, values[1]] if len(values) == 2 else [other_core]
         if op == "sum":
             return [a + b for a, b in zip(values, others, strict=True)]
         return [max(a, b) for a, b in zip(values, others, strict=True)]
 
-    def gather(self, obj):
-        return [obj, {**obj, "used": self.other[2]}]
 
-
-def test_multi_rank_sums_images_and_takes_the_slowest_core_and_largest_memory():
+def test_multi_rank_sums_images_and_takes_the_slowest_core():
     clock = FakeClock(100.0)
     meter = scripted_run(clock)  # this rank: 32 images, 8 s core
-    world = FakeWorld(other_images=32, other_core=9.0, other_mem=1e6)
+    world = FakeWorld(other_images=32, other_core=9.0)
     m = summarize(meter, world, target_map=0.35)
     assert m["trained_images"] == 64
     assert m["steps"] == 4  # per rank: steps are global steps, not summed
@@ -164,8 +161,8 @@ def test_multi_rank_sums_images_and_takes_the_slowest_core_and_largest_memory():
 
 
 def test_memory_is_the_largest_rank_and_labels_its_view():
-    world = FakeWorld(other_images=0, other_core=0.0, other_mem=1e6)
-    m = memory(world, driver=None)
+    mine = memory_peak(CPU)
+    m = memory([mine, {**mine, "used": 1e6}], driver=None)
     assert m["mem_used_gib"] == 1e6
     assert m["mem"].startswith("1000000.0/") and m["mem"] == m["mem_process"]
     assert m["mem_source"] == m["mem_process_source"] == "peak resident set / RAM"
@@ -174,7 +171,7 @@ def test_memory_is_the_largest_rank_and_labels_its_view():
 
 
 def test_the_table_shows_the_driver_view_when_the_monitor_read_it():
-    m = memory(single(), driver=(38.84, 40.0))
+    m = memory([memory_peak(CPU)], driver=(38.84, 40.0))
     assert (m["mem"], m["mem_driver"]) == ("38.8/40.0", "38.8/40.0")
     assert m["mem_source"] == DRIVER_VIEW
     assert m["mem_process"] != m["mem"]  # the process's own view is kept beside it

@@ -161,16 +161,13 @@ def summarize(meter: Meter, env: DistEnv, target_map: float) -> dict:
     }
 
 
-def memory(env: DistEnv, driver: tuple[float, float] | None) -> dict:
-    """SPEC §3's mem, the largest over ranks, from both views, each labelled.
+def memory(peaks: list[dict], driver: tuple[float, float] | None) -> dict:
+    """SPEC §3's mem from every rank's `memory_peak`, the largest, from both views, labelled.
 
     `mem` (the table's column) is the driver's view when the monitor read it (NVML: memory used
-    on the device by every context, what nvidia-smi shows, like the seed's table), else this
-    process's view (`memory_peak`). Every rank must call this: it gathers; other ranks get {}.
+    on the device by every context, what nvidia-smi shows, like the seed's table), else the
+    processes' view.
     """
-    peaks = env.gather(memory_peak(env.device))
-    if not env.is_main:
-        return {}
     process_used = max(p["used"] for p in peaks)
     total = peaks[0]["total"]
     shown_used, shown_total = driver if driver else (process_used, total)

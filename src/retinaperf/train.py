@@ -314,15 +314,23 @@ def _evaluate(s: Setup, epoch: int) -> metrics.EvalRecord:
 
 def _finish(s: Setup) -> dict:
     cfg, env = s.config, s.env
-    samples = _gather_samples(s.monitor.stop() if s.monitor else None, env)
-    uuids = env.gather(metrics.device_uuid(env.device))
-    hosts = env.gather(environment.hostname())
+    # One gather of what only each rank knows: its host, device, memory peak, monitor samples.
+    ranks = env.gather(
+        {
+            "host": environment.hostname(),
+            "uuid": metrics.device_uuid(env.device),
+            "memory": metrics.memory_peak(env.device),
+            "samples": s.monitor.stop() if s.monitor else [],
+        }
+    )
     summary = metrics.summarize(s.meter, env, cfg.train.target_map)
-    monitored = monitor.summarize(samples) if samples else None
-    driver = metrics.driver_peak(monitored["devices"], uuids) if monitored else None
-    memory = metrics.memory(env, driver)
     if not env.is_main:
         return {}
+    samples = [sample for rank in ranks for sample in rank["samples"]]
+    monitored = monitor.summarize(samples) if samples else None
+    uuids = [rank["uuid"] for rank in ranks]
+    driver = metrics.driver_peak(monitored["devices"], uuids) if monitored else None
+    memory = metrics.memory([rank["memory"] for rank in ranks], driver)
     device_name = environment.device_name(env.device)
     results = {
         "metrics": {
@@ -344,7 +352,7 @@ def _finish(s: Setup) -> dict:
         },
         "monitor": monitored,
         "config": cfg.to_dict(),
-        "environment": environment.capture(env.device, hosts),
+        "environment": environment.capture(env.device, [rank["host"] for rank in ranks]),
         "run_dir": str(s.run_dir),
     }
     if samples:
@@ -360,12 +368,6 @@ def _finish(s: Setup) -> dict:
         report.read_events(s.run_dir / report.EVENTS), samples, s.run_dir / report.PLOTS
     )
     return results
-
-
-def _gather_samples(samples: list[dict] | None, env: DistEnv) -> list[dict]:
-    """Every node's monitor samples, on rank 0 (ranks without a monitor send None)."""
-    gathered = env.gather(samples)
-    return [sample for part in gathered or [] if part for sample in part]
 
 
 def _count_flops(model: nn.Module, loaders: Loaders, env: DistEnv, precision: Precision) -> float:
