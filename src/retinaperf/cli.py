@@ -91,10 +91,11 @@ def _run(args: argparse.Namespace) -> int:
         "backbone_weights": args.backbone_weights,
     }
     pairs = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    pairs += args.overrides
     # Resolving first reports a bad setting once, before any process is started.
-    resolved = config.resolve(args.preset, config.parse_overrides(pairs + args.overrides))
+    resolved = config.resolve(args.preset, config.parse_overrides(pairs))
     if args.nproc_per_node is not None:
-        return _launch(args)
+        return _launch(args.nproc_per_node, args.preset, pairs)
     run = train.run
     if "TORCHELASTIC_ERROR_FILE" in os.environ:
         # Under torchrun: record this worker's error where torchrun's failure summary reads it,
@@ -109,20 +110,18 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _launch(args: argparse.Namespace) -> int:
-    """`run --nproc-per-node N`: the same run under torchrun, N processes on this node."""
-    if args.nproc_per_node < 1:
-        raise UserError(f"--nproc-per-node {args.nproc_per_node}: give 1 or more")
+def _launch(nproc_per_node: int, preset: str, pairs: list[str]) -> int:
+    """`run --nproc-per-node N`: the same run under torchrun, N processes on this node; the
+    workers get the settings as `--set` pairs (the shortcut flags included)."""
+    if nproc_per_node < 1:
+        raise UserError(f"--nproc-per-node {nproc_per_node}: give 1 or more")
     if "LOCAL_RANK" in os.environ:
         raise UserError("--nproc-per-node: this process is already one of torchrun's workers")
-    child = ["run", "--preset", args.preset]
-    for flag in ("data_dir", "output_dir", "backbone_weights"):
-        if getattr(args, flag) is not None:
-            child += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
-    for pair in args.overrides:
+    child = ["run", "--preset", preset]
+    for pair in pairs:
         child += ["--set", pair]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc-per-node", str(args.nproc_per_node), "-m", "retinaperf", *child]
+    command += ["--nproc-per-node", str(nproc_per_node), "-m", "retinaperf", *child]
     # e2e_time starts at this command, not at the workers' start: hand them its wall-clock time.
     started = time.time() - (time.perf_counter() - COMMAND_START)
     env = {**os.environ, START_ENV: repr(started)}

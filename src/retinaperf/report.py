@@ -31,7 +31,8 @@ class EventLog:
     """Append-only JSON lines, one object per event, flushed as written (a crash keeps the log).
 
     Only the main rank writes; on other ranks `path` is None and `emit` does nothing. Sinks (e.g.
-    TensorBoard) receive every record written: other views of the same numbers.
+    TensorBoard, created on the main rank only) receive every record written: other views of
+    the same numbers.
     """
 
     def __init__(
@@ -39,7 +40,7 @@ class EventLog:
     ) -> None:
         self.command_start = command_start
         self._file: IO[str] | None = open(path, "a", encoding="utf-8") if path else None
-        self._sinks = sinks if path else ()
+        self._sinks = sinks
 
     def emit(self, event: str, **fields: Any) -> None:
         if self._file is None:

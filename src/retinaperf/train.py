@@ -160,12 +160,11 @@ def _set_up(config: RunConfig, env: DistEnv, command_start: float) -> Setup:
     }
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    sinks = (report.TensorBoardSink(run_dir / "tensorboard"),) if config.tensorboard else ()
-    events = report.EventLog(
-        run_dir / report.EVENTS if env.is_main else None,
-        command_start,
-        sinks if env.is_main else (),
-    )
+    events = report.EventLog(None, command_start)  # other ranks write no log
+    if env.is_main:
+        tensorboard = config.tensorboard
+        sinks = (report.TensorBoardSink(run_dir / "tensorboard"),) if tensorboard else ()
+        events = report.EventLog(run_dir / report.EVENTS, command_start, sinks)
     events.emit("run_start", config=config.to_dict(), world_size=env.world_size, **facts)
     return Setup(
         config=config,
