@@ -170,11 +170,14 @@ def test_two_ranks_of_batch_b_train_like_one_rank_of_batch_2b(
     one = torch.load(single / "model.pt", weights_only=True)
     two = torch.load(double / "model.pt", weights_only=True)
     initial = torch.load(frozen_bn_weights, weights_only=True)["layer4.2.conv3.weight"]
-    moved = 0
+    # Gradients summed in another order differ in the last bits and three SGD steps carry that
+    # into the weights: up to ~1e-5 absolute on this machine's CPU kernels (AVX-512), where the
+    # updates themselves reach ~3e-4. A wrong gradient average (a sum, or one rank's only) would
+    # differ by as much as the update, far above the tolerance.
     for name, tensor in one.items():
-        assert torch.allclose(two[name], tensor, rtol=1e-4, atol=1e-6), name
+        assert torch.allclose(two[name], tensor, rtol=1e-4, atol=3e-5), name
     moved = (one["backbone.body.layer4.2.conv3.weight"] - initial).abs().max().item()
-    assert moved > 1e-6  # the weights compared are trained ones, not the initial ones
+    assert moved > 1e-4  # trained weights, moved well beyond the tolerance above
 
 
 def test_distributed_evaluation_equals_a_single_process(tiny_run_args, tiny_dataset, tmp_path):
