@@ -1,5 +1,5 @@
-"""Each precision really changes what is computed: dtypes seen inside the model, loss scaling,
-master weights, clipping, and the choice behind `auto`."""
+"""Each precision really changes what is computed: dtypes seen inside the model, the float32
+math flags in force, loss scaling, master weights, clipping, and the choice behind `auto`."""
 
 import pytest
 import torch
@@ -9,9 +9,24 @@ from retinaperf import precision as precision_module
 from retinaperf.config import ModelConfig
 from retinaperf.errors import UserError
 from retinaperf.model import build_model
-from retinaperf.precision import Precision, resolve_auto
+from retinaperf.precision import (
+    FRAMEWORK_CONV,
+    FRAMEWORK_MATMUL,
+    Precision,
+    choose,
+    math_in_effect,
+    native_bf16,
+)
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def restore_math_flags():
+    """Precision sets process-wide flags: leave them as the framework had them."""
+    yield
+    torch.backends.cudnn.conv.fp32_precision = FRAMEWORK_CONV
+    torch.backends.cuda.matmul.fp32_precision = FRAMEWORK_MATMUL
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +57,9 @@ def observed_dtypes(name: str, batch) -> dict[str, torch.dtype]:
     model.head.register_forward_hook(
         lambda m, a, out: seen.__setitem__("head.returned", out["cls_logits"].dtype)
     )
+    model.anchor_generator.register_forward_hook(
+        lambda m, a, out: seen.__setitem__("anchors", out[0].dtype)
+    )
     seen["weights"] = model.backbone.body.conv1.weight.dtype
     images, targets = batch
     model.train()
@@ -56,6 +74,7 @@ def observed_dtypes(name: str, batch) -> dict[str, torch.dtype]:
     ("name", "compute", "weights"),
     [
         ("fp32", torch.float32, torch.float32),
+        ("fp32-strict", torch.float32, torch.float32),
         ("amp", torch.float16, torch.float32),
         ("bf16", torch.bfloat16, torch.float32),
         ("fp16", torch.float16, torch.float16),
@@ -68,18 +87,52 @@ def test_precision_sets_the_dtype_of_compute_and_weights(name, compute, weights,
     assert seen["weights"] == weights
     if name == "fp16":
         assert seen["stem.in"] == torch.float16  # inputs are cast, not autocast
-        # what leaves the head is float32 again: anchors, box coding and the loss stay exact
-        assert seen["head.returned"] == torch.float32
-        assert seen["loss"] == torch.float32
+    # Whatever the convolutions compute in, what leaves the head is float32 again and anchors
+    # are float32: box coding, matching and the loss stay exact.
+    assert seen["head.returned"] == torch.float32
+    assert seen["anchors"] == torch.float32
+    assert seen["loss"] == torch.float32
 
 
-def test_fp32_turns_off_tf32_and_tf32_needs_a_device_that_has_it():
-    torch.backends.cudnn.conv.fp32_precision = "tf32"  # PyTorch's default for convolutions
-    Precision("fp32", CPU)
+def test_fp32_is_the_framework_default_math_and_fp32_strict_is_ieee():
+    Precision("fp32-strict", CPU)
     assert torch.backends.cudnn.conv.fp32_precision == "ieee"
     assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    Precision("fp32", CPU)  # after another precision in the same process: defaults again
+    assert torch.backends.cudnn.conv.fp32_precision == FRAMEWORK_CONV == "tf32"
+    assert torch.backends.cuda.matmul.fp32_precision == FRAMEWORK_MATMUL
     with pytest.raises(UserError, match="tf32"):
         Precision("tf32", CPU)
+
+
+def test_math_in_effect_is_what_the_flags_mean_on_the_device(monkeypatch):
+    Precision("fp32", CPU)
+    on_cpu = math_in_effect(CPU)
+    # PyTorch asks for TF32 convolutions, but a CPU has no TF32: float32 is IEEE there
+    assert on_cpu["conv_fp32_precision"] == "tf32" and on_cpu["effective_conv"] == "ieee"
+    assert on_cpu["deterministic_algorithms"] is torch.are_deterministic_algorithms_enabled()
+    # On a device with TF32 (an A100, say), fp32 is the seed's math: TF32 convolutions,
+    # while matmuls keep PyTorch's IEEE default
+    monkeypatch.setattr(precision_module, "has_tf32", lambda device: True)
+    fp32 = Precision("fp32", CPU)
+    assert (math_in_effect(CPU)["effective_conv"], math_in_effect(CPU)["effective_matmul"]) == (
+        "tf32",
+        "ieee",
+    )
+    assert fp32.peak_math() == "tf32"
+    strict = Precision("fp32-strict", CPU)
+    assert math_in_effect(CPU)["effective_conv"] == "ieee" and strict.peak_math() == "fp32"
+    tf32 = Precision("tf32", CPU)
+    assert math_in_effect(CPU)["effective_matmul"] == "tf32" and tf32.peak_math() == "tf32"
+    record = tf32.record()
+    assert record["precision"] == "tf32" and record["math"]["effective_conv"] == "tf32"
+
+
+@pytest.mark.parametrize(
+    ("name", "math"), [("amp", "fp16"), ("fp16", "fp16"), ("bf16", "bf16"), ("fp32", "fp32")]
+)
+def test_peak_math_follows_the_compute_type(name, math):
+    assert Precision(name, CPU).peak_math() == math  # a CPU: fp32 is IEEE
 
 
 def tiny_net() -> nn.Module:
@@ -147,12 +200,109 @@ def test_clipping_bounds_the_update_to_the_clip_norm(name):
     assert moved.norm().item() == pytest.approx(0.5, rel=1e-3)
 
 
-def test_auto_picks_bf16_only_when_clearly_faster(monkeypatch):
-    def timings(fp32, bf16):
-        return lambda device, dtype, give_up_after=None: bf16 if dtype is torch.bfloat16 else fp32
+def test_auto_is_bf16_where_cuda_computes_it_natively(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    assert choose("auto", cuda) == ("bf16", "auto: CUDA compute capability 9.0 >= 8.0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 0))
+    assert choose("auto", cuda) == ("fp32", "auto: CUDA compute capability 7.0 < 8.0")
+    assert choose("amp", cuda) == ("amp", "as configured")  # an explicit choice is kept
 
-    monkeypatch.setattr(precision_module, "_probe_seconds", timings(1.0, 0.5))
-    assert resolve_auto("auto", CPU) == "bf16"
-    monkeypatch.setattr(precision_module, "_probe_seconds", timings(1.0, 0.9))
-    assert resolve_auto("auto", CPU) == "fp32"
-    assert resolve_auto("amp", CPU) == "amp"  # an explicit choice is kept
+
+@pytest.mark.parametrize(
+    ("features", "native"),
+    [
+        ({"avx512_bf16": True, "amx_bf16": False}, True),
+        ({"avx512_bf16": False, "amx_bf16": True}, True),
+        ({"avx512_bf16": False, "amx_bf16": False}, False),
+        ({}, False),
+    ],
+)
+def test_auto_on_a_cpu_follows_its_bf16_instructions(monkeypatch, features, native):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: features, raising=False)
+    found, why = native_bf16(CPU)
+    assert found is native
+    assert ("AVX512-BF16" in why) is not native  # the reason names what was looked for
+    assert choose("auto", CPU)[0] == ("bf16" if native else "fp32")
+
+
+def test_auto_on_another_accelerator_asks_torch(monkeypatch):
+    class Backend:
+        @staticmethod
+        def is_bf16_supported(including_emulation: bool = True) -> bool:
+            return not including_emulation  # native only: emulation must not count
+
+    monkeypatch.setattr(torch, "xpu", Backend, raising=False)
+    assert choose("auto", torch.device("xpu")) == (
+        "bf16",
+        "auto: torch.xpu.is_bf16_supported() is True",
+    )
+    assert choose("auto", torch.device("meta"))[0] == "fp32"  # nothing to ask: fp32
+
+
+CUDA = torch.device("cuda", 0)
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((output.double().cpu() - reference).norm() / reference.norm()).item()
+
+
+@pytest.mark.gpu
+def test_the_math_flags_change_what_the_gpu_computes():
+    """fp32 is the framework's default (TF32 convolutions, IEEE matmuls), fp32-strict IEEE
+    everywhere, tf32 TF32 everywhere: seen in the errors against float64, not only in flags."""
+    if not precision_module.has_tf32(CUDA):
+        pytest.skip("needs a GPU with TF32 (compute capability 8.0 or newer)")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 64, 56, 56, generator=generator)
+    w = torch.randn(64, 64, 3, 3, generator=generator)
+    a = torch.randn(1024, 1024, generator=generator)
+    b = torch.randn(1024, 1024, generator=generator)
+    conv_reference = torch.nn.functional.conv2d(x.double(), w.double(), padding=1)
+    matmul_reference = a.double() @ b.double()
+    errors = {}
+    for name in ("fp32", "fp32-strict", "tf32"):
+        Precision(name, CUDA)
+        conv = torch.nn.functional.conv2d(x.to(CUDA), w.to(CUDA), padding=1)
+        matmul = a.to(CUDA) @ b.to(CUDA)
+        errors[name] = (
+            relative_error(conv, conv_reference),
+            relative_error(matmul, matmul_reference),
+            math_in_effect(CUDA),
+        )
+    # TF32 keeps 10 mantissa bits: relative errors ~1e-4..1e-3; IEEE float32: ~1e-7
+    assert errors["fp32"][0] > 5e-5 and errors["fp32"][1] < 1e-5
+    assert errors["fp32-strict"][0] < 1e-5 and errors["fp32-strict"][1] < 1e-5
+    assert errors["tf32"][0] > 5e-5 and errors["tf32"][1] > 5e-5
+    assert errors["fp32"][2]["effective_conv"] == "tf32"
+    assert errors["fp32"][2]["effective_matmul"] == "ieee"
+    assert errors["fp32-strict"][2]["effective_conv"] == "ieee"
+    assert errors["tf32"][2]["effective_matmul"] == "tf32"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["fp32", "fp32-strict", "tf32", "amp", "bf16", "fp16"])
+def test_training_steps_on_the_gpu_are_finite_and_update_the_weights(name):
+    from retinaperf.train import train_step
+
+    if name == "tf32" and not precision_module.has_tf32(CUDA):
+        pytest.skip("needs a GPU with TF32")
+    torch.manual_seed(0)
+    chosen = Precision(name, CUDA)
+    model = chosen.prepare(build_model(ModelConfig(min_size=256, max_size=341), None).to(CUDA))
+    params = chosen.optimizer_params(model)
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    generator = torch.Generator().manual_seed(0)
+    images = [
+        torch.randint(0, 256, (3, 240, 320), generator=generator, dtype=torch.uint8).to(CUDA)
+        for _ in range(2)
+    ]
+    boxes = torch.tensor([[20.0, 30.0, 120.0, 150.0], [150.0, 40.0, 300.0, 200.0]])
+    targets = [{"boxes": boxes.to(CUDA), "labels": torch.tensor([1, 18]).to(CUDA)}] * 2
+    before = [p.detach().clone() for p in params]
+    # 8 steps: with loss scaling the first steps may overflow and be skipped, by design
+    for _ in range(8):
+        losses = train_step(model, images, targets, optimizer, chosen)
+        assert all(torch.isfinite(v).item() for v in losses.values()), losses
+    moved = [not torch.equal(b, p.detach()) for b, p in zip(before, params, strict=True)]
+    assert sum(moved) > len(moved) // 2  # most tensors were updated

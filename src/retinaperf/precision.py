@@ -1,114 +1,238 @@
-"""Numerical precision of training: what each choice computes and how the step applies it.
+"""Numerical precision of training, in three parts that each do one thing:
 
-- fp32: IEEE float32 everywhere. PyTorch lets cuDNN use TF32 for convolutions by default; we turn
-  that off so that fp32 means fp32.
+1. the float32 math flags: how float32 convolutions and matmuls are computed (IEEE or TF32);
+2. the policy of each precision: autocast dtype, loss scaling, half weights, and `auto`'s choice;
+3. the model's boundaries: half weights with float32 master copies (fp16), and float32 anchors,
+   box coding and losses under every reduced precision.
+
+`Precision` composes them for the training step. The choices:
+
+- fp32: float32 storage with the framework's default float32 math, as the seed measured it
+  (FlagPerf's A100 rows ran PyTorch 1.8's defaults, which computed float32 convolutions in TF32 on
+  Ampere; PyTorch still does for convolutions, while matmuls default to IEEE). The flags in
+  effect are recorded with every run.
+- fp32-strict: IEEE float32 everywhere (TF32 off for convolutions and matmuls).
 - tf32: float32 storage, TF32 tensor-core math for convolutions and matmuls (devices with TF32).
 - amp: float16 autocast with dynamic loss scaling (torch.amp.GradScaler).
 - bf16: bfloat16 autocast; no loss scaling needed.
 - fp16: the backbone and head hold float16 weights and compute in float16; the optimizer updates
-  float32 master copies; dynamic loss scaling. Anchors, box coding and losses stay float32 (the
-  half features are cast back at the boundary), as float16 cannot hold pixel coordinates of
-  large images exactly nor sums over 100k anchors.
-- auto: the faster of fp32 and bf16 on this device, decided by timing a small convolution stack
-  at start (the choice is recorded in the results).
+  float32 master copies; dynamic loss scaling.
+
+Under amp, bf16 and fp16 alike, what leaves the backbone and the head is cast to float32, so that
+anchors (made in the features' dtype), box coding, matching and the losses stay float32: half
+types cannot hold the pixel coordinates of large images exactly (bfloat16 steps by 4 px at
+1000 px) nor sum losses over 100k anchors, and bfloat16 box coding turned the smoke run's loss
+into NaN within ten steps. The convolutions still run in the reduced type.
+- auto: bf16 where the device computes bfloat16 natively, else fp32; decided from what the device
+  reports (no timing), and recorded with its reason.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .distributed import synchronize
 from .errors import UserError
 
-AUTOCAST_DTYPE = {"amp": torch.float16, "bf16": torch.bfloat16}
+# --- 1. The float32 math flags ------------------------------------------------------------------
+
+# The framework's own settings, read before anything here changes them: `fp32` restores these.
+FRAMEWORK_CONV = torch.backends.cudnn.conv.fp32_precision
+FRAMEWORK_MATMUL = torch.backends.cuda.matmul.fp32_precision
 
 
-def resolve_auto(requested: str, device: torch.device) -> str:
-    """`auto` -> fp32 or bf16, whichever trains a small conv stack faster on `device`."""
+def set_float32_math(conv: str, matmul: str) -> None:
+    """How float32 convolutions (cuDNN) and matmuls (cuBLAS) compute: "tf32", "ieee", or "none"
+    (inherit the framework's wider setting)."""
+    torch.backends.cudnn.conv.fp32_precision = conv
+    torch.backends.cuda.matmul.fp32_precision = matmul
+
+
+def has_tf32(device: torch.device) -> bool:
+    """Whether the device has TF32 tensor-core math (NVIDIA compute capability 8.0 and newer)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def math_in_effect(device: torch.device) -> dict:
+    """The float32 math settings now in force, and what they mean on `device`: convolutions and
+    matmuls in "tf32" or "ieee". Recorded in results.json, named in the report."""
+    conv = _inherited(torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.fp32_precision)
+    matmul = _inherited(torch.backends.cuda.matmul.fp32_precision)
+    if matmul == "none":
+        # No new-style setting anywhere: the legacy knob decides. (Reading it once a new-style
+        # setting is made raises, so it is read only here.)
+        matmul = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    tf32 = has_tf32(device)
+    return {
+        "conv_fp32_precision": torch.backends.cudnn.conv.fp32_precision,
+        "matmul_fp32_precision": torch.backends.cuda.matmul.fp32_precision,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        # TF32 settings only change devices that have TF32; elsewhere float32 is IEEE.
+        "effective_conv": "tf32" if tf32 and conv == "tf32" else "ieee",
+        "effective_matmul": "tf32" if tf32 and matmul == "tf32" else "ieee",
+    }
+
+
+def _inherited(*levels: str) -> str:
+    """The first setting that is not "none", from the most specific to the framework's global."""
+    for value in (*levels, torch.backends.fp32_precision):
+        if value != "none":
+            return value
+    return "none"
+
+
+# --- 2. The policy of each precision --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Policy:
+    autocast_dtype: torch.dtype | None
+    """The dtype autocast computes in; None: no autocast."""
+    loss_scaling: bool
+    """Dynamic loss scaling (float16 gradients underflow without it)."""
+    half_weights: bool
+    """Backbone and head weights in float16, with float32 master copies."""
+    float32_math: tuple[str, str] | None
+    """(conv, matmul) float32 math to set; None: the framework's defaults."""
+
+
+POLICIES = {
+    "fp32": Policy(None, False, False, None),
+    "fp32-strict": Policy(None, False, False, ("ieee", "ieee")),
+    "tf32": Policy(None, False, False, ("tf32", "tf32")),
+    "amp": Policy(torch.float16, True, False, None),
+    "bf16": Policy(torch.bfloat16, False, False, None),
+    "fp16": Policy(None, True, True, None),
+}
+
+
+def choose(requested: str, device: torch.device) -> tuple[str, str]:
+    """The precision to train in and why: an explicit choice is kept; `auto` is bf16 where the
+    device computes bfloat16 natively, fp32 elsewhere."""
     if requested != "auto":
-        return requested
-    fp32 = _probe_seconds(device, None)
-    # A device that emulates bf16 can be 30x slower: stop timing it once that is plain.
-    bf16 = _probe_seconds(device, torch.bfloat16, give_up_after=10 * fp32)
-    # Ask for a clear win: reduced precision is only worth it when it is markedly faster.
-    return "bf16" if bf16 < 0.8 * fp32 else "fp32"
+        return requested, "as configured"
+    native, why = native_bf16(device)
+    return ("bf16" if native else "fp32"), f"auto: {why}"
 
 
-def _probe_seconds(
-    device: torch.device, dtype: torch.dtype | None, give_up_after: float = float("inf")
-) -> float:
-    """Best time of a forward + backward of three 3x3 convolutions on 2x64x48x48 activations
-    (an upper bound once one round exceeds `give_up_after`)."""
-    generator = torch.Generator().manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(64, 64, 3, padding=1),
-    ).to(device)  # fmt: skip
-    x = torch.rand(2, 3, 48, 48, generator=generator).to(device)
-    best = float("inf")
-    for _ in range(4):  # the first round warms up kernels and allocator
-        synchronize(device)
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            net(x).float().square().mean().backward()
-        synchronize(device)  # the device runs asynchronously: wait before reading the clock
-        elapsed = time.perf_counter() - start
-        best = min(best, elapsed)
-        if elapsed > give_up_after:
-            break
-    return best
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """Whether `device` computes bfloat16 in hardware, from what torch reports about it."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        native = (major, minor) >= (8, 0)
+        relation = ">=" if native else "<"
+        return native, f"CUDA compute capability {major}.{minor} {relation} 8.0"
+    if device.type == "cpu":
+        features = sorted(f for f in ("avx512_bf16", "amx_bf16") if _cpu_has(f))
+        if features:
+            return True, f"the CPU has {' and '.join(features)}"
+        return False, "the CPU has neither AVX512-BF16 nor AMX-BF16"
+    backend = getattr(torch, device.type, None)
+    supported = getattr(backend, "is_bf16_supported", None)
+    if supported is None:
+        return False, f"torch reports no bfloat16 support for {device.type}"
+    try:
+        native = bool(supported(including_emulation=False))
+    except TypeError:  # backends whose check has no emulation switch
+        native = bool(supported())
+    return native, f"torch.{device.type}.is_bf16_supported() is {native}"
+
+
+def _cpu_has(feature: str) -> bool:
+    """A CPU feature as torch's own dispatch sees it (cpuinfo), on torch versions with or without
+    the public `torch.cpu.get_capabilities`."""
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if get_capabilities is not None:
+        return bool(get_capabilities().get(feature, False))
+    private = {"avx512_bf16": "_is_avx512_bf16_supported", "amx_bf16": "_is_amx_tile_supported"}
+    probe = getattr(torch.cpu, private[feature], None)
+    return bool(probe()) if probe is not None else False
+
+
+# --- 3. The model's boundaries -------------------------------------------------------------------
+
+
+def float32_outputs(model: nn.Module) -> None:
+    """Backbone and head hand float32 tensors on: anchors, box coding and losses stay float32."""
+    for part in (model.backbone, model.head):
+        part.register_forward_hook(_cast_outputs(torch.float32))
+
+
+class MasterWeights:
+    """Float32 copies of a half model's trainable weights: the optimizer updates these, and the
+    half weights are refreshed from them after every update."""
+
+    def __init__(self) -> None:
+        self._pairs: list[tuple[nn.Parameter, nn.Parameter]] = []
+
+    @staticmethod
+    def make_half(model: nn.Module) -> None:
+        """Backbone and head in float16, taking inputs of any floating type."""
+        for part in (model.backbone, model.head):
+            part.half()
+            part.register_forward_pre_hook(_cast_inputs(torch.float16))
+
+    def masters_of(self, trainable: list[nn.Parameter]) -> list[nn.Parameter]:
+        self._pairs = [(p, nn.Parameter(p.detach().float(), requires_grad=True)) for p in trainable]
+        return [master for _, master in self._pairs]
+
+    def gradients_to_masters(self) -> None:
+        for half, master in self._pairs:
+            master.grad = None if half.grad is None else half.grad.float()
+            half.grad = None
+
+    @torch.no_grad()
+    def masters_to_model(self) -> None:
+        for half, master in self._pairs:
+            half.copy_(master)
+
+
+# --- The composition the training step uses ------------------------------------------------------
 
 
 class Precision:
-    """Applies one precision choice: configures the model, wraps the forward, runs the update."""
+    """Applies one precision choice: sets the float32 math, configures the model, wraps the
+    forward, runs the update."""
 
-    def __init__(self, name: str, device: torch.device) -> None:
-        if name not in ("fp32", "tf32", "amp", "bf16", "fp16"):
+    def __init__(self, name: str, device: torch.device, reason: str = "as configured") -> None:
+        if name not in POLICIES:
             raise ValueError(f"resolve 'auto' before building Precision, got {name!r}")
         self.name = name
+        self.reason = reason
         self.device = device
-        self._configure_float32_math(name == "tf32")
-        needs_scaling = name in ("amp", "fp16")
-        self.scaler = torch.amp.GradScaler(device.type, enabled=needs_scaling)
-        self._masters: list[tuple[nn.Parameter, nn.Parameter]] = []
-
-    def _configure_float32_math(self, tf32: bool) -> None:
-        if tf32 and not _has_tf32(self.device):
+        self.policy = POLICIES[name]
+        if name == "tf32" and not has_tf32(device):
             raise UserError(
                 f"precision tf32 needs a device with TF32 math (NVIDIA Ampere or newer); this "
-                f"run's device is {self.device.type}: use fp32, bf16 or amp"
+                f"run's device is {device.type}: use fp32, bf16 or amp"
             )
-        mode = "tf32" if tf32 else "ieee"
-        torch.backends.cuda.matmul.fp32_precision = mode
-        torch.backends.cudnn.conv.fp32_precision = mode
+        set_float32_math(*(self.policy.float32_math or (FRAMEWORK_CONV, FRAMEWORK_MATMUL)))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.policy.loss_scaling)
+        self._masters = MasterWeights() if self.policy.half_weights else None
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Cast the model for fp16; other precisions keep float32 weights."""
-        if self.name == "fp16":
-            for part in (model.backbone, model.head):
-                part.half()
-                part.register_forward_pre_hook(_cast_inputs(torch.float16))
-                part.register_forward_hook(_cast_outputs(torch.float32))
+        """Half weights for fp16 (others keep float32 weights); float32 box math for every
+        reduced precision."""
+        if self._masters is not None:
+            self._masters.make_half(model)
+        if self._masters is not None or self.policy.autocast_dtype is not None:
+            float32_outputs(model)
         return model
 
     def optimizer_params(self, model: nn.Module) -> list[nn.Parameter]:
         """The tensors the optimizer updates: float32 masters of half weights for fp16."""
         trainable = [p for p in model.parameters() if p.requires_grad]
-        if self.name != "fp16":
-            return trainable
-        self._masters = [
-            (p, nn.Parameter(p.detach().float(), requires_grad=True)) for p in trainable
-        ]
-        return [master for _, master in self._masters]
+        return self._masters.masters_of(trainable) if self._masters is not None else trainable
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
-        dtype = AUTOCAST_DTYPE.get(self.name)
+        dtype = self.policy.autocast_dtype
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             yield
 
@@ -119,22 +243,33 @@ class Precision:
         skipped when loss scaling finds an overflow."""
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        for model_param, master in self._masters:
-            master.grad = None if model_param.grad is None else model_param.grad.float()
-            model_param.grad = None
+        if self._masters is not None:
+            self._masters.gradients_to_masters()
         if clip_grad_norm > 0:
             self.scaler.unscale_(optimizer)  # clip true gradients, not scaled ones
             params = [p for group in optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
         self.scaler.step(optimizer)  # unscales and skips the step if a gradient is inf/nan
         self.scaler.update()
-        with torch.no_grad():
-            for model_param, master in self._masters:
-                model_param.copy_(master)
+        if self._masters is not None:
+            self._masters.masters_to_model()
 
+    def peak_math(self) -> str:
+        """The math the model's convolutions run in, which names the device peak to compare
+        with: fp32, tf32, fp16 or bf16."""
+        if self.policy.half_weights or self.policy.autocast_dtype is torch.float16:
+            return "fp16"
+        if self.policy.autocast_dtype is torch.bfloat16:
+            return "bf16"
+        return "tf32" if math_in_effect(self.device)["effective_conv"] == "tf32" else "fp32"
 
-def _has_tf32(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    def record(self) -> dict:
+        """What results.json says about the precision: the choice, why, and the math in force."""
+        return {
+            "precision": self.name,
+            "precision_reason": self.reason,
+            "math": math_in_effect(self.device),
+        }
 
 
 def _cast_inputs(dtype: torch.dtype):

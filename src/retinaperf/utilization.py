@@ -15,7 +15,9 @@ over one real training step (forward, loss and backward; not the optimizer updat
   mixed aspect ratios costs more per image than one of equal shapes.
 
 A step's FLOPs do not depend on the precision (fp16 work is the same number of FLOPs as fp32);
-the precision only decides which peak they are compared with.
+the math the convolutions run in decides which peak they are compared with: the precision's
+(`Precision.peak_math`), which for float32 storage is TF32 or IEEE fp32 as the flags in effect
+say (`fp32` on an A100 runs its convolutions in TF32 by PyTorch's default).
 
 Peaks come from `PEAK_TFLOPS`, vendor datasheet numbers without structured sparsity. A device the
 table does not know, or a math it does not have (bf16 on a V100), gives None: MFU is then
@@ -114,8 +116,8 @@ _NAMES: dict[frozenset[str], str] = {
     frozenset({"L40S"}): "L40S",  # NVIDIA L40S
 }
 
-# The math each training precision (precision.py) runs its matrix products in.
-_MATH = {"fp32": "fp32", "tf32": "tf32", "amp": "fp16", "fp16": "fp16", "bf16": "bf16"}
+# The maths a device's peaks are given for: what `Precision.peak_math` answers.
+MATHS = ("fp32", "tf32", "fp16", "bf16")
 
 
 def _words(device_name: str) -> frozenset[str]:
@@ -127,26 +129,28 @@ def _words(device_name: str) -> frozenset[str]:
     )
 
 
-def peak_tflops(device_name: str, precision: str) -> float | None:
-    """Dense peak TFLOP/s of one device of this name in this training precision; None when the
-    device is not in the table or lacks that math."""
-    if precision not in _MATH:
-        raise ValueError(f"unknown precision {precision!r}: one of {', '.join(_MATH)}")
+def peak_tflops(device_name: str, math: str) -> float | None:
+    """Dense peak TFLOP/s of one device of this name in this math (fp32, tf32, fp16, bf16);
+    None when the device is not in the table or lacks that math."""
+    if math not in MATHS:
+        raise ValueError(f"unknown math {math!r}: one of {', '.join(MATHS)}")
     row = _NAMES.get(_words(device_name))
-    return None if row is None else PEAK_TFLOPS[row].get(_MATH[precision])
+    return None if row is None else PEAK_TFLOPS[row].get(math)
 
 
 def utilization(
-    flops_per_image: float, images_per_s: float, device_name: str, precision: str, devices: int
+    flops_per_image: float, images_per_s: float, device_name: str, math: str, devices: int
 ) -> dict:
     """The job's achieved TFLOP/s (images_per_s is the whole job's rate), its peak (one device's
-    peak x devices) and their ratio, MFU; peak and MFU are None when the peak is unknown."""
+    peak in `math` x devices) and their ratio, MFU; peak and MFU are None when the peak is
+    unknown."""
     achieved = flops_per_image * images_per_s / 1e12
-    per_device = peak_tflops(device_name, precision)
+    per_device = peak_tflops(device_name, math)
     peak = None if per_device is None else per_device * devices
     return {
         "flops_per_image": flops_per_image,
         "achieved_tflops": achieved,
+        "peak_math": math,
         "peak_tflops": peak,
         "mfu": None if peak is None else achieved / peak,
     }
