@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from retinaperf import synth
+from retinaperf import cli, data, synth
 from retinaperf.errors import UserError
 from retinaperf.synth import SynthSpec, cached, generate
 
@@ -219,8 +222,227 @@ def test_cached_retries_after_a_failed_generation(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     ("kwargs", "word"),
-    [({"image_size": 16}, "16"), ({"train_images": 0}, "train"), ({"val_images": 0}, "val")],
+    [
+        ({"image_size": 16}, "16"),
+        ({"image_size": 16, "profile": "coco"}, "16"),
+        ({"train_images": 0}, "train"),
+        ({"val_images": 0}, "val"),
+        ({"seed": -1}, "seed -1"),
+    ],
 )
 def test_bad_spec_is_refused(kwargs, word):
     with pytest.raises(UserError, match=word):
         SynthSpec(**kwargs)
+
+
+# The coco profile: COCO2017's statistics, for throughput runs.
+
+COCO_SPEC = SynthSpec(seed=0, train_images=200, val_images=50, image_size=640, profile="coco")
+# COCO2017's 80 category ids, as the COCO API lists them.
+COCO_IDS = {
+    *range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70,
+    *range(72, 83), *range(84, 91),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def coco_sample(tmp_path_factory) -> Path:
+    return generate(COCO_SPEC, tmp_path_factory.mktemp("synth") / "coco", workers=2)
+
+
+def _all(root: Path, key: str) -> list[dict]:
+    return [item for split in SPLITS for item in _coco(root, split)[key]]
+
+
+def test_coco_profile_image_sizes_and_aspect_ratios_follow_coco(coco_sample):
+    images = _all(coco_sample, "images")
+    long_sides = [max(im["width"], im["height"]) for im in images]
+    assert max(long_sides) == 640
+    assert sum(side == 640 for side in long_sides) >= 0.85 * len(images)
+    assert min(long_sides) < 640  # a few smaller images, as in COCO
+    landscape = sum(im["width"] > im["height"] for im in images) / len(images)
+    portrait = sum(im["width"] < im["height"] for im in images) / len(images)
+    square = sum(im["width"] == im["height"] for im in images) / len(images)
+    assert 0.57 < landscape < 0.77
+    assert 0.17 < portrait < 0.35
+    assert 0 < square < 0.1
+    ratios = {round(im["width"] / im["height"], 2) for im in images}
+    assert {1.33, 1.5, 0.75} <= ratios  # 4:3, 3:2 and 3:4 at least
+    for split in SPLITS:
+        for im in _coco(coco_sample, split)["images"]:
+            with Image.open(coco_sample / f"{split}2017" / im["file_name"]) as picture:
+                assert picture.size == (im["width"], im["height"])
+
+
+def test_coco_profile_objects_per_image_follow_coco(coco_sample):
+    per_image = dict.fromkeys((im["id"] for im in _all(coco_sample, "images")), 0)
+    for ann in _all(coco_sample, "annotations"):
+        per_image[ann["image_id"]] += 1
+    counts = np.array(list(per_image.values()))
+    assert 5.7 < counts.mean() < 8.9  # COCO: 7.3 (+- 3 standard errors of 250 images)
+    assert 3 <= np.median(counts) <= 5  # COCO: 4
+    assert counts.max() > 30  # a long tail
+    # The tail and the empty images are too rare for 250 images: check the distribution itself.
+    many = synth._object_counts(np.random.default_rng(0), 200_000)
+    assert 7.2 < many.mean() < 7.4
+    assert np.median(many) == 4
+    assert 0.008 < (many == 0).mean() < 0.012
+    assert 0.001 < (many > 50).mean() < 0.01
+    assert many.max() == 93  # capped at COCO's maximum
+
+
+def test_coco_profile_box_areas_follow_coco(coco_sample):
+    anns = [a for a in _all(coco_sample, "annotations") if not a["iscrowd"]]
+    areas = np.array([a["area"] for a in anns])
+    small = (areas < 32**2).mean()
+    medium = ((areas >= 32**2) & (areas < 96**2)).mean()
+    large = (areas >= 96**2).mean()
+    assert abs(small - 0.41) < 0.05
+    assert abs(medium - 0.34) < 0.05
+    assert abs(large - 0.24) < 0.05
+
+
+def test_coco_profile_boxes_fit_their_area_and_image(coco_sample):
+    tolerance = 0.011  # x, y, w, h are each rounded to 2 decimals
+    touching = 0
+    for split in SPLITS:
+        coco = _coco(coco_sample, split)
+        sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
+        for ann in coco["annotations"]:
+            x, y, w, h = ann["bbox"]
+            width, height = sizes[ann["image_id"]]
+            assert x >= 0 and y >= 0
+            assert x + w <= width + tolerance and y + h <= height + tolerance
+            # `area` is the outline's, which its bounding box holds
+            assert 0 < ann["area"] <= (w + tolerance) * (h + tolerance)
+            assert len(ann["segmentation"][0]) >= 6
+            touching += x == 0 or y == 0 or x + w >= width - 0.01 or y + h >= height - 0.01
+    assert touching > 0  # objects cut by the image border, as in COCO
+
+
+def test_coco_profile_categories_and_crowds_follow_coco(coco_sample):
+    coco = _coco(coco_sample, "val")
+    assert {c["id"] for c in coco["categories"]} == COCO_IDS
+    names = {c["id"]: (c["name"], c["supercategory"]) for c in coco["categories"]}
+    assert names[1] == ("person", "person")
+    assert names[90] == ("toothbrush", "indoor")
+    anns = _all(coco_sample, "annotations")
+    frequency = Counter(a["category_id"] for a in anns)
+    assert set(frequency) <= COCO_IDS
+    assert frequency.most_common(1)[0][0] == 1  # person
+    assert 0.22 < frequency[1] / len(anns) < 0.38
+    assert len(frequency) > 40  # the long tail is drawn too
+    crowd = sum(a["iscrowd"] for a in anns) / len(anns)
+    assert 0.002 < crowd < 0.025  # COCO: ~1 %
+
+
+def test_coco_profile_jpeg_sizes_are_in_coco_range(coco_sample):
+    sizes = [
+        (coco_sample / f"{split}2017" / im["file_name"]).stat().st_size
+        for split in SPLITS
+        for im in _coco(coco_sample, split)["images"]
+        if (im["width"], im["height"]) == (640, 480)
+    ]
+    assert len(sizes) > 50
+    assert 135_000 < np.mean(sizes) < 190_000  # COCO: ~160 KB at 640x480
+
+
+def test_load_split_reads_a_coco_profile_dataset(coco_sample):
+    records, _ = data.load_split(coco_sample, "val", drop_empty=False)
+    assert len(records) == COCO_SPEC.val_images
+    train, _ = data.load_split(coco_sample, "train", drop_empty=True)
+    assert 0.95 * COCO_SPEC.train_images <= len(train) <= COCO_SPEC.train_images
+    for record in records + train:
+        boxes = record.boxes
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
+        assert (boxes[:, 2] <= record.width).all() and (boxes[:, 3] <= record.height).all()
+        assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+        assert set(record.labels.tolist()) <= COCO_IDS
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        SynthSpec(seed=1, train_images=10, val_images=4, image_size=48),
+        SynthSpec(seed=1, train_images=10, val_images=4, image_size=128, profile="coco"),
+    ],
+    ids=["shapes", "coco"],
+)
+def test_the_number_of_workers_does_not_change_the_output(spec, tmp_path):
+    one = _tree(generate(spec, tmp_path / "one", workers=1))
+    two = _tree(generate(spec, tmp_path / "two", workers=2))
+    assert one.keys() == two.keys()
+    assert one == two
+
+
+def test_a_failure_in_a_drawing_process_leaves_nothing(tmp_path):
+    spec = SynthSpec(seed=0, train_images=6, val_images=2, image_size=32)
+    # A seed numpy refuses, smuggled past the check: every image fails, in the worker processes.
+    object.__setattr__(spec, "seed", -1)
+    with pytest.raises(ValueError):
+        generate(spec, tmp_path / "cache" / "coco", workers=2)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_shapes_cache_key_is_the_one_from_before_profiles():
+    # The formula of the keys before profiles existed: asdict of the four other fields + version.
+    fields = {"seed": 0, "train_images": 512, "val_images": 96, "image_size": 128}
+    text = json.dumps({**fields, "version": synth.GENERATOR_VERSION}, sort_keys=True)
+    assert SynthSpec().cache_key() == hashlib.sha256(text.encode()).hexdigest()[:16]
+    assert SynthSpec().image_size == 128
+
+
+def test_image_size_zero_is_the_profile_default():
+    assert SynthSpec(image_size=0) == SynthSpec(image_size=128)
+    coco = SynthSpec(profile="coco")
+    assert coco.image_size == 640
+    assert coco.cache_key() == SynthSpec(image_size=640, profile="coco").cache_key()
+    assert coco.cache_key() != SynthSpec(image_size=640).cache_key()
+
+
+def test_coco_profile_scales_with_image_size(tmp_path):
+    root = generate(
+        SynthSpec(train_images=12, val_images=2, image_size=64, profile="coco"), tmp_path
+    )
+    images = _all(root, "images")
+    assert all(max(im["width"], im["height"]) <= 64 for im in images)
+    assert sum(max(im["width"], im["height"]) == 64 for im in images) >= 10
+    for ann in _all(root, "annotations"):
+        assert ann["area"] < 64 * 64
+
+
+@pytest.mark.parametrize("bad", ["cocoa", "", "COCO"])
+def test_an_unknown_profile_is_refused(bad):
+    with pytest.raises(UserError) as refused:
+        SynthSpec(profile=bad)
+    assert repr(bad) in str(refused.value)
+    assert "shapes, coco" in str(refused.value)
+
+
+@pytest.mark.parametrize(("workers", "word"), [(0, "--workers 0"), (-2, "--workers -2")])
+def test_a_bad_number_of_workers_is_refused(workers, word, tmp_path):
+    with pytest.raises(UserError, match=word):
+        generate(SynthSpec(train_images=1, val_images=1, image_size=32), tmp_path, workers)
+
+
+@pytest.mark.parametrize(
+    ("flags", "workers"), [([], synth.default_workers()), (["--workers", "1"], 1)]
+)
+def test_cli_synth_writes_a_coco_profile_dataset(flags, workers, tmp_path, monkeypatch, capsys):
+    calls = []
+    real = synth.generate
+
+    def record(spec, out, workers=1):
+        calls.append((spec, workers))
+        return real(spec, out, workers)
+
+    monkeypatch.setattr(synth, "generate", record)
+    out = tmp_path / "ds"
+    args = ["synth", "--out", str(out), "--profile", "coco", "--train-images", "3"]
+    assert cli.main([*args, "--val-images", "2", *flags]) == 0
+    [(spec, used)] = calls
+    assert (spec.profile, spec.image_size, used) == ("coco", 640, workers)  # coco's default size
+    assert "coco, 640 px" in capsys.readouterr().out
+    assert len(list((out / "train2017").iterdir())) == 3
+    assert {c["id"] for c in _coco(out, "train")["categories"]} == COCO_IDS
+    assert all(max(im["width"], im["height"]) <= 640 for im in _all(out, "images"))
