@@ -213,7 +213,7 @@ def test_max_size_below_min_size_is_refused():
 
 
 def test_every_precision_choice_is_accepted():
-    for name in ("auto", "fp32", "tf32", "amp", "bf16", "fp16"):
+    for name in ("auto", "fp32", "fp32-strict", "tf32", "amp", "bf16", "fp16"):
         assert TrainConfig(precision=name).precision == name
 
 
@@ -335,3 +335,44 @@ def test_preset_with_invalid_value_is_refused_naming_key(monkeypatch):
     _fake_preset(monkeypatch, {"train": {"precision": "fp8"}})
     with pytest.raises(UserError, match="precision"):
         resolve("smoke", {})
+
+
+# --- throughput mode (`run --synthetic`) ------------------------------------------------------
+
+
+def test_synthetic_mode_sits_between_the_preset_and_the_command_line():
+    cfg = resolve("A100-1x1", parse_overrides(["max_steps=7"]), synthetic=True)
+    # the preset's recipe is kept ...
+    assert (cfg.train.batch_size, cfg.train.lr, cfg.train.precision) == (16, 0.04, "fp32")
+    assert (cfg.model.min_size, cfg.model.max_size) == (800, 1333)
+    # ... on generated COCO-like data, with random weights in the pretrained structure
+    assert cfg.data.synth_profile == "coco" and cfg.data.data_dir == ""
+    assert cfg.model.backbone_weights == "random" and cfg.throughput_only is True
+    assert cfg.train.target_map == 0.0  # never stops early on an accuracy it cannot reach
+    assert cfg.train.max_steps == 7  # the command line beats the mode's 200
+    assert resolve("A100-1x1", {}, synthetic=True).train.max_steps == 200
+    assert resolve("A100-1x1", {}).throughput_only is False  # only when asked
+
+
+def test_synthetic_mode_refuses_a_dataset_and_random_weights_need_it():
+    with pytest.raises(UserError, match="--synthetic generates its own data"):
+        resolve("A100-1x1", parse_overrides(["data_dir=/data/coco"]), synthetic=True)
+    with pytest.raises(UserError, match=r"backbone_weights='random'.*throughput_only=true"):
+        resolve("A100-1x1", parse_overrides(["backbone_weights=random"]))
+    given = resolve("A100-1x1", parse_overrides(["backbone_weights=/w/resnet50.pth"]), True)
+    assert given.model.backbone_weights == "/w/resnet50.pth"  # a weight file is still honoured
+
+
+@pytest.mark.parametrize(
+    ("pair", "needle"),
+    [
+        ("synth_profile=faces", "synth_profile"),
+        ("synth_image_size=16", "synth_image_size"),
+        ("timing_warmup_steps=-1", "timing_warmup_steps"),
+        ("profile_steps=5-9", "profile_steps"),
+        ("profile_steps=0:3", "profile_steps"),
+    ],
+)
+def test_new_keys_are_checked(pair, needle):
+    with pytest.raises(UserError, match=needle):
+        resolve("smoke", parse_overrides([pair]))

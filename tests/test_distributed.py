@@ -244,3 +244,29 @@ def test_killing_one_rank_ends_the_whole_job(tiny_run_args, tiny_dataset, tmp_pa
     assert job.returncode != 0
     assert b"local_rank: 1" in stderr or b"rank: 1" in stderr  # torchrun names the failed rank
     assert not (out / "results.json").exists()
+
+
+@pytest.mark.gpu
+def test_nccl_collectives_of_distenv_in_a_one_process_group(tmp_path):
+    """Real NCCL on the device: the collectives DistEnv runs (on device tensors under nccl)."""
+    import torch.distributed as dist
+
+    from retinaperf.distributed import DistEnv
+
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=device)
+    try:
+        env = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, device=device)
+        assert env.backend == "nccl"
+        assert env.all_reduce([1.5, 2.0], "sum") == [1.5, 2.0]
+        assert env.all_reduce([3.0, -1.0], "max") == [3.0, -1.0]
+        assert env.gather({"rank": 0}) == [{"rank": 0}]
+        assert env.broadcast("from rank 0") == "from rank 0"
+        values = torch.arange(6.0, device=device)
+        dist.all_reduce(values)
+        assert values.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+        env.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -135,29 +135,56 @@ def test_interval_rate_counts_images_since_last_call():
 
 
 class FakeWorld(DistEnv):
-    """Rank 0 of a world of two; the other rank's numbers are given."""
+    """Rank 0 of a world of two; the other rank's values of each reduction are given, in the
+    order `summarize` reduces them."""
 
-    def __init__(self, other_images: float, other_core: float) -> None:
+    def __init__(self, other_sums: list[float], other_maxima: list[float]) -> None:
         super().__init__(rank=0, world_size=2, local_rank=0, local_world_size=2, device=CPU)
-        object.__setattr__(self, "other", (other_images, other_core))
+        object.__setattr__(self, "other", {"sum": other_sums, "max": other_maxima})
 
     def all_reduce(self, values, op):
-        other_images, other_core = self.other
-        others = [other_images, values[1]] if len(values) == 2 else [other_core]
-        if op == "sum":
-            return [a + b for a, b in zip(values, others, strict=True)]
-        return [max(a, b) for a, b in zip(values, others, strict=True)]
+        combine = sum if op == "sum" else max
+        return [combine(pair) for pair in zip(values, self.other[op], strict=True)]
 
 
 def test_multi_rank_sums_images_and_takes_the_slowest_core():
     clock = FakeClock(100.0)
     meter = scripted_run(clock)  # this rank: 32 images, 8 s core
-    world = FakeWorld(other_images=32, other_core=9.0)
+    # the other rank: 32 images (all steady: no timing warm-up), 4 steps; 9 s core, all steady
+    world = FakeWorld(other_sums=[32, 4, 32], other_maxima=[9.0, 9.0])
     m = summarize(meter, world, target_map=0.35)
     assert m["trained_images"] == 64
     assert m["steps"] == 4  # per rank: steps are global steps, not summed
     assert m["core_time"] == pytest.approx(9.0)
     assert m["p_core"] == pytest.approx(64 / 9.0)
+    assert m["p_core_steady"] == pytest.approx(64 / 9.0)
+
+
+def test_p_core_steady_leaves_out_the_first_steps():
+    clock = FakeClock(0.0)
+    meter = Meter(
+        command_start=0.0, device=CPU, clock=clock, synchronize=clock.sync, timing_warmup_steps=2
+    )
+    meter.train_started()
+    for seconds in (10.0, 4.0, 1.0, 1.0, 1.0):  # kernel selection makes the first steps slow
+        with meter.core_step(images=4):
+            clock.advance(seconds)
+    with meter.evaluation():
+        clock.advance(1.0)
+    meter.eval_done(0, stats(0.1))
+    m = summarize(meter, single(), target_map=0.35)
+    assert m["p_core"] == pytest.approx(20 / 17.0)
+    assert m["p_core_steady"] == pytest.approx(12 / 3.0)
+    assert m["timing_warmup_steps"] == 2
+
+    short = Meter(0.0, CPU, clock=clock, synchronize=clock.sync, timing_warmup_steps=5)
+    short.train_started()
+    with short.core_step(images=4):
+        clock.advance(1.0)
+    with short.evaluation():
+        clock.advance(1.0)
+    short.eval_done(0, stats(0.1))
+    assert summarize(short, single(), target_map=0.35)["p_core_steady"] is None
 
 
 def test_memory_is_the_largest_rank_and_labels_its_view():

@@ -448,3 +448,41 @@ def test_summarize_two_hosts_means_peaks_and_none():
 
 def test_summarize_nothing():
     assert summarize([]) == {"samples": 0, "seconds": 0.0, "host": {}, "devices": []}
+
+
+@pytest.mark.gpu
+def test_nvml_readings_agree_with_torch_on_the_jobs_gpu():
+    """The driver's view (NVML) of the device torch uses: same device, same capacity, and it
+    sees an allocation torch makes."""
+    import torch
+
+    from retinaperf.metrics import device_uuid
+
+    device = torch.device("cuda", 0)
+    torch.ones(1, device=device)  # the CUDA context exists before the first reading
+    torch.cuda.synchronize(device)
+    wanted = device_uuid(device).lower().removeprefix("gpu-")
+    sampler = NvmlSampler()
+    try:
+
+        def reading() -> dict:
+            (mine,) = [
+                d
+                for d in sampler.sample()["devices"]
+                if d["uuid"].lower().removeprefix("gpu-") == wanted
+            ]
+            return mine
+
+        before = reading()
+        _free, total = torch.cuda.mem_get_info(device)
+        assert before["name"] == torch.cuda.get_device_name(device)
+        assert before["mem_total_gib"] == pytest.approx(total / GIB, rel=0.01)
+        block = torch.empty(2 * GIB, dtype=torch.uint8, device=device)
+        torch.cuda.synchronize(device)
+        after = reading()
+        assert after["mem_used_gib"] - before["mem_used_gib"] == pytest.approx(2.0, abs=0.2)
+        assert after["power_w"] is None or 0 < after["power_w"] < 2000
+        assert after["sm_clock_mhz"] is None or after["sm_clock_mhz"] > 0
+        del block
+    finally:
+        sampler.close()

@@ -189,3 +189,59 @@ def test_run_without_reaching_the_target_runs_every_epoch(
     m = json.loads((out / "results.json").read_text())["metrics"]
     assert m["epochs"] == 2 and m["converged"] is False and m["time_to_target"] is None
     assert len(m["evaluations"]) == 2
+
+
+def test_synthetic_mode_measures_a_presets_recipe_on_coco_like_data(tmp_path, capsys):
+    """`run --preset A100-1x1 --synthetic`, shrunk for a CPU: the preset's recipe on generated
+    COCO-like data with random weights in the pretrained structure; throughput only; with a
+    profiler window over two of its steps."""
+    out = tmp_path / "run"
+    settings = {
+        "device": "cpu",
+        "cache_dir": tmp_path / "cache",
+        "min_size": 64,
+        "max_size": 86,
+        "synth_image_size": 96,
+        "synth_train_images": 12,
+        "synth_val_images": 4,
+        "batch_size": 2,
+        "eval_batch_size": 4,
+        "num_workers": 0,
+        "max_steps": 4,
+        "timing_warmup_steps": 1,
+        "profile_steps": "2:3",
+        "monitor_interval": 0,
+        "save_model": "true",
+    }
+    args = ["run", "--preset", "A100-1x1", "--synthetic", "--output-dir", str(out)]
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    assert run_cli(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    m, config = results["metrics"], results["config"]
+    # the preset's recipe, on the coco profile, for speed alone
+    assert (m["lr"], m["precision"], m["precision_reason"]) == (0.04, "fp32", "as configured")
+    assert m["throughput_only"] is True and config["data"]["synth_profile"] == "coco"
+    assert "profile coco" in m["dataset"] and m["val_images"] == 4
+    assert m["backbone_init"].startswith("random values in the pretrained structure")
+    assert m["backbone_sha256"] is None  # nothing was downloaded or read
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert not any(k.endswith("num_batches_tracked") for k in state)  # frozen batch norm
+    # p_core_steady leaves out the first step
+    assert m["timing_warmup_steps"] == 1 and m["steps"] == 4
+    assert m["p_core_steady"] > 0 and m["p_core"] > 0
+    # the float32 math in force is recorded: on a CPU, IEEE whatever the TF32 flags say
+    assert m["math"]["effective_conv"] == "ieee" and m["math"]["conv_fp32_precision"] == "tf32"
+    report = (out / "report.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| ") and "bs=2" in line)
+    assert row.split("|")[8].strip() == "–"  # the mAP column
+    assert "throughput-only run" in report and "float32 convolutions in IEEE" in report
+    assert "p_core_steady" in report
+    # the profiler window: a trace of steps 2 and 3, and the top operators
+    events = read_events(out / "events.jsonl")
+    (profiled,) = [e for e in events if e["event"] == "profile"]
+    assert profiled["steps"] == [2, 3] and profiled["top_ops"]
+    trace = json.loads((out / profiled["trace"]).read_text())
+    labels = {e["name"] for e in trace["traceEvents"] if e["name"].startswith("ProfilerStep#")}
+    assert labels == {"ProfilerStep#2", "ProfilerStep#3"}
+    assert profiled["top_ops"][0]["name"] in capsys.readouterr().out

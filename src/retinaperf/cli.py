@@ -39,6 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="start N processes on this node (one per device) through torchrun",
     )
     run.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="throughput mode: the preset's recipe on generated COCO-like data with random "
+        "weights in the pretrained structure (no download); measures speed and memory, not mAP",
+    )
+    run.add_argument(
+        "--repeat",
+        type=int,
+        metavar="N",
+        help="run the configuration N times, each round a fresh command into <output dir>/"
+        "round-K, then write summary.json (mean, min, max, cv of each metric) and report.md",
+    )
+    run.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -52,7 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--train-images", type=int, default=512)
     gen.add_argument("--val-images", type=int, default=96)
-    gen.add_argument("--image-size", type=int, default=128, help="short side in pixels")
+    gen.add_argument(
+        "--image-size",
+        type=int,
+        default=0,
+        help="typical size in pixels: short side for shapes (default 128), long side for coco "
+        "(default 640)",
+    )
+    gen.add_argument(
+        "--profile",
+        choices=("shapes", "coco"),
+        default="shapes",
+        help="shapes: quick to learn (default); coco: COCO2017's statistics, for throughput",
+    )
+    gen.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="processes drawing images (default: the CPUs available, at most 8)",
+    )
 
     ev = commands.add_parser("evaluate", help="COCO bbox scores of a detections file")
     ev.add_argument("--annotations", required=True, help="COCO instances JSON (ground truth)")
@@ -93,9 +124,11 @@ def _run(args: argparse.Namespace) -> int:
     pairs = [f"{key}={value}" for key, value in flags.items() if value is not None]
     pairs += args.overrides
     # Resolving first reports a bad setting once, before any process is started.
-    resolved = config.resolve(args.preset, config.parse_overrides(pairs))
+    resolved = config.resolve(args.preset, config.parse_overrides(pairs), args.synthetic)
+    if args.repeat is not None:
+        return _repeat(args, resolved, pairs)
     if args.nproc_per_node is not None:
-        return _launch(args.nproc_per_node, args.preset, pairs)
+        return _launch(args.nproc_per_node, _child_args(args, pairs))
     run = train.run
     if "TORCHELASTIC_ERROR_FILE" in os.environ:
         # Under torchrun: record this worker's error where torchrun's failure summary reads it,
@@ -110,18 +143,53 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _launch(nproc_per_node: int, preset: str, pairs: list[str]) -> int:
-    """`run --nproc-per-node N`: the same run under torchrun, N processes on this node; the
-    workers get the settings as `--set` pairs (the shortcut flags included)."""
+def _child_args(args: argparse.Namespace, pairs: list[str]) -> list[str]:
+    """`retinaperf run` arguments that repeat this command's settings (the shortcut flags as
+    `--set` pairs), for the processes it starts."""
+    child = ["run", "--preset", args.preset, *(["--synthetic"] if args.synthetic else [])]
+    for pair in pairs:
+        child += ["--set", pair]
+    return child
+
+
+def _repeat(args: argparse.Namespace, resolved, pairs: list[str]) -> int:
+    """`run --repeat N`: N rounds, each a fresh `retinaperf run` (under torchrun with
+    --nproc-per-node), then their summary."""
+    from . import rounds
+
+    if "LOCAL_RANK" in os.environ:
+        raise UserError(
+            "--repeat: this process is one of torchrun's workers; repeat the torchrun command "
+            "instead, or use `retinaperf run --repeat N --nproc-per-node M`"
+        )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = Path(resolved.output_dir) if resolved.output_dir else Path("runs") / stamp
+    # Each round gets its own output_dir, given last.
+    child = _child_args(args, [p for p in pairs if p.partition("=")[0].strip() != "output_dir"])
+    if args.nproc_per_node is not None:
+        _check_launch(args.nproc_per_node)
+        command = _torchrun_command(args.nproc_per_node, child)
+    else:
+        command = [sys.executable, "-m", "retinaperf", *child]
+    return rounds.run_rounds(args.repeat, out_dir, command, START_ENV)
+
+
+def _check_launch(nproc_per_node: int) -> None:
     if nproc_per_node < 1:
         raise UserError(f"--nproc-per-node {nproc_per_node}: give 1 or more")
     if "LOCAL_RANK" in os.environ:
         raise UserError("--nproc-per-node: this process is already one of torchrun's workers")
-    child = ["run", "--preset", preset]
-    for pair in pairs:
-        child += ["--set", pair]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc-per-node", str(nproc_per_node), "-m", "retinaperf", *child]
+
+
+def _torchrun_command(nproc_per_node: int, child: list[str]) -> list[str]:
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*torchrun, "--nproc-per-node", str(nproc_per_node), "-m", "retinaperf", *child]
+
+
+def _launch(nproc_per_node: int, child: list[str]) -> int:
+    """`run --nproc-per-node N`: the same run under torchrun, N processes on this node."""
+    _check_launch(nproc_per_node)
+    command = _torchrun_command(nproc_per_node, child)
     # e2e_time starts at this command, not at the workers' start: hand them its wall-clock time.
     started = time.time() - (time.perf_counter() - COMMAND_START)
     env = {**os.environ, START_ENV: repr(started)}
@@ -137,11 +205,15 @@ def _command_start() -> float:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from .synth import SynthSpec, generate
+    from .synth import SynthSpec, default_workers, generate
 
-    spec = SynthSpec(args.seed, args.train_images, args.val_images, args.image_size)
-    out = generate(spec, Path(args.out))
-    print(f"wrote {spec.train_images} training and {spec.val_images} validation images to {out}")
+    spec = SynthSpec(args.seed, args.train_images, args.val_images, args.image_size, args.profile)
+    workers = default_workers() if args.workers is None else args.workers
+    out = generate(spec, Path(args.out), workers)
+    print(
+        f"wrote {spec.train_images} training and {spec.val_images} validation images "
+        f"({spec.profile}, {spec.image_size} px) to {out}"
+    )
     return 0
 
 
@@ -165,10 +237,13 @@ def _presets(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from . import report
+    from . import report, rounds
 
     runs = [report.load_results(Path(run_dir)) for run_dir in args.run_dirs]
     print(report.render_comparison(report.compare(runs), args.format))
+    spreads = rounds.render_all_spreads(runs) if args.format == "md" else ""
+    if spreads:  # runs of one configuration: how much their numbers vary
+        print(f"\n{spreads}")
     if args.plots:
         from .plots import write_plots
 

@@ -20,7 +20,22 @@ from typing import Any
 from .errors import UserError
 
 BACKBONE_URL = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
-PRECISIONS = ("auto", "fp32", "tf32", "amp", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "fp32-strict", "tf32", "amp", "bf16", "fp16")
+SYNTH_PROFILES = ("shapes", "coco")
+
+# `run --synthetic`: a preset's recipe on generated COCO-like data, for speed alone. A layer above
+# the preset and below --set: the user can still change any of these.
+THROUGHPUT_MODE: dict[str, Any] = {
+    "synth_profile": "coco",
+    # COCO2017's ratio of validation to training images (5000 / 117266), so that evaluation
+    # weighs in p_whole as it does in the real case.
+    "synth_train_images": 2048,
+    "synth_val_images": 88,
+    "backbone_weights": "random",
+    "throughput_only": True,
+    "target_map": 0.0,
+    "max_steps": 200,
+}
 
 
 def _check(condition: bool, key: str, value: object, need: str) -> None:
@@ -42,8 +57,12 @@ class DataConfig:
     """Generated dataset: number of training images (used when data_dir is empty)."""
     synth_val_images: int = 96
     """Generated dataset: number of validation images."""
-    synth_image_size: int = 128
-    """Generated dataset: short side of the images in pixels."""
+    synth_image_size: int = 0
+    """Generated dataset: typical image size in pixels (shapes: the short side; coco: the long
+    side of most images). 0: the profile's own (shapes 128, coco 640, as COCO's images)."""
+    synth_profile: str = "shapes"
+    """Generated dataset: `shapes` (a few learnable shapes, for smoke runs) or `coco` (images,
+    boxes and categories with COCO2017's statistics, for throughput runs)."""
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, "num_workers", self.num_workers, "use 0 or more")
@@ -56,13 +75,27 @@ class DataConfig:
         )
         for key in ("synth_train_images", "synth_val_images"):
             _check(getattr(self, key) >= 1, key, getattr(self, key), "use 1 or more")
-        _check(self.synth_image_size >= 32, "synth_image_size", self.synth_image_size, "use 32+")
+        _check(
+            self.synth_image_size == 0 or self.synth_image_size >= 32,
+            "synth_image_size",
+            self.synth_image_size,
+            "use 0 (the profile's own) or 32 and more",
+        )
+        _check(
+            self.synth_profile in SYNTH_PROFILES,
+            "synth_profile",
+            self.synth_profile,
+            f"use {SYNTH_PROFILES}",
+        )
 
 
 @dataclass
 class ModelConfig:
     backbone_weights: str = BACKBONE_URL
-    """ImageNet ResNet-50 weights: a URL, file:// URL, a path, or `none` for random init."""
+    """ImageNet ResNet-50 weights: a URL, file:// URL or a path. Or no file: `none` (random
+    init, every layer trainable, ordinary batch norm: training from scratch) or `random` (random
+    values in the pretrained structure: frozen batch norm, 3 trainable stages; the speed of the
+    real recipe without its download, for throughput_only runs)."""
     min_size: int = 800
     """The model's resize: short side of the input in pixels."""
     max_size: int = 1333
@@ -71,6 +104,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(self.min_size >= 32, "min_size", self.min_size, "use 32 or more")
         _check(self.max_size >= self.min_size, "max_size", self.max_size, "use at least min_size")
+        _check(self.backbone_weights.strip() != "", "backbone_weights", "", "give a source")
 
 
 @dataclass
@@ -99,8 +133,10 @@ class TrainConfig:
     max_steps: int = 0
     """Stop after this many optimizer steps (0: no limit); a final evaluation follows."""
     precision: str = "fp32"
-    """fp32, tf32, amp (fp16 autocast + loss scaling), bf16 (autocast), fp16 (half model with
-    fp32 master weights), or auto (the faster of fp32 and bf16 on this device, timed at start)."""
+    """fp32 (the framework's default float32 math, as the seed's: TF32 convolutions on NVIDIA
+    Ampere and newer), fp32-strict (IEEE float32 everywhere), tf32 (TF32 convolutions and
+    matmuls), amp (fp16 autocast + loss scaling), bf16 (autocast), fp16 (half model with fp32
+    master weights), or auto (bf16 where the device computes it natively, else fp32)."""
     target_map: float = 0.35
     """Stop at the first evaluation whose mAP reaches this; 0 never stops early."""
     seed: int = 0
@@ -109,13 +145,26 @@ class TrainConfig:
     """Steps between logged steps (loss, lr, images/s)."""
     deterministic: bool = False
     """Use deterministic kernels (slower); for equivalence tests."""
+    timing_warmup_steps: int = 10
+    """Steps left out of p_core_steady (kernel selection, allocator growth, caches warming);
+    p_core counts every step. Not the lr warm-up."""
+    profile_steps: str = ""
+    """`A:B`: record steps A to B (both included, numbered from 1 as in the event log) with
+    torch.profiler into <run dir>/profile and print the top operators. Empty: off."""
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "epochs", "log_every"):
             _check(getattr(self, key) >= 1, key, getattr(self, key), "use 1 or more")
         for key in ("lr", "lr_gamma", "warmup_factor"):
             _check(getattr(self, key) > 0, key, getattr(self, key), "use a positive number")
-        for key in ("momentum", "weight_decay", "warmup_iters", "max_steps", "clip_grad_norm"):
+        for key in (
+            "momentum",
+            "weight_decay",
+            "warmup_iters",
+            "max_steps",
+            "clip_grad_norm",
+            "timing_warmup_steps",
+        ):
             _check(getattr(self, key) >= 0, key, getattr(self, key), "use 0 or more")
         _check(self.precision in PRECISIONS, "precision", self.precision, f"use {PRECISIONS}")
         _check(0 <= self.target_map <= 1, "target_map", self.target_map, "use a value in [0, 1]")
@@ -125,6 +174,9 @@ class TrainConfig:
             self.lr_steps,
             "list epochs in increasing order",
         )
+        from .profiling import parse_step_window  # checks the form; imports no torch
+
+        parse_step_window(self.profile_steps)
 
 
 @dataclass
@@ -158,6 +210,9 @@ class RunConfig:
     monitor_interval: float = 5.0
     """Seconds between the system monitor's samples (CPU, RAM, and per GPU utilisation, memory,
     power, temperature, clock); 0 turns the monitor off."""
+    throughput_only: bool = False
+    """Measure speed alone: the data or weights make mAP meaningless (`run --synthetic`);
+    results say so and the table shows no mAP."""
     save_model: bool = False
     """Write the trained model's state dict to <run dir>/model.pt at the end."""
     cache_dir: str = ""
@@ -172,6 +227,13 @@ class RunConfig:
         _check(self.devices_per_node >= 0, "devices_per_node", self.devices_per_node, "use 0+")
         _check(self.dist_timeout > 0, "dist_timeout", self.dist_timeout, "use a positive number")
         _check(self.monitor_interval >= 0, "monitor_interval", self.monitor_interval, "use 0+")
+        _check(
+            self.throughput_only or self.model.backbone_weights.strip().lower() != "random",
+            "backbone_weights",
+            self.model.backbone_weights,
+            "random values in the pretrained structure do not learn like ImageNet weights: "
+            "use it with throughput_only=true (run --synthetic), or `none` to train from scratch",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -299,9 +361,16 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def resolve(preset: str, overrides: dict[str, Any]) -> RunConfig:
-    """Defaults < preset file < overrides, validated."""
-    values = {**_flatten_preset(preset, _read_preset(preset)), **overrides, "preset": preset}
+def resolve(preset: str, overrides: dict[str, Any], synthetic: bool = False) -> RunConfig:
+    """Defaults < preset file < throughput mode (if `synthetic`) < overrides, validated."""
+    mode = THROUGHPUT_MODE if synthetic else {}
+    preset_values = _flatten_preset(preset, _read_preset(preset))
+    values = {**preset_values, **mode, **overrides, "preset": preset}
+    if synthetic and values.get("data_dir"):
+        raise UserError(
+            f"--synthetic generates its own data: drop --data-dir {values['data_dir']} (or drop "
+            "--synthetic to run on that dataset)"
+        )
     index = _key_index()
     root: dict[str, Any] = {}
     sections: dict[str, dict[str, Any]] = {name: {} for name in _section_types()}
@@ -349,6 +418,7 @@ def _field_docs() -> dict[str, str]:
 __all__ = [
     "BACKBONE_URL",
     "PRECISIONS",
+    "THROUGHPUT_MODE",
     "DataConfig",
     "EvalConfig",
     "ModelConfig",

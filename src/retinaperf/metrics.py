@@ -10,6 +10,7 @@ Windows (host clock, seconds):
     train_time = end of the last evaluation - train start
     eval_time  = sum of evaluation windows
     core time  = sum of core windows (forward + loss + backward + optimizer step)
+    steady core time = the same without the first `timing_warmup_steps` steps
 """
 
 from __future__ import annotations
@@ -44,11 +45,15 @@ class Meter:
     device: torch.device
     clock: Callable[[], float] = time.perf_counter
     synchronize: Callable[[torch.device], None] = synchronize
+    timing_warmup_steps: int = 0
+    """Steps left out of the steady core time and images (p_core_steady)."""
     train_start: float | None = None
     train_end: float | None = None
     images: int = 0
     steps: int = 0
     core_seconds: float = 0.0
+    steady_images: int = 0
+    steady_core_seconds: float = 0.0
     eval_seconds: float = 0.0
     evals: list[EvalRecord] = field(default_factory=list)
     _interval_start: float = 0.0
@@ -66,9 +71,13 @@ class Meter:
         start = self.clock()
         yield
         self.synchronize(self.device)  # the step's kernels are queued, not done: wait for them
-        self.core_seconds += self.clock() - start
+        seconds = self.clock() - start
+        self.core_seconds += seconds
         self.images += images
         self.steps += 1
+        if self.steps > self.timing_warmup_steps:
+            self.steady_core_seconds += seconds
+            self.steady_images += images
         self._interval_images += images
 
     @contextlib.contextmanager
@@ -129,8 +138,12 @@ def summarize(meter: Meter, env: DistEnv, target_map: float) -> dict:
     the writer adds it; memory comes from `memory`), reduced over ranks: images summed, core
     time maxed. Every rank must call this: it runs collectives."""
     assert meter.train_start is not None and meter.train_end is not None, "no evaluation ran"
-    images, steps = env.all_reduce([meter.images, meter.steps], "sum")
-    (core_max,) = env.all_reduce([meter.core_seconds], "max")
+    images, steps, steady_images = env.all_reduce(
+        [meter.images, meter.steps, meter.steady_images], "sum"
+    )
+    core_max, steady_core_max = env.all_reduce(
+        [meter.core_seconds, meter.steady_core_seconds], "max"
+    )
 
     train_time = meter.train_end - meter.train_start
     train_minus_eval = train_time - meter.eval_seconds
@@ -147,6 +160,9 @@ def summarize(meter: Meter, env: DistEnv, target_map: float) -> dict:
         "p_whole": images / train_time,
         "p_train": images / train_minus_eval,
         "p_core": images / core_max,
+        # None when the run had no step after the timing warm-up
+        "p_core_steady": steady_images / steady_core_max if steady_images else None,
+        "timing_warmup_steps": meter.timing_warmup_steps,
         "mAP": last.stats["AP"],
         "best_mAP": best.stats["AP"],
         "best_epoch": best.epoch,

@@ -3,8 +3,9 @@
 We assemble it from torchvision's public parts rather than call the builder only because the
 builder can load backbone weights from torchvision's URL alone; the result is the same network:
 with ImageNet weights, frozen batch norm and the first two stages frozen (3 trainable layers); with
-random init, ordinary batch norm and every layer trainable. 91 classes: COCO category ids are used
-as labels directly.
+random init (`none`), ordinary batch norm and every layer trainable. `random` builds the first
+structure with random values: the same work per step as the real recipe, without its download.
+91 classes: COCO category ids are used as labels directly.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ class Uint8Transform(GeneralizedRCNNTransform):
 
 
 def build_model(config: ModelConfig, backbone_state: dict[str, torch.Tensor] | None) -> RetinaNet:
-    """The detection model; `backbone_state` is an ImageNet ResNet-50 state dict or None."""
-    pretrained = backbone_state is not None
+    """The detection model; `backbone_state` is an ImageNet ResNet-50 state dict or None (random
+    values: in the pretrained structure if `config.backbone_weights` is `random`)."""
+    pretrained = backbone_state is not None or config.backbone_weights.strip().lower() == "random"
     backbone = resnet_fpn_backbone(
         backbone_name="resnet50",
         weights=None,
@@ -48,7 +50,7 @@ def build_model(config: ModelConfig, backbone_state: dict[str, torch.Tensor] | N
         returned_layers=[2, 3, 4],  # P3-P5; P2 would make too many anchors (RetinaNet paper)
         extra_blocks=LastLevelP6P7(256, 256),
     )
-    if pretrained:
+    if backbone_state is not None:
         # The FPN body is the ResNet without its classifier: drop fc.* and load the rest strictly.
         body_state = {k: v for k, v in backbone_state.items() if not k.startswith("fc.")}
         try:

@@ -122,12 +122,16 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
+    """JSON, written atomically (see write_text_atomic)."""
+    write_text_atomic(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside `path`, then rename: readers never see half a file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, default=_jsonable)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -143,7 +147,7 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
-def _significant(value: float, digits: int = 3) -> str:
+def significant(value: float, digits: int = 3) -> str:
     """138, 22.3, 0.412: three significant figures like the seed's table; integers stay whole."""
     if value == 0 or not math.isfinite(value):
         return str(value)
@@ -153,13 +157,15 @@ def _significant(value: float, digits: int = 3) -> str:
 
 
 def row_values(results: dict) -> dict[str, Any]:
-    """The seed's columns of one run: labels as text, numbers as numbers."""
+    """The seed's columns of one run: labels as text, numbers as numbers; mAP is None for a
+    throughput-only run, whose data or weights make it meaningless."""
     m = results["metrics"]
     return {
         "配置": f"{m['device_name']} {m['nodes']}x{m['devices_per_node']}",
         "precision": m["precision"],
         "fix_hp": f"bs={m['local_batch']},lr={m['lr']:g}",
-        **{column: m[column] for column in ("e2e_time", "p_whole", "p_train", "p_core", "mAP")},
+        **{column: m[column] for column in ("e2e_time", "p_whole", "p_train", "p_core")},
+        "mAP": None if m.get("throughput_only") else m["mAP"],
         "mem": m["mem"],
     }
 
@@ -175,14 +181,16 @@ def format_cells(row: dict[str, Any]) -> dict[str, str]:
     cells = {}
     for column in COLUMNS:
         value = row[column]
-        if isinstance(value, str):
+        if value is None:
+            cells[column] = NO_VALUE
+        elif isinstance(value, str):
             cells[column] = value
         elif column == "e2e_time":
             cells[column] = f"{value:.0f}"
         elif column == "mAP":
             cells[column] = f"{value:.4f}"
         else:
-            cells[column] = _significant(value)
+            cells[column] = significant(value)
     return cells
 
 
@@ -193,6 +201,11 @@ def format_table(rows: list[dict[str, str]], columns: tuple[str, ...] = COLUMNS)
     return "\n".join(lines)
 
 
+NO_VALUE = "–"
+THROUGHPUT_ONLY_NOTE = (
+    "mAP –: a throughput-only run (generated COCO-like data or random weights) measures speed "
+    "and memory; its accuracy means nothing."
+)
 THROUGHPUTS = ("p_whole", "p_train", "p_core")
 COMPARISON_COLUMNS = (*COLUMNS, "scaling", "vs A100 ref")
 
@@ -225,7 +238,8 @@ def compare(runs: list[dict]) -> list[dict]:
     Scaling efficiency of a run of W ranks: p / (W x p of the one-device run), for each
     throughput p, against a run among `runs` with world size 1 on the same device, precision and
     local batch; None when there is no such run. The reference ratio is given only for runs of
-    the seed's workload (COCO2017 at 800/1333 px): a generated-data run's speed is not comparable.
+    the seed's workload shape: COCO2017, or generated data of COCO's statistics (`--synthetic`),
+    at 800/1333 px; the smoke preset's shapes are another workload.
     """
     reference = seed_reference()["rows"]
     rows = []
@@ -243,7 +257,7 @@ def compare(runs: list[dict]) -> list[dict]:
             ),
             None,
         )
-        ref_row = reference.get(topology, {}) if _is_seed_workload(results["config"]) else {}
+        ref_row = reference.get(topology, {}) if _is_seed_shape(results["config"]) else {}
         row = {"run_dir": results.get("run_dir"), **row_values(results)}
         for p in THROUGHPUTS:
             short = p.removeprefix("p_")
@@ -253,14 +267,12 @@ def compare(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def _is_seed_workload(config: dict) -> bool:
-    """Whether a run's numbers can stand beside the seed's: COCO2017 at the recipe's sizes (not
-    the generated dataset, nor another resize)."""
+def _is_seed_shape(config: dict) -> bool:
+    """Whether a run's speed can stand beside the seed's: COCO2017 or COCO-like generated data,
+    at the recipe's sizes (not the smoke shapes, nor another resize)."""
     data, model = config.get("data", {}), config.get("model", {})
-    return bool(data.get("data_dir")) and (model.get("min_size"), model.get("max_size")) == (
-        800,
-        1333,
-    )
+    coco_like = bool(data.get("data_dir")) or data.get("synth_profile") == "coco"
+    return coco_like and (model.get("min_size"), model.get("max_size")) == (800, 1333)
 
 
 def render_comparison(rows: list[dict], fmt: str) -> str:
@@ -288,30 +300,31 @@ def render_comparison(rows: list[dict], fmt: str) -> str:
     notes = (
         "scaling: p_train / (ranks x p_train of the one-device run of the same device, "
         "precision and batch). vs A100 ref: p_whole/p_train/p_core over the seed's A100 row of "
-        "the same topology (FlagPerf; its fp32 most likely ran TF32 math)."
+        "the same topology (FlagPerf, PyTorch 1.8: its fp32 computed convolutions in TF32), for "
+        "runs on COCO2017 or COCO-like generated data at 800/1333 px."
     )
+    if any(row["mAP"] is None for row in rows):
+        notes += " " + THROUGHPUT_ONLY_NOTE
     return format_table(text_rows, COMPARISON_COLUMNS) + "\n\n" + notes
 
 
 def render_report(results: dict) -> str:
     """The markdown report of one run: the seed's table and what it stands on."""
     m = results["metrics"]
-    target = "reached" if m["converged"] else "not reached"
     lines = [
         f"# retinaperf run: preset {results['config']['preset']}",
         "",
         format_table([table_row(results)]),
         "",
-        f"- mAP (COCO bbox AP@[.5:.95]) at the last evaluation: {m['mAP']:.4f}; best "
-        f"{m['best_mAP']:.4f} (epoch {m['best_epoch']}, step {m['best_step']}); target "
-        f"{m['target_mAP']} {target}"
-        + (f" after {m['time_to_target']:.0f} s of training" if m["converged"] else ""),
+        _accuracy_line(m),
+        _precision_line(m),
         f"- images trained: {m['trained_images']} in {m['steps']} steps over {m['epochs']} "
         f"epoch(s); world size {m['world_size']} ({m['nodes']} node(s) x "
         f"{m['devices_per_node']}), global batch {m['global_batch']}",
         f"- times (s): e2e {m['e2e_time']:.1f}, init {m['init_time']:.1f}, train "
         f"{m['train_time']:.1f}, of which evaluation {m['eval_time']:.1f}; core "
         f"{m['core_time']:.1f}",
+        _steady_line(m),
         f"- mem: {m['mem']} GiB ({m['mem_source']}); this process's view {m['mem_process']} "
         f"({m['mem_process_source']})",
         _utilization_line(m),
@@ -324,6 +337,45 @@ def render_report(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _accuracy_line(m: dict) -> str:
+    if m.get("throughput_only"):
+        return f"- {THROUGHPUT_ONLY_NOTE} Backbone: {m['backbone_init']}."
+    target = "reached" if m["converged"] else "not reached"
+    return (
+        f"- mAP (COCO bbox AP@[.5:.95]) at the last evaluation: {m['mAP']:.4f}; best "
+        f"{m['best_mAP']:.4f} (epoch {m['best_epoch']}, step {m['best_step']}); target "
+        f"{m['target_mAP']} {target}"
+        + (f" after {m['time_to_target']:.0f} s of training" if m["converged"] else "")
+    )
+
+
+def _precision_line(m: dict) -> str:
+    """The precision and the float32 math in force: what `fp32` meant on this device."""
+    math = m["math"]
+    flags = (
+        f"cuDNN conv fp32_precision={math['conv_fp32_precision']}, cuBLAS matmul "
+        f"fp32_precision={math['matmul_fp32_precision']}, cudnn.benchmark="
+        f"{math['cudnn_benchmark']}, deterministic algorithms {math['deterministic_algorithms']}"
+    )
+    return (
+        f"- precision {m['precision']} ({m['precision_reason']}): float32 convolutions in "
+        f"{math['effective_conv'].upper()}, float32 matmuls in {math['effective_matmul'].upper()} "
+        f"({flags})"
+    )
+
+
+def _steady_line(m: dict) -> str:
+    if m["p_core_steady"] is None:
+        return (
+            f"- p_core_steady: – (no step after the first {m['timing_warmup_steps']}, which it "
+            "leaves out)"
+        )
+    return (
+        f"- p_core_steady {significant(m['p_core_steady'])} images/s: p_core without the first "
+        f"{m['timing_warmup_steps']} steps (p_core {significant(m['p_core'])} counts them all)"
+    )
+
+
 def _utilization_line(m: dict) -> str:
     line = (
         f"- compute: {m['flops_per_image'] / 1e9:.1f} GFLOP per training image; "
@@ -331,7 +383,8 @@ def _utilization_line(m: dict) -> str:
     )
     if m["mfu"] is None:
         return line + " (the device's peak is not in the table: no MFU)"
-    return line + f", {100 * m['mfu']:.1f}% of the peak {m['peak_tflops']:.4g} TFLOP/s (MFU)"
+    share = f"{100 * m['mfu']:.1f}%"
+    return line + f", {share} of the {m['peak_math']} peak {m['peak_tflops']:.4g} TFLOP/s (MFU)"
 
 
 def _monitor_lines(summary: dict | None) -> list[str]:

@@ -27,6 +27,7 @@ from . import (
     metrics,
     monitor,
     plots,
+    precision,
     report,
     synth,
     utilization,
@@ -37,7 +38,8 @@ from .distributed import DistEnv
 from .errors import UserError
 from .model import build_model
 from .monitor import Monitor
-from .precision import Precision, resolve_auto
+from .precision import Precision
+from .profiling import StepProfiler, parse_step_window
 
 
 def lr_factor(
@@ -97,6 +99,7 @@ class Setup:
     loaders: Loaders
     meter: metrics.Meter
     monitor: Monitor | None  # local rank 0 of each node only
+    profiler: StepProfiler
     flops_per_image: float | None  # rank 0 only
     events: report.EventLog
     run_dir: Path
@@ -107,18 +110,20 @@ def run(config: RunConfig, command_start: float) -> dict:
     """Run the benchmark; returns the results written to `<run_dir>/results.json` (on rank 0)."""
     env = distributed.setup(config.device, config.dist_timeout)
     events = report.EventLog(None, command_start)
-    sampler = None
+    setup = None
     try:
         setup = _set_up(config, env, command_start)
-        events, sampler = setup.events, setup.monitor
+        events = setup.events
         _train(setup)
         return _finish(setup)
     except BaseException as err:
         events.emit("run_failed", error=f"{type(err).__name__}: {err}")
         raise
     finally:
-        if sampler is not None:
-            sampler.stop()  # its thread must not outlive the run
+        if setup is not None:
+            setup.profiler.close()  # writes what a window cut short recorded
+            if setup.monitor is not None:
+                setup.monitor.stop()  # its thread must not outlive the run
         events.close()
         distributed.teardown()
 
@@ -128,9 +133,9 @@ def _set_up(config: RunConfig, env: DistEnv, command_start: float) -> Setup:
     run_dir = _run_dir(config, env)  # checked now, created once the set-up has succeeded
     if config.tensorboard:
         report.require_tensorboard()
-    precision = Precision(
-        env.broadcast(resolve_auto(config.train.precision, env.device)), env.device
-    )
+    # Rank 0 decides, so that every rank trains in the same precision.
+    chosen, reason = env.broadcast(precision.choose(config.train.precision, env.device))
+    trained_in = Precision(chosen, env.device, reason)
     torch.manual_seed(config.train.seed)
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -138,15 +143,15 @@ def _set_up(config: RunConfig, env: DistEnv, command_start: float) -> Setup:
     loaders = _build_data(config, env, cache_dir)
     backbone = _load_weights(config, env, cache_dir)
     model = build_model(config.model, backbone.state_dict if backbone else None)
-    model = precision.prepare(model.to(env.device))
+    model = trained_in.prepare(model.to(env.device))
     optimizer = torch.optim.SGD(
-        precision.optimizer_params(model),
+        trained_in.optimizer_params(model),
         lr=config.train.lr,
         momentum=config.train.momentum,
         weight_decay=config.train.weight_decay,
     )
     # Counted before DDP wraps the model, so that no gradient hook fires.
-    flops = _count_flops(model, loaders, env, precision) if env.is_main else None
+    flops = _count_flops(model, loaders, env, trained_in) if env.is_main else None
     trained = model
     if env.world_size > 1:
         trained = DistributedDataParallel(
@@ -156,7 +161,10 @@ def _set_up(config: RunConfig, env: DistEnv, command_start: float) -> Setup:
         **loaders.facts,
         "backbone_weights": config.model.backbone_weights,
         "backbone_sha256": backbone.sha256 if backbone else None,
-        "precision": precision.name,
+        "backbone_init": _backbone_init(config, backbone),
+        "throughput_only": config.throughput_only,
+        "precision_requested": config.train.precision,
+        **trained_in.record(),  # read last: every math flag of the run is set by now
     }
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -169,16 +177,25 @@ def _set_up(config: RunConfig, env: DistEnv, command_start: float) -> Setup:
     return Setup(
         config=config,
         env=env,
-        precision=precision,
+        precision=trained_in,
         model=trained,
         inference_model=model,
         optimizer=optimizer,
         loaders=loaders,
-        meter=metrics.Meter(command_start, env.device),
+        meter=metrics.Meter(
+            command_start, env.device, timing_warmup_steps=config.train.timing_warmup_steps
+        ),
         monitor=(
             Monitor(config.monitor_interval, command_start)
             if env.local_rank == 0 and config.monitor_interval > 0
             else None
+        ),
+        profiler=StepProfiler(
+            parse_step_window(config.train.profile_steps),
+            run_dir,
+            env.device,
+            enabled=env.is_main,
+            events=events,
         ),
         flops_per_image=flops,
         events=events,
@@ -256,10 +273,13 @@ def _train_epoch(s: Setup, epoch: int, warmup_iters: int) -> None:
                 group["lr"] = lr
             images, targets = data.check_batch(batch)
             images, targets = data.to_device(images, targets, s.env.device)
+            step = meter.steps + 1
+            s.profiler.before_step(step)
             with meter.core_step(len(images)):
                 losses = train_step(
                     s.model, images, targets, s.optimizer, s.precision, cfg.clip_grad_norm
                 )
+            s.profiler.after_step(step)
             bar.update()
             if meter.steps % cfg.log_every == 0:
                 _log_step(s, epoch, lr, losses, bar)
@@ -346,7 +366,11 @@ def _finish(s: Setup) -> dict:
             "seed": cfg.train.seed,
             "device_name": device_name,
             **utilization.utilization(
-                s.flops_per_image, summary["p_core"], device_name, s.precision.name, env.world_size
+                s.flops_per_image,
+                summary["p_core"],
+                device_name,
+                s.precision.peak_math(),
+                env.world_size,
             ),
         },
         "monitor": monitored,
@@ -362,20 +386,20 @@ def _finish(s: Setup) -> dict:
     results["metrics"]["e2e_time"] = time.perf_counter() - s.meter.command_start
     report.write_json_atomic(s.run_dir / report.RESULTS, results)
     s.events.emit("run_end", **{k: v for k, v in results["metrics"].items() if k != "evaluations"})
-    (s.run_dir / report.REPORT).write_text(report.render_report(results), encoding="utf-8")
+    report.write_text_atomic(s.run_dir / report.REPORT, report.render_report(results))
     plots.write_plots(
         report.read_events(s.run_dir / report.EVENTS), samples, s.run_dir / report.PLOTS
     )
     return results
 
 
-def _count_flops(model: nn.Module, loaders: Loaders, env: DistEnv, precision: Precision) -> float:
+def _count_flops(model: nn.Module, loaders: Loaders, env: DistEnv, trained_in: Precision) -> float:
     """Training FLOPs per image on the run's first batch (see utilization.py), once per run."""
     dataset = loaders.train_loader.dataset
     keys = next(iter(loaders.train_sampler))  # epoch 0's first batch: the sampler is pure
     images, targets = data.check_batch([dataset[key] for key in keys])
     images, targets = data.to_device(images, targets, env.device)
-    return utilization.train_flops_per_image(model, images, targets, precision.autocast)
+    return utilization.train_flops_per_image(model, images, targets, trained_in.autocast)
 
 
 def _check_topology(config: RunConfig, env: DistEnv) -> None:
@@ -404,14 +428,29 @@ def _dataset_root(config: RunConfig, env: DistEnv, cache_dir: Path) -> tuple[Pat
         train_images=config.data.synth_train_images,
         val_images=config.data.synth_val_images,
         image_size=config.data.synth_image_size,
+        profile=config.data.synth_profile,
     )
-    # One process per node generates (the cache may be node-local); the others wait for it.
+    # One process per node generates (the cache may be node-local), on every core it has; the
+    # others wait for it.
     if env.local_rank == 0:
-        root = synth.cached(spec, cache_dir)
+        root = synth.cached(spec, cache_dir, workers=synth.default_workers())
     env.barrier()
     if env.local_rank != 0:
         root = synth.cached(spec, cache_dir)
-    return root, f"generated ({spec.train_images}+{spec.val_images} images of {spec.image_size} px)"
+    size = "long side" if spec.profile == "coco" else "short side"
+    return root, (
+        f"generated, profile {spec.profile} ({spec.train_images}+{spec.val_images} images, "
+        f"{size} {spec.image_size} px)"
+    )
+
+
+def _backbone_init(config: RunConfig, backbone: weights.LoadedWeights | None) -> str:
+    """How the backbone started, in words for the results."""
+    if backbone is not None:
+        return f"ImageNet weights from {backbone.path}"
+    if config.model.backbone_weights.strip().lower() == "random":
+        return "random values in the pretrained structure (frozen batch norm, 3 trainable stages)"
+    return "random initialisation (batch norm and every layer trainable)"
 
 
 def _load_weights(config: RunConfig, env: DistEnv, cache_dir: Path) -> weights.LoadedWeights | None:

@@ -67,15 +67,16 @@ def fetch(source: str, cache_dir: Path) -> Path:
     if not path.is_file():
         raise UserError(
             f"backbone weights: {path} does not exist: give the path of resnet50-0676ba61.pth "
-            "(or `none` for random initialisation)"
+            "(or `none` / `random` for random values)"
         )
     _verify(path, path.name)
     return path
 
 
 def load(source: str, cache_dir: Path) -> LoadedWeights | None:
-    """The state dict for `source`, or None for `none` (random initialisation)."""
-    if source.strip().lower() == "none":
+    """The state dict for `source`, or None for `none` and `random` (random values; see
+    ModelConfig.backbone_weights)."""
+    if source.strip().lower() in ("none", "random"):
         return None
     path = fetch(source, cache_dir)
     try:

@@ -1,0 +1,155 @@
+"""Repeated rounds of one configuration, and the spread of their metrics.
+
+`retinaperf run --repeat N` runs one configuration N times into `<output dir>/round-K/`. Each
+round is a command of its own, in a fresh process (through torchrun with `--nproc-per-node`), so
+that e2e_time and init_time mean in every round what they mean in a single run: imports, start-up
+and data indexing included. Then `summary.json` and `report.md` are written beside the rounds.
+`retinaperf report` shows the same spread for any run directories of one configuration.
+
+Spread of a metric over n runs: mean, min, max and cv, the coefficient of variation: the sample
+standard deviation (n - 1 in the denominator) over the mean; None for fewer than two values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+from . import report
+from .errors import UserError
+
+SUMMARY = "summary.json"
+# What varies between rounds of one configuration; None values (a metric a run lacks) are skipped.
+SPREAD_METRICS = (
+    "e2e_time",
+    "init_time",
+    "train_time",
+    "eval_time",
+    "p_whole",
+    "p_train",
+    "p_core",
+    "p_core_steady",
+    "mAP",
+    "best_mAP",
+    "mem_used_gib",
+    "achieved_tflops",
+    "mfu",
+)
+# Keys that say where a run wrote, not what it computed: runs differing only here are one
+# configuration.
+_PLACE_KEYS = ("output_dir", "cache_dir", "tensorboard", "monitor_interval", "save_model")
+
+
+def spread(runs: list[dict]) -> dict[str, dict]:
+    """{metric: {n, mean, min, max, cv}} over the results.json objects of `runs`."""
+    table = {}
+    for name in SPREAD_METRICS:
+        values = [r["metrics"][name] for r in runs if r["metrics"].get(name) is not None]
+        if not values:
+            continue
+        mean = statistics.fmean(values)
+        deviation = statistics.stdev(values) if len(values) > 1 else None
+        table[name] = {
+            "n": len(values),
+            "mean": mean,
+            "min": min(values),
+            "max": max(values),
+            "cv": deviation / mean if deviation is not None and mean else None,
+        }
+    return table
+
+
+def configuration_key(results: dict) -> str:
+    """What must be equal for runs to be rounds of one configuration: the resolved configuration
+    (less where it wrote), the device, the job's shape and the precision actually used."""
+    config = {k: v for k, v in results["config"].items() if k not in _PLACE_KEYS}
+    m = results["metrics"]
+    shape = {k: m.get(k) for k in ("device_name", "world_size", "nodes", "precision")}
+    return json.dumps({"config": config, **shape}, sort_keys=True, default=str)
+
+
+def groups(runs: list[dict]) -> list[list[dict]]:
+    """Runs grouped by configuration, in order of first appearance."""
+    grouped: dict[str, list[dict]] = {}
+    for results in runs:
+        grouped.setdefault(configuration_key(results), []).append(results)
+    return list(grouped.values())
+
+
+def render_spread(runs: list[dict]) -> str:
+    """A markdown table of the spread of `runs`, with a line saying which configuration."""
+    m, config = runs[0]["metrics"], runs[0]["config"]
+    rows = []
+    for name, s in spread(runs).items():
+        cv = "–" if s["cv"] is None else f"{100 * s['cv']:.1f}%"
+        cells = {k: report.significant(s[k]) for k in ("mean", "min", "max")}
+        rows.append({"metric": name, "n": str(s["n"]), **cells, "cv": cv})
+    title = (
+        f"Spread over {len(runs)} runs of one configuration: preset {config.get('preset')}, "
+        f"{m['device_name']} {m['nodes']}x{m['devices_per_node']}, {m['precision']}"
+    )
+    table = report.format_table(rows, ("metric", "n", "mean", "min", "max", "cv"))
+    return f"{title}\n\n{table}\n\ncv: sample standard deviation / mean."
+
+
+def render_all_spreads(runs: list[dict]) -> str:
+    """The spread of every configuration given more than once; empty if there is none."""
+    return "\n\n".join(render_spread(group) for group in groups(runs) if len(group) > 1)
+
+
+def run_rounds(count: int, out_dir: Path, command: list[str], start_variable: str) -> int:
+    """Run `command` (a `retinaperf run` that takes `--set output_dir=...` last) `count` times,
+    round K into `out_dir/round-K`; then write summary.json and report.md. Returns the exit
+    status: a failed round's, at once, with the rounds before it left as they are.
+
+    Each round's e2e_time starts when the round is launched: its wall-clock time goes to the
+    round's processes in the environment variable `start_variable`."""
+    if count < 1:
+        raise UserError(f"--repeat {count}: give 1 or more")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"output: {out_dir} is not empty: choose a new --output-dir")
+    round_dirs = [out_dir / f"round-{k}" for k in range(1, count + 1)]
+    for k, round_dir in enumerate(round_dirs, start=1):
+        print(f"retinaperf: round {k} of {count} -> {round_dir}", flush=True)
+        environment = {**os.environ, start_variable: repr(time.time())}
+        status = subprocess.run(
+            [*command, "--set", f"output_dir={round_dir}"], env=environment, check=False
+        )
+        if status.returncode != 0:
+            print(
+                f"retinaperf: round {k} of {count} failed (exit status {status.returncode}); "
+                "no summary written",
+                flush=True,
+            )
+            return status.returncode
+    runs = [report.load_results(d) for d in round_dirs]
+    write_summary(out_dir, runs)
+    print(render_spread(runs))
+    print(f"summary: {out_dir / SUMMARY}")
+    return 0
+
+
+def write_summary(out_dir: Path, runs: list[dict]) -> dict:
+    """summary.json (the spread, the rounds, the configuration) and report.md (the seed's table
+    with one row per round, then the spread) in `out_dir`, each written atomically."""
+    summary = {
+        "rounds": len(runs),
+        "run_dirs": [r.get("run_dir") for r in runs],
+        "device_name": runs[0]["metrics"]["device_name"],
+        "precision": runs[0]["metrics"]["precision"],
+        "metrics": spread(runs),
+        "config": runs[0]["config"],
+    }
+    report.write_json_atomic(Path(out_dir) / SUMMARY, summary)
+    table = report.render_comparison(report.compare(runs), "md")
+    text = (
+        f"# retinaperf: {len(runs)} rounds of preset {runs[0]['config'].get('preset')}\n\n"
+        f"{table}\n\n{render_spread(runs)}\n"
+    )
+    report.write_text_atomic(Path(out_dir) / report.REPORT, text)
+    return summary
