@@ -1,0 +1,202 @@
+"""One command that checks a CUDA GPU: the tests marked `gpu`, then the throughput mode of the
+A100-1x1 preset (its batch, lr and 800x1333 resize, on generated COCO-like data) in several
+precisions. Writes docs/results/<date>-<device>-gpu-check/: each run's directory, the tests' log
+and a README.md with the generated summary table and the command that produced it.
+
+    python benchmarks/gpu_check.py                       # after `make` (or: make gpu-check)
+    PYTHONPATH=src python3 benchmarks/gpu_check.py       # a GPU machine's own torch, no install
+    python benchmarks/gpu_check.py --dry-run             # print what it would run
+
+Needs no network: random weights in the pretrained structure and generated data. About 100
+steps per precision keeps it within 8 minutes on one H100. Without a CUDA device it prints what
+it would run and exits 0 (`--cpu` runs it on the CPU anyway, slowly: to try the script).
+Exit status: 0 when every test and every run succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+from retinaperf import report  # noqa: E402
+from retinaperf.config import PRECISIONS as KNOWN_PRECISIONS  # noqa: E402
+
+# fp32-strict last: the slowest, so a check cut short by its time limit loses the least.
+PRECISIONS = ("fp32", "amp", "bf16", "fp32-strict")
+PRESET = "A100-1x1"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.precisions) - set(KNOWN_PRECISIONS))
+    if unknown or args.steps < 1:
+        parser.error(f"--precisions: choose from {KNOWN_PRECISIONS}" if unknown else "--steps >= 1")
+    started = time.perf_counter()
+    device = "cpu" if args.cpu else "cuda"
+    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else device
+    out_dir = _new_dir(Path(args.out), f"{datetime.date.today()}-{_slug(name)}-gpu-check")
+    tests = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
+    tests += [str(path) for path in _files_with_gpu_tests()]
+    overrides = ["device=cpu", *args.overrides] if args.cpu else args.overrides
+    runs = {
+        precision: _run_command(precision, args.steps, out_dir / precision, overrides)
+        for precision in args.precisions
+    }
+    if args.dry_run or not (torch.cuda.is_available() or args.cpu):
+        why = "dry run" if args.dry_run else "no CUDA device here: dry run"
+        print(f"gpu_check ({why}); it would run, writing {out_dir}:")
+        for command in (tests, *runs.values()):
+            print("  " + shlex.join(command))
+        return 0
+
+    out_dir.mkdir(parents=True)
+    environment = {**os.environ, "PYTHONPATH": _pythonpath()}
+    print(f"gpu_check on {name}: writing {out_dir}", flush=True)
+    tested = subprocess.run(
+        tests, cwd=REPO, env=environment, capture_output=True, text=True, check=False
+    )
+    (out_dir / "gpu_tests.log").write_text(tested.stdout + tested.stderr, encoding="utf-8")
+    verdict = _pytest_verdict(tested.stdout)
+    print(f"tests marked gpu: {verdict} ({time.perf_counter() - started:.0f} s)", flush=True)
+    failed = [] if tested.returncode == 0 else ["tests marked gpu"]
+    for precision, command in runs.items():
+        done = subprocess.run(command, cwd=REPO, env=environment, check=False)
+        print(f"{precision}: exit status {done.returncode} ({time.perf_counter() - started:.0f} s)")
+        if done.returncode != 0:
+            failed.append(f"run {precision}")
+    finished = [out_dir / p for p in runs if (out_dir / p / report.RESULTS).is_file()]
+    text = summary(name, [report.load_results(d) for d in finished], verdict, failed, argv)
+    report.write_text_atomic(out_dir / "README.md", text)
+    print(text)
+    print(f"gpu_check: {time.perf_counter() - started:.0f} s in all; {out_dir / 'README.md'}")
+    return 1 if failed else 0
+
+
+def summary(
+    device: str, runs: list[dict], verdict: str, failed: list[str], argv: list[str] | None
+) -> str:
+    """The results folder's README: what ran, the seed's table of the runs, and the columns a
+    throughput check adds (p_core_steady, MFU, the float32 math in force)."""
+    command = "python benchmarks/gpu_check.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    lines = [
+        f"# GPU check on {device}, {datetime.date.today()}",
+        "",
+        f"Produced by `{command.strip()}` (torch {torch.__version__}, CUDA runtime "
+        f"{torch.version.cuda}); every number below is read from the runs' results.json.",
+        "",
+        f"- tests marked gpu: {verdict} (log: gpu_tests.log)",
+        f"- failed: {', '.join(failed)}" if failed else "- failed: nothing",
+        "",
+    ]
+    if runs:
+        steps = runs[0]["metrics"]["steps"]
+        lines += [
+            f"Throughput mode of preset {PRESET} (`retinaperf run --preset {PRESET} --synthetic`),"
+            f" {steps} steps per run:",
+            "",
+            report.render_comparison(report.compare(runs), "md"),
+            "",
+            report.format_table([_extra_row(r) for r in runs], EXTRA_COLUMNS),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+EXTRA_COLUMNS = ("precision", "p_core", "p_core_steady", "TFLOP/s", "MFU", "float32 math", "mem")
+
+
+def _extra_row(results: dict) -> dict[str, str]:
+    m = results["metrics"]
+    steady = m["p_core_steady"]
+    return {
+        "precision": m["precision"],
+        "p_core": report.significant(m["p_core"]),
+        "p_core_steady": "–" if steady is None else report.significant(steady),
+        "TFLOP/s": report.significant(m["achieved_tflops"]),
+        "MFU": "–" if m["mfu"] is None else f"{100 * m['mfu']:.1f}% of {m['peak_math']}",
+        "float32 math": f"conv {m['math']['effective_conv']}, matmul "
+        f"{m['math']['effective_matmul']}",
+        "mem": m["mem"],
+    }
+
+
+def _run_command(precision: str, steps: int, run_dir: Path, overrides: list[str]) -> list[str]:
+    command = [sys.executable, "-m", "retinaperf", "run", "--preset", PRESET, "--synthetic"]
+    pairs = [f"precision={precision}", f"max_steps={steps}", *overrides, f"output_dir={run_dir}"]
+    for pair in pairs:
+        command += ["--set", pair]
+    return command
+
+
+def _files_with_gpu_tests() -> list[Path]:
+    """The test files that hold tests marked gpu: collecting only these keeps the check free of
+    the other tests' dependencies (pycocotools, say), which a GPU machine may lack."""
+    return sorted(
+        path
+        for path in (REPO / "tests").glob("test_*.py")
+        if "pytest.mark.gpu" in path.read_text(encoding="utf-8")
+    )
+
+
+def _pytest_verdict(output: str) -> str:
+    """pytest's last summary line ('12 passed, 1 skipped in 30.1s'), without its decoration."""
+    for line in reversed(output.strip().splitlines()):
+        if re.search(r"\b(passed|failed|error|skipped|deselected)\b", line):
+            return line.strip("= ").strip()
+    return "no summary (see gpu_tests.log)"
+
+
+def _new_dir(parent: Path, name: str) -> Path:
+    """parent/name, or parent/name-2, -3, ... when a check already ran today."""
+    candidate, suffix = parent / name, 2
+    while candidate.exists():
+        candidate, suffix = parent / f"{name}-{suffix}", suffix + 1
+    return candidate
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _pythonpath() -> str:
+    inherited = os.environ.get("PYTHONPATH")
+    return os.pathsep.join([str(REPO / "src"), *([inherited] if inherited else [])])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=100, help="steps per run (default 100)")
+    parser.add_argument(
+        "--precisions",
+        type=lambda text: [p for p in text.split(",") if p],
+        default=list(PRECISIONS),
+        help=f"comma-separated (default {','.join(PRECISIONS)})",
+    )
+    parser.add_argument("--out", default=str(REPO / "docs" / "results"), help="parent folder")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a configuration key for every run (e.g. num_workers=8)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU (slow; to try it)")
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""benchmarks/gpu_check.py on a machine without CUDA: its dry run, and its whole pipeline on the
+CPU at toy sizes (the tests marked gpu skip; two precisions; the generated summary)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+
+
+def gpu_check(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    # No GPU for this process even where the machine has one: the dry run is what is tested.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+
+
+def test_without_cuda_it_prints_what_it_would_run_and_exits_0(tmp_path):
+    done = gpu_check("--out", str(tmp_path / "results"))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "no CUDA device here: dry run" in lines[0]
+    (tests,) = [line for line in lines if "-m pytest -m gpu" in line]
+    for name in ("test_precision.py", "test_monitor.py", "test_distributed.py"):
+        assert name in tests  # the files that hold tests marked gpu, and only those
+    assert "test_evaluate.py" not in tests
+    runs = [line for line in lines if "--preset A100-1x1 --synthetic" in line]
+    assert [r.split("precision=")[1].split()[0] for r in runs] == [
+        "fp32",
+        "amp",
+        "bf16",
+        "fp32-strict",
+    ]
+    assert all("max_steps=100" in r for r in runs)
+    assert not (tmp_path / "results").exists()  # a dry run writes nothing
+
+
+def test_bad_arguments_are_refused():
+    assert gpu_check("--precisions", "fp64").returncode == 2
+    assert gpu_check("--steps", "0").returncode == 2
+
+
+def test_the_whole_check_on_the_cpu_writes_runs_and_a_generated_summary(tmp_path):
+    tiny = {
+        "min_size": 64,
+        "max_size": 86,
+        "synth_image_size": 96,
+        "synth_train_images": 8,
+        "synth_val_images": 2,
+        "batch_size": 2,
+        "eval_batch_size": 2,
+        "num_workers": 0,
+        "timing_warmup_steps": 1,
+        "monitor_interval": 0,
+        "cache_dir": tmp_path / "cache",
+    }
+    sets = [arg for key, value in tiny.items() for arg in ("--set", f"{key}={value}")]
+    out = tmp_path / "results"
+    done = gpu_check("--cpu", "--steps", "2", "--precisions", "fp32,bf16", "--out", str(out), *sets)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (folder,) = out.iterdir()
+    assert folder.name.endswith("-cpu-gpu-check")
+    for precision in ("fp32", "bf16"):
+        assert (folder / precision / "results.json").is_file()
+    log = (folder / "gpu_tests.log").read_text()
+    assert "skipped" in log  # no CUDA: every test marked gpu skips, saying why
+    readme = (folder / "README.md").read_text()
+    assert "python benchmarks/gpu_check.py --cpu --steps 2" in readme
+    assert "tests marked gpu:" in readme and "failed: nothing" in readme
+    rows = [line for line in readme.splitlines() if line.startswith("| ") and "bs=2" in line]
+    assert [row.split("|")[2].strip() for row in rows] == ["fp32", "bf16"]
+    assert "| bf16 |" in readme and "conv ieee, matmul ieee" in readme
+
+
+def test_dry_run_runs_nothing_even_when_asked_for_the_cpu(tmp_path):
+    done = gpu_check("--cpu", "--dry-run", "--out", str(tmp_path / "results"))
+    assert done.returncode == 0 and "dry run" in done.stdout
+    assert not (tmp_path / "results").exists()
