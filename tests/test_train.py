@@ -237,6 +237,7 @@ def test_synthetic_mode_measures_a_presets_recipe_on_coco_like_data(tmp_path, ca
     assert row.split("|")[8].strip() == "–"  # the mAP column
     assert "throughput-only run" in report and "float32 convolutions in IEEE" in report
     assert "p_core_steady" in report
+    assert "steps 2:3 ran under torch.profiler" in report
     # the profiler window: a trace of steps 2 and 3, and the top operators
     events = read_events(out / "events.jsonl")
     (profiled,) = [e for e in events if e["event"] == "profile"]

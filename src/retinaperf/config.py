@@ -106,6 +106,12 @@ class ModelConfig:
         _check(self.max_size >= self.min_size, "max_size", self.max_size, "use at least min_size")
         _check(self.backbone_weights.strip() != "", "backbone_weights", "", "give a source")
 
+    @property
+    def random_backbone(self) -> str | None:
+        """`none` or `random` when backbone_weights names no file (random values), else None."""
+        source = self.backbone_weights.strip().lower()
+        return source if source in ("none", "random") else None
+
 
 @dataclass
 class TrainConfig:
@@ -228,7 +234,7 @@ class RunConfig:
         _check(self.dist_timeout > 0, "dist_timeout", self.dist_timeout, "use a positive number")
         _check(self.monitor_interval >= 0, "monitor_interval", self.monitor_interval, "use 0+")
         _check(
-            self.throughput_only or self.model.backbone_weights.strip().lower() != "random",
+            self.throughput_only or self.model.random_backbone != "random",
             "backbone_weights",
             self.model.backbone_weights,
             "random values in the pretrained structure do not learn like ImageNet weights: "

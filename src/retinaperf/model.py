@@ -41,7 +41,7 @@ class Uint8Transform(GeneralizedRCNNTransform):
 def build_model(config: ModelConfig, backbone_state: dict[str, torch.Tensor] | None) -> RetinaNet:
     """The detection model; `backbone_state` is an ImageNet ResNet-50 state dict or None (random
     values: in the pretrained structure if `config.backbone_weights` is `random`)."""
-    pretrained = backbone_state is not None or config.backbone_weights.strip().lower() == "random"
+    pretrained = backbone_state is not None or config.random_backbone == "random"
     backbone = resnet_fpn_backbone(
         backbone_name="resnet50",
         weights=None,

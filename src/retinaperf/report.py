@@ -325,6 +325,7 @@ def render_report(results: dict) -> str:
         f"{m['train_time']:.1f}, of which evaluation {m['eval_time']:.1f}; core "
         f"{m['core_time']:.1f}",
         _steady_line(m),
+        *_profile_lines(results["config"]),
         f"- mem: {m['mem']} GiB ({m['mem_source']}); this process's view {m['mem_process']} "
         f"({m['mem_process_source']})",
         _utilization_line(m),
@@ -374,6 +375,16 @@ def _steady_line(m: dict) -> str:
         f"- p_core_steady {significant(m['p_core_steady'])} images/s: p_core without the first "
         f"{m['timing_warmup_steps']} steps (p_core {significant(m['p_core'])} counts them all)"
     )
+
+
+def _profile_lines(config: dict) -> list[str]:
+    window = config.get("train", {}).get("profile_steps")
+    if not window:
+        return []
+    return [
+        f"- steps {window} ran under torch.profiler (trace and top operators in profile/): the "
+        "throughputs above include its overhead and are not benchmark numbers"
+    ]
 
 
 def _utilization_line(m: dict) -> str:

@@ -448,7 +448,7 @@ def _backbone_init(config: RunConfig, backbone: weights.LoadedWeights | None) ->
     """How the backbone started, in words for the results."""
     if backbone is not None:
         return f"ImageNet weights from {backbone.path}"
-    if config.model.backbone_weights.strip().lower() == "random":
+    if config.model.random_backbone == "random":
         return "random values in the pretrained structure (frozen batch norm, 3 trainable stages)"
     return "random initialisation (batch norm and every layer trainable)"
 
