@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -125,22 +126,27 @@ def test_special_cases_are_present(dataset):
     assert len(ordinary) > 0.8 * len(coco["images"])
 
 
-def test_boxes_lie_inside_their_image(dataset):
-    tolerance = 0.011  # x, y, w, h are each rounded to 2 decimals
+def _annotations_with_image_sizes(root: Path) -> Iterator[tuple[dict, int, int]]:
+    """Every annotation of both splits, with the width and height of its image."""
     for split in SPLITS:
-        coco = _coco(dataset, split)
+        coco = _coco(root, split)
         sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
         for ann in coco["annotations"]:
-            x, y, w, h = ann["bbox"]
-            width, height = sizes[ann["image_id"]]
-            assert w >= 0 and h >= 0
-            if ann["iscrowd"] or w == 0 or h == 0:
-                continue
-            assert x >= 0 and y >= 0
-            assert x + w <= width + tolerance
-            assert y + h <= height + tolerance
-            # the shape's own area fits its (rounded) box
-            assert 0 < ann["area"] <= (w + tolerance) * (h + tolerance)
+            yield (ann, *sizes[ann["image_id"]])
+
+
+def test_boxes_lie_inside_their_image(dataset):
+    tolerance = 0.011  # x, y, w, h are each rounded to 2 decimals
+    for ann, width, height in _annotations_with_image_sizes(dataset):
+        x, y, w, h = ann["bbox"]
+        assert w >= 0 and h >= 0
+        if ann["iscrowd"] or w == 0 or h == 0:
+            continue
+        assert x >= 0 and y >= 0
+        assert x + w <= width + tolerance
+        assert y + h <= height + tolerance
+        # the shape's own area fits its (rounded) box
+        assert 0 < ann["area"] <= (w + tolerance) * (h + tolerance)
 
 
 def test_generating_into_a_non_empty_folder_is_refused(tmp_path):
@@ -305,18 +311,14 @@ def test_coco_profile_box_areas_follow_coco(coco_sample):
 def test_coco_profile_boxes_fit_their_area_and_image(coco_sample):
     tolerance = 0.011  # x, y, w, h are each rounded to 2 decimals
     touching = 0
-    for split in SPLITS:
-        coco = _coco(coco_sample, split)
-        sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
-        for ann in coco["annotations"]:
-            x, y, w, h = ann["bbox"]
-            width, height = sizes[ann["image_id"]]
-            assert x >= 0 and y >= 0
-            assert x + w <= width + tolerance and y + h <= height + tolerance
-            # `area` is the outline's, which its bounding box holds
-            assert 0 < ann["area"] <= (w + tolerance) * (h + tolerance)
-            assert len(ann["segmentation"][0]) >= 6
-            touching += x == 0 or y == 0 or x + w >= width - 0.01 or y + h >= height - 0.01
+    for ann, width, height in _annotations_with_image_sizes(coco_sample):
+        x, y, w, h = ann["bbox"]
+        assert x >= 0 and y >= 0
+        assert x + w <= width + tolerance and y + h <= height + tolerance
+        # `area` is the outline's, which its bounding box holds
+        assert 0 < ann["area"] <= (w + tolerance) * (h + tolerance)
+        assert len(ann["segmentation"][0]) >= 6
+        touching += x == 0 or y == 0 or x + w >= width - 0.01 or y + h >= height - 0.01
     assert touching > 0  # objects cut by the image border, as in COCO
 
 

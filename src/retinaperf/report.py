@@ -203,8 +203,8 @@ def format_table(rows: list[dict[str, str]], columns: tuple[str, ...] = COLUMNS)
 
 NO_VALUE = "–"
 THROUGHPUT_ONLY_NOTE = (
-    "mAP –: a throughput-only run (generated COCO-like data or random weights) measures speed "
-    "and memory; its accuracy means nothing."
+    f"mAP {NO_VALUE}: a throughput-only run (generated COCO-like data or random weights) "
+    "measures speed and memory; its accuracy means nothing."
 )
 THROUGHPUTS = ("p_whole", "p_train", "p_core")
 COMPARISON_COLUMNS = (*COLUMNS, "scaling", "vs A100 ref")

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .config import SYNTH_PROFILES as PROFILES
 from .errors import UserError
 
 # Bump when the drawing of a profile changes, so cached datasets of an older generator are not
@@ -42,7 +43,6 @@ from .errors import UserError
 GENERATOR_VERSION = 4
 COCO_GENERATOR_VERSION = 1
 
-PROFILES = ("shapes", "coco")
 # `image_size` 0 stands for these: the short side of every image for shapes, the long side of most
 # images for coco (COCO's images are mostly 640 px on their long side).
 DEFAULT_IMAGE_SIZE = {"shapes": 128, "coco": 640}
