@@ -1,0 +1,263 @@
+"""retinaperf's batched post-processing gives torchvision's detections.
+
+The reference is torchvision's own `RetinaNet.postprocess_detections` on the same inputs. Two
+settings make the comparison exact rather than approximate, and why: torch's CPU sigmoid gives the
+last < 32 elements of each thread's share of a tensor (its scalar tail) values one ulp away from
+its vector code's, so a score depends on where its logit sits in the tensor. With one thread, the
+only tails are the ends of the tensors, that is the last classes of the last anchor (of a level,
+in torchvision; of the gathered rows, in ours); classes from `SILENT` up never score above the
+threshold here, so no candidate sits in a tail on either side.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import Tensor
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.retinanet import RetinaNet
+
+from retinaperf import postprocess
+from retinaperf.config import ModelConfig
+from retinaperf.model import NUM_CLASSES, RetinaPerfNet, build_model
+from retinaperf.postprocess import _hopeful_anchors, logit_floor, select_detections
+
+PADDED = (128, 160)  # the batch's padded size (a multiple of 32, as the transform pads)
+SILENT = 60  # classes SILENT.. are kept below the threshold (see the module docstring)
+THRESHOLD_LOGIT = math.log(0.05 / 0.95)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> RetinaPerfNet:
+    torch.manual_seed(0)
+    config = ModelConfig(min_size=PADDED[0], max_size=PADDED[1], backbone_weights="none")
+    return build_model(config, None).eval()
+
+
+def level_sizes(height: int, width: int) -> list[tuple[int, int]]:
+    """P3–P7 sizes: strides 8, 16, 32, then two stride-2 convolutions (ceil halving)."""
+    sizes = [(height // s, width // s) for s in (8, 16, 32)]
+    for _ in range(2):
+        sizes.append((math.ceil(sizes[-1][0] / 2), math.ceil(sizes[-1][1] / 2)))
+    return sizes
+
+
+def split_anchors(model: RetinaPerfNet, image_sizes: list[tuple[int, int]]) -> list[list[Tensor]]:
+    """The model's anchors for a padded batch, split per level as RetinaNet.forward splits them."""
+    batch = len(image_sizes)
+    sizes = level_sizes(*PADDED)
+    features = [torch.empty(batch, 1, h, w) for h, w in sizes]  # only their shapes are read
+    images = ImageList(torch.empty(batch, 3, *PADDED), image_sizes)
+    per_level = [h * w * 9 for h, w in sizes]
+    return [list(a.split(per_level)) for a in model.anchor_generator(images, features)]
+
+
+def random_head_outputs(
+    batch: int, generator: torch.Generator, step: float = 0.125
+) -> dict[str, list[Tensor]]:
+    """Logits around logit(0.05) (a quarter of them above it), on a grid of `step` so that many
+    scores tie exactly; box codes wide enough that many boxes cross the image's edges."""
+    outputs: dict[str, list[Tensor]] = {"cls_logits": [], "bbox_regression": []}
+    for h, w in level_sizes(*PADDED):
+        anchors = h * w * 9
+        logits = torch.randn(batch, anchors, NUM_CLASSES, generator=generator) * 1.5 - 4
+        logits = (logits / step).round() * step
+        logits[..., SILENT:] = -8
+        outputs["cls_logits"].append(logits)
+        outputs["bbox_regression"].append(torch.randn(batch, anchors, 4, generator=generator))
+    return outputs
+
+
+def ours(model: RetinaPerfNet, outputs, anchors, image_sizes) -> list[dict[str, Tensor]]:
+    return select_detections(
+        outputs,
+        anchors,
+        image_sizes,
+        box_coder=model.box_coder,
+        score_thresh=model.score_thresh,
+        nms_thresh=model.nms_thresh,
+        detections_per_img=model.detections_per_img,
+        topk_candidates=model.topk_candidates,
+    )
+
+
+def torchvisions(model: RetinaPerfNet, outputs, anchors, image_sizes) -> list[dict[str, Tensor]]:
+    return RetinaNet.postprocess_detections(model, outputs, anchors, image_sizes)
+
+
+def assert_same(got: list[dict[str, Tensor]], expected: list[dict[str, Tensor]]) -> None:
+    """Labels and scores equal, in the same order; boxes to 1e-3 px (torch's exp, like its
+    sigmoid, may differ by an ulp between its vector and scalar code)."""
+    assert len(got) == len(expected)
+    for image, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert a["boxes"].dtype == torch.float32, image
+        assert a["scores"].dtype == torch.float32, image
+        assert a["labels"].dtype == torch.int64, image
+        assert torch.equal(a["labels"], b["labels"]), f"image {image}: labels"
+        assert torch.equal(a["scores"], b["scores"]), f"image {image}: scores"
+        torch.testing.assert_close(a["boxes"], b["boxes"], rtol=0, atol=1e-3)
+
+
+def test_random_logits_give_torchvisions_detections(model: RetinaPerfNet) -> None:
+    image_sizes = [(128, 160), (100, 150), (128, 117), (96, 160)]  # clipping differs per image
+    generator = torch.Generator().manual_seed(1)
+    outputs = random_head_outputs(len(image_sizes), generator)
+    for level in outputs["cls_logits"]:
+        level[2] = level[2].clamp(max=THRESHOLD_LOGIT - 0.01)  # image 2: nothing above 0.05
+    anchors = split_anchors(model, image_sizes)
+
+    expected = torchvisions(model, outputs, anchors, image_sizes)
+    assert_same(ours(model, outputs, anchors, image_sizes), expected)
+
+    # The cases the inputs are meant to hold, so that the comparison above covers them.
+    candidates = (outputs["cls_logits"][0].sigmoid() > 0.05).flatten(1).sum(1)
+    assert candidates.max() > 3 * model.topk_candidates  # the top-k cuts a level
+    assert len(expected[2]["scores"]) == 0
+    limit = model.detections_per_img
+    assert [len(d["scores"]) for d in expected] == [limit, limit, 0, limit]
+    try:
+        model.detections_per_img = 10**6
+        survivors = [len(d["scores"]) for d in torchvisions(model, outputs, anchors, image_sizes)]
+    finally:
+        model.detections_per_img = limit
+    assert min(survivors[:2] + survivors[3:]) > 2 * limit  # the 300 are a cut of more
+    scores = expected[0]["scores"]
+    assert len(scores.unique()) < len(scores) / 2  # many exact ties
+    for d, (h, w) in zip(expected, image_sizes, strict=True):
+        if len(d["boxes"]):
+            assert (d["boxes"][:, 2] == w).any() and (d["boxes"][:, 3] == h).any()  # clipped
+            assert (d["boxes"][:, 0] == 0).any() and (d["boxes"][:, 1] == 0).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_head_outputs_decode_in_float32(model: RetinaPerfNet, dtype: torch.dtype) -> None:
+    """Half-precision head outputs: float32 scores and boxes, equal to torchvision's on the same
+    values cast up to float32 (decoding in bfloat16 would move edges by 4–8 px at 800–1333 px)."""
+    image_sizes = [(128, 160), (112, 140)]
+    outputs = random_head_outputs(2, torch.Generator().manual_seed(3), step=1 / 1024)
+    half = {k: [t.to(dtype) for t in v] for k, v in outputs.items()}
+    upcast = {k: [t.float() for t in v] for k, v in half.items()}
+    anchors = split_anchors(model, image_sizes)
+
+    got = ours(model, half, anchors, image_sizes)
+    expected = torchvisions(model, upcast, anchors, image_sizes)
+    assert_same(got, expected)
+    assert len(expected[0]["scores"].unique()) < len(expected[0]["scores"])  # ties, from rounding
+
+
+def test_scores_at_the_threshold(model: RetinaPerfNet) -> None:
+    """Logits on both sides of the threshold's logit, one float32 step apart: the same ones pass."""
+    image_sizes = [(128, 160)]
+    outputs = random_head_outputs(1, torch.Generator().manual_seed(6))
+    for level in outputs["cls_logits"]:
+        level.fill_(-8)
+    center = torch.tensor(THRESHOLD_LOGIT, dtype=torch.float32).view(torch.int32)
+    near = torch.arange(int(center) - 120, int(center) + 120, dtype=torch.int32)
+    near = near.view(torch.float32)  # 240 consecutive float32 logits around logit(0.05)
+    p3 = outputs["cls_logits"][0][0]
+    anchors_at = torch.arange(len(near)) * (p3.shape[0] // len(near))
+    p3[anchors_at, torch.arange(len(near)) % SILENT] = near
+    anchors = split_anchors(model, image_sizes)
+
+    expected = torchvisions(model, outputs, anchors, image_sizes)
+    assert_same(ours(model, outputs, anchors, image_sizes), expected)
+    passing = int((near.sigmoid() > 0.05).sum())
+    assert 0 < passing < len(near)
+    assert len(expected[0]["scores"]) > passing / 2  # most of them survive NMS
+    assert expected[0]["scores"].min() < 0.05 + 1e-7  # down to the threshold's first float
+
+
+def test_logit_floor_never_drops_a_score_above_the_threshold() -> None:
+    """Every float32 from -16 (sigmoid < 2e-7) up to the floor scores at most the threshold: all
+    of them through torch's vector sigmoid, the 4096 nearest the floor also one by one (its
+    scalar code). And the floor is close under the threshold's logit: the prefilter filters."""
+    for thresh in (0.05, 0.001):
+        floor = torch.tensor(logit_floor(thresh), dtype=torch.float32)
+        bits = torch.arange(  # negative floats: the bit pattern grows with the magnitude
+            int(floor.view(torch.int32)),
+            int(torch.tensor(-16.0).view(torch.int32)) + 1,
+            dtype=torch.int32,
+        )
+        values = bits.view(torch.float32)
+        assert values[0] == floor and values[-1] == -16
+        assert (values.sigmoid() <= thresh).all(), thresh
+        nearest = values[:4096]
+        assert all(float(x.reshape(1).sigmoid()) <= thresh for x in nearest), thresh
+        above = floor + 2e-3
+        assert float(above.sigmoid()) > thresh, thresh
+
+
+@pytest.mark.parametrize("num_anchors", [9, 7])  # in groups of 3, and one by one
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hopeful_anchors_are_those_with_a_logit_above_the_floor(
+    num_anchors: int, dtype: torch.dtype
+) -> None:
+    logits = torch.full((3, num_anchors, 5), -9.0)
+    hits = [(0, 0, 4), (0, 2, 1), (0, 3, 0), (2, num_anchors - 1, 2), (2, 4, 3), (2, 4, 0)]
+    for image, anchor, label in hits:
+        logits[image, anchor, label] = -1.0
+    logits[1, 5, 2] = -2.0  # below the floor of -1.5
+    image, anchor, rows = _hopeful_anchors(logits.to(dtype), -1.5)
+    expected = sorted({(i, a) for i, a, _ in hits})
+    assert list(zip(image.tolist(), anchor.tolist(), strict=True)) == expected
+    assert torch.equal(rows, logits.to(dtype)[image, anchor])
+
+
+def test_model_eval_gives_torchvisions_detections(
+    model: RetinaPerfNet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """End to end: `model(images)` selects the same detections with either implementation."""
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return select_detections(*args, **kwargs)
+
+    monkeypatch.setattr(postprocess, "select_detections", counted)
+    generator = torch.Generator().manual_seed(4)
+    images = [
+        torch.randint(0, 256, size, dtype=torch.uint8, generator=generator)
+        for size in ((3, 128, 160), (3, 90, 150), (3, 120, 100))
+    ]
+    cls_bias = model.head.classification_head.cls_logits.bias
+    original = cls_bias.detach().clone()
+    try:
+        with torch.no_grad():  # a random network scores ~0.01 everywhere: raise it to ~0.1
+            bias = cls_bias.view(-1, NUM_CLASSES)
+            bias[:, :SILENT] = -2.2
+            bias[:, SILENT:] = -20
+        results = {}
+        for impl in ("batched", "torchvision"):
+            model.postprocess_impl = impl
+            with torch.no_grad():
+                results[impl] = model(images)
+    finally:
+        model.postprocess_impl = "batched"
+        with torch.no_grad():
+            cls_bias.copy_(original)
+    assert len(calls) == 1  # "batched" ran ours, "torchvision" did not
+    expected = results["torchvision"]
+    assert all(len(d["scores"]) > 50 for d in expected)
+    assert_same(results["batched"], expected)
+
+
+def test_no_candidates_anywhere(model: RetinaPerfNet) -> None:
+    image_sizes = [(128, 160), (64, 64)]
+    outputs = random_head_outputs(2, torch.Generator().manual_seed(5))
+    for level in outputs["cls_logits"]:
+        level.clamp_(max=THRESHOLD_LOGIT - 0.01)
+    anchors = split_anchors(model, image_sizes)
+    got = ours(model, outputs, anchors, image_sizes)
+    assert [len(d["scores"]) for d in got] == [0, 0]
+    assert got[0]["boxes"].shape == (0, 4) and got[0]["labels"].dtype == torch.int64
