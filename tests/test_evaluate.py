@@ -1,7 +1,8 @@
 """COCO bbox scoring held to pycocotools (the reference implementation) on the cases that matter.
 
-Every expected number comes from pycocotools' COCOeval on the same ground truth and detections;
-the package scores with faster-coco-eval, so these tests compare two implementations.
+Every expected number comes from pycocotools' COCOeval on the same ground truth and detections,
+given as a list of result dicts; the package scores a detections array with faster-coco-eval, so
+these tests compare two implementations and two representations.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ import contextlib
 import copy
 import io
 import json
+import pickle
 import random
+import threading
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from pycocotools.coco import COCO
@@ -21,7 +25,13 @@ from pycocotools.cocoeval import COCOeval
 from retinaperf.cli import main
 from retinaperf.distributed import DistEnv
 from retinaperf.errors import UserError
-from retinaperf.evaluate import CocoEvaluator, evaluate_files, load_ground_truth, score
+from retinaperf.evaluate import (
+    CocoEvaluator,
+    detections_to_array,
+    evaluate_files,
+    load_ground_truth,
+    score,
+)
 
 STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 TOL = 1e-9
@@ -42,12 +52,21 @@ def one_process() -> DistEnv:
 
 
 def reference(gt: dict, detections: list[dict]) -> dict[str, float]:
-    """pycocotools' 12 stats. It mutates what it gets and cannot load an empty list: copies."""
+    """pycocotools' 12 stats. It mutates what it gets: copies."""
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO()
         coco.dataset = copy.deepcopy(gt)
         coco.createIndex()
-        results = coco.loadRes(copy.deepcopy(detections))
+        if detections:
+            results = coco.loadRes(copy.deepcopy(detections))
+        else:  # loadRes cannot take an empty list; what it would build, without annotations
+            results = COCO()
+            results.dataset = {
+                "images": list(coco.dataset["images"]),
+                "categories": copy.deepcopy(coco.dataset["categories"]),
+                "annotations": [],
+            }
+            results.createIndex()
         evaluator = COCOeval(coco, results, iouType="bbox")
         evaluator.evaluate()
         evaluator.accumulate()
@@ -56,7 +75,7 @@ def reference(gt: dict, detections: list[dict]) -> dict[str, float]:
 
 
 def ours(gt: dict, detections: list[dict]) -> dict[str, float]:
-    return score(load_ground_truth(copy.deepcopy(gt)), detections)
+    return score(load_ground_truth(copy.deepcopy(gt)), detections_to_array(detections))
 
 
 def assert_stats_equal(actual: dict[str, float], expected: dict[str, float]) -> None:
@@ -194,12 +213,13 @@ def test_tied_scores_match_pycocotools(seed):
 def test_score_leaves_inputs_alone_and_gt_reusable():
     case = random_case(5)
     other = random_case(6)
-    detections = copy.deepcopy(case.detections)
+    detections = detections_to_array(case.detections)
+    untouched = detections.copy()
     gt = load_ground_truth(copy.deepcopy(case.gt))
     first = score(gt, detections)
-    assert detections == case.detections  # no ids or areas written into the caller's dicts
+    assert np.array_equal(detections, untouched)
     # The same ground truth object scores every epoch: earlier scoring must not leak into later.
-    score(gt, [d for d in other.detections if d["image_id"] in gt.getImgIds()][:7])
+    score(gt, detections_to_array(d for d in other.detections if d["image_id"] in gt.getImgIds()))
     assert score(gt, detections) == first
     assert_stats_equal(first, reference(case.gt, case.detections))
 
@@ -301,13 +321,49 @@ def test_area_range_follows_annotation_area_not_box():
     assert_stats_equal(ours(case.gt, case.detections), expected)
 
 
+def test_detection_area_is_w_times_h_at_the_range_bounds():
+    """A detection's area range follows w * h, bounds included: an unmatched 32x32 (96x96)
+    detection is a false positive of both the small and medium (medium and large) ranges."""
+    case = Case()
+    image = case.image(9)
+    case.box(image, 3, [10, 10, 20, 20])
+    case.box(image, 3, [300, 200, 60, 60])
+    case.box(image, 3, [100, 300, 150, 150])
+    for x, y, w, h, s in [
+        (10, 10, 20, 20, 0.5),
+        (300, 200, 60, 60, 0.5),
+        (100, 300, 150, 150, 0.5),
+    ]:
+        case.detect(image, 3, [x, y, w, h], s)
+    case.detect(image, 3, [400, 10, 32, 32], 0.9)
+    case.detect(image, 3, [450, 300, 96, 96], 0.8)
+    expected = reference(case.gt, case.detections)
+    assert expected["APs"] < 1 and expected["APm"] < 1 and expected["APl"] < 1
+    assert_stats_equal(ours(case.gt, case.detections), expected)
+
+
 def test_no_detections_scores_zero():
     case = random_case(8)
     stats = ours(case.gt, [])
     # Ranges with ground truth score 0 (nothing found), not -1 and not a crash.
     assert stats["AP"] == 0.0 and stats["AR100"] == 0.0
-    expected_ap = reference(case.gt, case.detections[:1])  # pycocotools cannot take []
-    assert all(stats[k] == 0.0 for k in STATS if expected_ap[k] >= 0)
+    assert_stats_equal(stats, reference(case.gt, []))
+    # A range without ground truth reads -1, as in pycocotools.
+    one_range = Case()
+    one_range.box(one_range.image(5), 7, [10, 10, 20, 20])  # small only
+    stats = ours(one_range.gt, [])
+    assert stats["APm"] == -1.0 and stats["APs"] == 0.0
+    assert_stats_equal(stats, reference(one_range.gt, []))
+
+
+def test_score_rejects_detections_of_unknown_images():
+    case = random_case(3)
+    detections = detections_to_array(case.detections)
+    detections[-1, 0] = 999_999
+    with pytest.raises(ValueError, match="999999"):
+        score(load_ground_truth(copy.deepcopy(case.gt)), detections)
+    with pytest.raises(ValueError):
+        score(load_ground_truth(copy.deepcopy(case.gt)), detections[:, :6])
 
 
 def test_perfect_detections_score_one():
@@ -398,7 +454,7 @@ def test_evaluator_matches_scoring_the_same_detections():
     expected = reference(case.gt, detections)
     assert expected["AP"] > 0.2
     assert_stats_equal(stats, expected)
-    assert_stats_equal(stats, score(gt, detections))
+    assert_stats_equal(stats, score(gt, detections_to_array(detections)))
 
     # reset: the next pass starts from nothing.
     evaluator.reset()
@@ -427,7 +483,172 @@ def test_evaluator_moves_device_tensors_and_other_dtypes():
     stats, count = evaluator.score()
     assert count == 1
     assert stats["AP"] == pytest.approx(1.0, abs=TOL)
-    assert isinstance(evaluator.detections[0]["category_id"], int)
+    assert evaluator.detections().tolist() == [[77, 10.0, 20.0, 30.0, 40.0, 0.5, 44]]
+
+
+def former_add(image_ids: list[int], outputs: list[dict[str, torch.Tensor]]) -> list[dict]:
+    """What the evaluator's `add` built before it kept arrays: a host copy per image and field,
+    and one result dict per detection."""
+    detections = []
+    for image_id, output in zip(image_ids, outputs, strict=True):
+        boxes = output["boxes"].float().cpu()
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        scores = output["scores"].float().cpu().tolist()
+        labels = output["labels"].cpu().tolist()
+        detections.extend(
+            {"image_id": image_id, "category_id": label, "bbox": box, "score": s}
+            for box, s, label in zip(xywh, scores, labels, strict=True)
+        )
+    return detections
+
+
+def noisy_outputs(case: Case, seed: int, dtype: torch.dtype = torch.float32) -> list[dict]:
+    """Per image of `case`, model-style outputs near its boxes plus false positives, at arbitrary
+    (off-grid) float coordinates: xyxy -> xywh in float32 rounds, as on the device."""
+    rng = random.Random(seed)
+    outputs = []
+    for index, image in enumerate(case.gt["images"]):
+        boxes, scores, labels = [], [], []
+        for ann in case.gt["annotations"]:
+            if index in (1, 2):  # without detections, as in random_case
+                break
+            if ann["image_id"] == image["id"] and rng.random() < 0.8:
+                x, y, w, h = jitter(rng, ann["bbox"], 0.05)
+                boxes.append([x, y, x + w, y + h])
+                scores.append(rng.random())
+                labels.append(ann["category_id"])
+        if index not in (1, 2):
+            for _ in range(rng.randint(0, 5)):
+                x, y, w, h = random_box(rng, rng.choice(list(SIDES)))
+                boxes.append([x, y, x + w, y + h])
+                scores.append(rng.random())
+                labels.append(rng.choice([*CATEGORIES, NO_GT_CATEGORY]))
+        outputs.append(
+            {
+                "boxes": torch.tensor(boxes, dtype=dtype).reshape(-1, 4),
+                "scores": torch.tensor(scores, dtype=dtype),
+                "labels": torch.tensor(labels, dtype=torch.int64),
+            }
+        )
+    return outputs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_batched_add_equals_the_former_per_image_dicts(dtype):
+    case = random_case(14, n_images=20)
+    image_ids = [im["id"] for im in case.gt["images"]]
+    outputs = noisy_outputs(case, 15, dtype)
+    assert any(len(o["scores"]) == 0 for o in outputs)
+    evaluator = CocoEvaluator(load_ground_truth(copy.deepcopy(case.gt)), one_process())
+    former = []
+    for start in range(0, len(image_ids), 6):  # batches of 6, the last one shorter
+        batch = slice(start, start + 6)
+        evaluator.add(image_ids[batch], outputs[batch])
+        former += former_add(image_ids[batch], outputs[batch])
+    # The same numbers, bit for bit, in the same order (equal scores rank in input order) ...
+    assert np.array_equal(evaluator.detections(), detections_to_array(former))
+    # ... and so the same stats as pycocotools on the dicts the evaluator used to build.
+    stats, count = evaluator.score()
+    assert count == len(former)
+    expected = reference(case.gt, former)
+    assert expected["AP"] > 0.3
+    assert_stats_equal(stats, expected)
+
+
+class ThreadRanks:
+    """Ranks as threads of this process, with DistEnv's collectives: what travels is pickled, as
+    torch.distributed's gather_object and broadcast_object_list do."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.barrier = threading.Barrier(world_size, timeout=60)
+        self.slots: list[bytes | None] = [None] * world_size
+
+    def env(self, rank: int) -> ThreadEnv:
+        return ThreadEnv(self, rank)
+
+
+class ThreadEnv:
+    device = torch.device("cpu")
+
+    def __init__(self, group: ThreadRanks, rank: int) -> None:
+        self.group, self.rank = group, rank
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, obj: object) -> list | None:
+        self.group.slots[self.rank] = pickle.dumps(obj)
+        self.group.barrier.wait()
+        gathered = [pickle.loads(b) for b in self.group.slots] if self.is_main else None
+        self.group.barrier.wait()  # read before anyone writes the slots again
+        return gathered
+
+    def broadcast(self, obj: object) -> object:
+        if self.is_main:
+            self.group.slots[0] = pickle.dumps(obj)
+        self.group.barrier.wait()
+        value = pickle.loads(self.group.slots[0])
+        self.group.barrier.wait()
+        return value
+
+
+def test_ranks_arrays_combine_into_one_score():
+    case = random_case(16, n_images=24)
+    image_ids = [im["id"] for im in case.gt["images"]]
+    outputs = noisy_outputs(case, 17)
+    empty = [i for i, o in enumerate(outputs) if len(o["scores"]) == 0]
+    assert empty
+    # Rank 2 holds only images without detections: an empty array travels.
+    others = [i for i in range(len(outputs)) if i not in empty]
+    shares = {0: others[1::2], 1: others[0::2], 2: empty}
+    group = ThreadRanks(3)
+    results: dict[int, object] = {}
+
+    def rank_main(rank: int) -> None:
+        try:
+            gt = load_ground_truth(copy.deepcopy(case.gt)) if rank == 0 else None
+            evaluator = CocoEvaluator(gt, group.env(rank))
+            mine = shares[rank]
+            for start in range(0, len(mine), 4):
+                batch = mine[start : start + 4]
+                evaluator.add([image_ids[i] for i in batch], [outputs[i] for i in batch])
+            results[rank] = evaluator.score()
+        except BaseException as err:  # reported by the main thread
+            results[rank] = err
+            group.barrier.abort()
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for rank in range(3):
+        if isinstance(results.get(rank), BaseException):
+            raise results[rank]
+
+    single = CocoEvaluator(load_ground_truth(copy.deepcopy(case.gt)), one_process())
+    single.add(image_ids, outputs)
+    expected = single.score()
+    assert results[0] == results[1] == results[2] == expected  # every rank, exactly equal
+    detections = former_add(image_ids, outputs)
+    assert expected[1] == len(detections)
+    assert_stats_equal(expected[0], reference(case.gt, detections))
+
+
+def test_evaluator_without_detections_scores_like_pycocotools():
+    case = random_case(13)
+    evaluator = CocoEvaluator(load_ground_truth(copy.deepcopy(case.gt)), one_process())
+    stats, count = evaluator.score()  # nothing added
+    assert count == 0
+    expected = reference(case.gt, [])
+    assert_stats_equal(stats, expected)
+    assert set(expected.values()) == {0.0}  # every range has ground truth: 0, not -1
+    first, second = (im["id"] for im in case.gt["images"][:2])
+    evaluator.add([first, second], [EMPTY_OUTPUT, EMPTY_OUTPUT])  # images without detections
+    assert evaluator.detections().shape == (0, 7)
+    assert evaluator.score() == (stats, 0)
 
 
 def test_evaluator_on_rank_0_needs_ground_truth():
@@ -496,6 +717,16 @@ def test_cli_evaluate_empty_detections_list(cli, files):
     assert json.loads(out)["AP"] == 0.0
 
 
+def test_evaluate_files_ignores_detections_of_unknown_categories(files):
+    """As pycocotools does, however large the category id."""
+    case, gt_path, dets_path = files
+    extra = [{**d, "category_id": 10**30 + i} for i, d in enumerate(case.detections[:5])]
+    dets_path.write_text(json.dumps(case.detections + extra))
+    expected = reference(case.gt, case.detections + extra)
+    assert_stats_equal(evaluate_files(gt_path, dets_path), expected)
+    assert_stats_equal(expected, reference(case.gt, case.detections))
+
+
 def bad_detections(case: Case):
     """(name, content of the detections file, what the message must name)."""
     good = case.detections[0]
@@ -511,6 +742,7 @@ def bad_detections(case: Case):
         ("string score", json.dumps([{**good, "score": "0.5"}]), ["entry 0", "score"]),
         ("short bbox", json.dumps([{**good, "bbox": [1, 2, 3]}]), ["entry 0", "bbox"]),
         ("nan bbox", json.dumps([{**good, "bbox": [1, 2, float("nan"), 4]}]), ["entry 0"]),
+        ("huge bbox", json.dumps([{**good, "bbox": [1, 2, 10**400, 4]}]), ["entry 0"]),
         ("not utf-8", b"\xff\xfe\x00garbage", []),
     ]
 
