@@ -21,6 +21,8 @@ from .errors import UserError
 
 BACKBONE_URL = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
 PRECISIONS = ("auto", "fp32", "fp32-strict", "tf32", "amp", "bf16", "fp16")
+IMPLEMENTATIONS = ("batched", "torchvision")
+SWITCHES = ("auto", "on", "off")
 SYNTH_PROFILES = ("shapes", "coco")
 
 # `run --synthetic`: a preset's recipe on generated COCO-like data, for speed alone. A layer above
@@ -100,9 +102,26 @@ class ModelConfig:
     """The model's resize: short side of the input in pixels."""
     max_size: int = 1333
     """The model's resize: longest side allowed in pixels."""
+    loss: str = "batched"
+    """How the loss is computed: `batched` (the whole batch at once, no host synchronisation) or
+    `torchvision` (torchvision's per-image code, the reference). The same numbers either way."""
+    postprocess: str = "batched"
+    """How detections are selected from the head's outputs: `batched` (every image at once,
+    boxes decoded in float32) or `torchvision` (torchvision's per-image code, the reference)."""
+    channels_last: str = "auto"
+    """Channels-last memory format for the network and its input: on, off, or auto (on for CUDA,
+    where convolutions run faster in it; off elsewhere)."""
+    compile: bool = False
+    """Run backbone, FPN, head and loss through torch.compile (the first steps compile)."""
 
     def __post_init__(self) -> None:
         _check(self.min_size >= 32, "min_size", self.min_size, "use 32 or more")
+        for key in ("loss", "postprocess"):
+            value = getattr(self, key)
+            _check(value in IMPLEMENTATIONS, key, value, f"use {IMPLEMENTATIONS}")
+        _check(
+            self.channels_last in SWITCHES, "channels_last", self.channels_last, f"use {SWITCHES}"
+        )
         _check(self.max_size >= self.min_size, "max_size", self.max_size, "use at least min_size")
         _check(self.backbone_weights.strip() != "", "backbone_weights", "", "give a source")
 
@@ -187,7 +206,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    eval_batch_size: int = 8
+    eval_batch_size: int = 16
     """Images per device per inference batch."""
 
     def __post_init__(self) -> None:
