@@ -51,6 +51,11 @@ def test_two_processes_on_one_node(tiny_run_args, tiny_dataset, tmp_path):
     assert m["global_batch"] == 4
     assert m["p_core"] >= m["p_train"] >= m["p_whole"]
     assert len(m["mem_per_rank_gib"]) == 2
+    # batch norm that trains (random init) keeps statistics that rank 0 hands on
+    assert m["implementation"]["ddp"] == {
+        "broadcast_buffers": True,
+        "gradient_as_bucket_view": True,
+    }
     # only rank 0 prints the table
     assert done.stdout.count("| 配置 |") == 1
 
@@ -161,6 +166,8 @@ def test_two_ranks_of_batch_b_train_like_one_rank_of_batch_2b(
         for name, out in (("single", single), ("double", double))
     }
     assert len(steps["single"]) == len(steps["double"]) == 3
+    # frozen batch norm keeps no statistics that change: no buffers to broadcast
+    assert results_of(double)["implementation"]["ddp"]["broadcast_buffers"] is False
     # float32 sums of the same numbers in another order (a batch of 4 against two of 2 and an
     # all-reduce) differ in the last bits; 1e-4 relative leaves room for three steps of that.
     for a, b in zip(steps["single"], steps["double"], strict=True):

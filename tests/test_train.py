@@ -9,12 +9,13 @@ import torch
 from torchvision.models.detection import retinanet_resnet50_fpn
 
 from retinaperf import cli, evaluate
-from retinaperf.config import ModelConfig
+from retinaperf.config import ModelConfig, TrainConfig
 from retinaperf.model import build_model
 from retinaperf.precision import Precision
 from retinaperf.report import read_events
-from retinaperf.train import lr_factor, train_step
+from retinaperf.train import build_optimizer, lr_factor, train_step, use_channels_last
 
+CPU = torch.device("cpu")
 SPEC = {"warmup_factor": 1e-3, "lr_steps": (16, 22), "gamma": 0.1}
 
 
@@ -70,7 +71,9 @@ def test_step_loss_equals_torchvision_and_update_is_plain_sgd():
 
     lr, momentum, decay = 0.01, 0.9, 1e-4
     before = copy.deepcopy(ours.state_dict())
-    optimizer = torch.optim.SGD(ours.parameters(), lr=lr, momentum=momentum, weight_decay=decay)
+    config = TrainConfig(lr=lr, momentum=momentum, weight_decay=decay)
+    optimizer = build_optimizer(list(ours.parameters()), config, torch.device("cpu"))
+    assert optimizer.defaults["fused"]  # the CPU has a fused SGD kernel
     losses = train_step(ours, images, targets, optimizer, Precision("fp32", torch.device("cpu")))
 
     for name in ("classification", "bbox_regression"):
@@ -82,6 +85,87 @@ def test_step_loss_equals_torchvision_and_update_is_plain_sgd():
         want = before[name] - lr * (grad + decay * before[name])
         assert torch.allclose(ours.state_dict()[name], want, atol=1e-6, rtol=1e-4)
         assert not torch.equal(ours.state_dict()[name], before[name])
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "expected"),
+    [("auto", "cuda", True), ("auto", "cpu", False), ("on", "cpu", True), ("off", "cuda", False)],
+)
+def test_channels_last_auto_is_on_for_cuda_alone(setting, device, expected):
+    assert use_channels_last(setting, torch.device(device)) is expected
+
+
+def test_a_channels_last_step_computes_the_same_step():
+    # The real recipe's structure (frozen batch norm). Batch norm that trains from scratch on
+    # 64 px images (2x2 maps in the last stage) turns last-bit differences of the convolutions'
+    # summation order into percent-level gradient differences, whichever memory format.
+    torch.manual_seed(0)
+    config = ModelConfig(min_size=64, max_size=80, backbone_weights="random")
+    contiguous = build_model(config, None)
+    before = copy.deepcopy(contiguous.state_dict())
+    nhwc = copy.deepcopy(contiguous)
+    nhwc.use_channels_last()
+    conv = nhwc.backbone.body.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    images, targets = _images_and_targets(torch.Generator().manual_seed(1))
+    results = []
+    for model in (contiguous, nhwc):
+        model.train()
+        optimizer = build_optimizer(list(model.parameters()), TrainConfig(lr=0.01), CPU)
+        fp32 = Precision("fp32", CPU)
+        losses = train_step(model, images, copy.deepcopy(targets), optimizer, fp32)
+        results.append((losses, model.state_dict()))
+    (losses_a, state_a), (losses_b, state_b) = results
+    for name in losses_a:
+        assert losses_b[name].item() == pytest.approx(losses_a[name].item(), rel=1e-5)
+    for name, tensor in state_a.items():
+        assert torch.allclose(state_b[name], tensor, rtol=1e-4, atol=1e-6), name
+    moved = (
+        (
+            state_a["head.classification_head.conv.0.0.weight"]
+            - before["head.classification_head.conv.0.0.weight"]
+        )
+        .abs()
+        .max()
+    )
+    assert moved > 1e-5  # an update well above the tolerance
+
+
+def test_compiled_parts_compute_the_same_steps_and_detections(monkeypatch):
+    # Dynamo's graph capture (graph breaks, guards, sizes that change between batches) with the
+    # eager backend: inductor's code generation takes minutes on this CPU. The GPU check runs
+    # compile=true for real.
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: compile_(*a, **{**k, "backend": "eager"}))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = build_model(ModelConfig(min_size=64, max_size=80, backbone_weights="random"), None)
+    compiled = copy.deepcopy(eager)
+    compiled.compile_parts()
+    assert compiled.loss_fn is not eager.loss_fn
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # names unchanged
+    images, targets = _images_and_targets(torch.Generator().manual_seed(1))
+    batches = [(images, targets), (images[1:], targets[1:]), (images[:1], targets[:1])]
+    optimizers = {
+        id(m): build_optimizer(list(m.parameters()), TrainConfig(lr=0.01), CPU)
+        for m in (eager, compiled)
+    }
+    fp32 = Precision("fp32", CPU)
+    for batch_images, batch_targets in batches:  # three sizes and box counts
+        losses = [
+            train_step(m, batch_images, copy.deepcopy(batch_targets), optimizers[id(m)], fp32)
+            for m in (eager, compiled)
+        ]
+        for name in losses[0]:
+            assert losses[1][name].item() == pytest.approx(losses[0][name].item(), rel=1e-6)
+    with torch.no_grad():
+        for m in (eager, compiled):  # scores of 0.5, above the threshold: detections to compare
+            m.head.classification_head.cls_logits.bias.zero_()
+        expected, got = (m.eval()(images) for m in (eager, compiled))
+    assert all(len(d["boxes"]) > 0 for d in expected)
+    for a, b in zip(expected, got, strict=True):
+        assert torch.equal(a["labels"], b["labels"])
+        assert torch.allclose(a["boxes"], b["boxes"], atol=1e-4)
 
 
 def run_cli(args: list[str]) -> int:
@@ -106,6 +190,14 @@ def test_run_writes_results_events_and_report(tiny_run_args, tiny_dataset, tmp_p
     assert m["train_images"] <= 24 and m["val_images"] == 8
     assert results["config"]["train"]["max_steps"] == 3
     assert results["environment"]["packages"]["torch"] == torch.__version__.split("+")[0]
+    assert m["implementation"] == {
+        "loss": "batched",
+        "postprocess": "batched",
+        "channels_last": False,  # auto, on a CPU
+        "compile": False,
+        "optimizer": "SGD (fused)",
+        "ddp": None,
+    }
 
     events = read_events(out / "events.jsonl")
     kinds = [e["event"] for e in events]
@@ -153,6 +245,7 @@ def test_run_writes_results_events_and_report(tiny_run_args, tiny_dataset, tmp_p
         in report
     )
     assert f"bs=2,lr={m['lr']:g}" in report and m["mem"] in report
+    assert "- step: loss batched, post-processing batched, channels-last off" in report
 
 
 def test_run_stops_at_the_first_evaluation_reaching_the_target(

@@ -318,6 +318,7 @@ def render_report(results: dict) -> str:
         "",
         _accuracy_line(m),
         _precision_line(m),
+        *_implementation_lines(m),
         f"- images trained: {m['trained_images']} in {m['steps']} steps over {m['epochs']} "
         f"epoch(s); world size {m['world_size']} ({m['nodes']} node(s) x "
         f"{m['devices_per_node']}), global batch {m['global_batch']}",
@@ -363,6 +364,25 @@ def _precision_line(m: dict) -> str:
         f"{math['effective_conv'].upper()}, float32 matmuls in {math['effective_matmul'].upper()} "
         f"({flags})"
     )
+
+
+def _implementation_lines(m: dict) -> list[str]:
+    """How the step was computed (the workload is the same either way)."""
+    impl = m.get("implementation")
+    if impl is None:  # results of a version before these choices existed
+        return []
+    ddp = impl["ddp"]
+    wrapped = (
+        "one rank, no DDP"
+        if ddp is None
+        else f"DDP broadcast_buffers={ddp['broadcast_buffers']}, "
+        f"gradient_as_bucket_view={ddp['gradient_as_bucket_view']}"
+    )
+    return [
+        f"- step: loss {impl['loss']}, post-processing {impl['postprocess']}, channels-last "
+        f"{'on' if impl['channels_last'] else 'off'}, torch.compile "
+        f"{'on' if impl['compile'] else 'off'}, {impl['optimizer']}, {wrapped}"
+    ]
 
 
 def _steady_line(m: dict) -> str:

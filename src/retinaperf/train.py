@@ -33,7 +33,7 @@ from . import (
     utilization,
     weights,
 )
-from .config import RunConfig
+from .config import RunConfig, TrainConfig
 from .distributed import DistEnv
 from .errors import UserError
 from .model import build_model
@@ -73,6 +73,47 @@ def train_step(
     loss = sum(losses.values())
     precision.backward_and_step(loss, optimizer, clip_grad_norm)
     return {name: value.detach() for name, value in losses.items()}
+
+
+def use_channels_last(setting: str, device: torch.device) -> bool:
+    """`channels_last` resolved: `auto` is on for CUDA, whose convolutions (cuDNN, tensor cores)
+    run fastest in NHWC, and off elsewhere."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def build_optimizer(
+    params: list[nn.Parameter], cfg: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    """The reference's SGD, updating every tensor in one fused kernel where the device has one
+    (which also takes the loss scaler's overflow check without a host synchronisation), else with
+    multi-tensor (foreach) kernels."""
+    options = {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
+    try:
+        return torch.optim.SGD(params, **options, fused=True)
+    except RuntimeError:  # no fused SGD for this device type
+        return torch.optim.SGD(params, **options, foreach=True)
+
+
+def _optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
+    defaults = optimizer.defaults
+    return f"SGD ({'fused' if defaults.get('fused') else 'foreach'})"
+
+
+def _wrap_ddp(model: nn.Module, env: DistEnv) -> tuple[nn.Module, dict | None]:
+    """The model DDP-wrapped when there are several ranks, and how it was wrapped."""
+    if env.world_size == 1:
+        return model, None
+    options = {
+        # Batch norm that trains keeps running statistics, which rank 0 must hand to every rank;
+        # frozen batch norm (the real recipe) keeps none, and the broadcast is a per-step cost.
+        "broadcast_buffers": any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
+        ),
+        # Gradients live in DDP's all-reduce buckets: no copy in and out of them each step.
+        "gradient_as_bucket_view": True,
+    }
+    device_ids = [env.device] if env.device.type != "cpu" else None
+    return DistributedDataParallel(model, device_ids=device_ids, **options), options
 
 
 @dataclass
@@ -139,24 +180,24 @@ def _set_up(config: RunConfig, env: DistEnv, command_start: float) -> Setup:
     torch.manual_seed(config.train.seed)
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True)
+    # cuDNN times its algorithms for each new input shape once and keeps the fastest; not when
+    # the run asks for reproducible kernels.
+    torch.backends.cudnn.benchmark = env.device.type == "cuda" and not config.train.deterministic
     cache_dir = _cache_dir(config)
     loaders = _build_data(config, env, cache_dir)
     backbone = _load_weights(config, env, cache_dir)
-    model = build_model(config.model, backbone.state_dict if backbone else None)
-    model = trained_in.prepare(model.to(env.device))
-    optimizer = torch.optim.SGD(
-        trained_in.optimizer_params(model),
-        lr=config.train.lr,
-        momentum=config.train.momentum,
-        weight_decay=config.train.weight_decay,
-    )
-    # Counted before DDP wraps the model, so that no gradient hook fires.
+    model = build_model(config.model, backbone.state_dict if backbone else None).to(env.device)
+    channels_last = use_channels_last(config.model.channels_last, env.device)
+    if channels_last:
+        model.use_channels_last()
+    model = trained_in.prepare(model)
+    optimizer = build_optimizer(trained_in.optimizer_params(model), config.train, env.device)
+    # Counted before compiling (compiled kernels bypass the FLOP counter) and before DDP wraps the
+    # model (so that no gradient hook fires).
     flops = _count_flops(model, loaders, env, trained_in) if env.is_main else None
-    trained = model
-    if env.world_size > 1:
-        trained = DistributedDataParallel(
-            model, device_ids=[env.device] if env.device.type != "cpu" else None
-        )
+    if config.model.compile:
+        model.compile_parts()
+    trained, ddp = _wrap_ddp(model, env)
     facts = {
         **loaders.facts,
         "backbone_weights": config.model.backbone_weights,
@@ -164,6 +205,14 @@ def _set_up(config: RunConfig, env: DistEnv, command_start: float) -> Setup:
         "backbone_init": _backbone_init(config, backbone),
         "throughput_only": config.throughput_only,
         "precision_requested": config.train.precision,
+        "implementation": {
+            "loss": config.model.loss,
+            "postprocess": config.model.postprocess,
+            "channels_last": channels_last,
+            "compile": config.model.compile,
+            "optimizer": _optimizer_kind(optimizer),
+            "ddp": ddp,
+        },
         **trained_in.record(),  # read last: every math flag of the run is set by now
     }
     if env.is_main:
