@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: run test lint format clean gpu-check
+.PHONY: run test bench lint format clean gpu-check
 
 $(STAMP): pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
+
+# Speed against baselines measured in the same run (not part of `make test`); see benchmarks/.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py $(ARGS)
 
 # Needs a CUDA GPU (prints what it would run elsewhere); see benchmarks/gpu_check.py.
 gpu-check: $(STAMP)

@@ -4,7 +4,7 @@ retinaperf decodes to uint8 and leaves the float conversion to the model, on the
 reference pipeline (torchvision references/detection) converts to float32 in the workers. Both
 read the same JPEG files through the same annotation index. Printed: images/s of each (one
 process, no workers, so the numbers are the per-worker cost), the bytes each hands to the
-host-to-device copy, and the ratios. Target: retinaperf at least as fast, with 4x fewer bytes.
+host-to-device copy, and the ratios. Goals: retinaperf at least as fast, with 4x fewer bytes.
 
     .venv/bin/python benchmarks/bench_data.py [--images 200] [--repeats 3]
 """
@@ -22,9 +22,11 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from common import Comparison, print_comparisons
 from retinaperf.data import CocoDetection, load_split
 
 PHOTOS = Path(__file__).parent / "photos"
+THREADS = torch.get_num_threads()
 
 
 def make_dataset(root: Path, count: int) -> Path:
@@ -71,26 +73,39 @@ def throughput(dataset: CocoDetection, repeats: int) -> tuple[float, int]:
     return best, size
 
 
+def benchmark(images: int = 200, repeats: int = 3) -> list[Comparison]:
+    torch.set_num_threads(1)  # one DataLoader worker's share
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = make_dataset(Path(tmp) / "coco", images)
+            records, _ = load_split(root, "train", drop_empty=True)
+            ours = CocoDetection(root, "train", records, hflip_prob=0.5, seed=0)
+            reference = ReferenceStyle(root, "train", records, hflip_prob=0.5, seed=0)
+            ref_rate, ref_bytes = throughput(reference, repeats)
+            our_rate, our_bytes = throughput(ours, repeats)
+    finally:
+        torch.set_num_threads(THREADS)
+    workload = f"decode + flip of {images} COCO-sized JPEGs, one worker"
+    reference_name, ours_name = "float32 in workers (torchvision references)", "retinaperf uint8"
+    return [
+        Comparison(
+            "data speed", workload, reference_name, ref_rate, ours_name, our_rate, "images/s",
+            our_rate / ref_rate, 1.0,
+        ),
+        Comparison(
+            "data bytes", "bytes per image handed to the host-to-device copy", reference_name,
+            ref_bytes / 2**20, ours_name, our_bytes / 2**20, "MiB/image", ref_bytes / our_bytes,
+            4.0,
+        ),
+    ]  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    torch.set_num_threads(1)  # one DataLoader worker's share
-    with tempfile.TemporaryDirectory() as tmp:
-        root = make_dataset(Path(tmp) / "coco", args.images)
-        records, _ = load_split(root, "train", drop_empty=True)
-        ours = CocoDetection(root, "train", records, hflip_prob=0.5, seed=0)
-        reference = ReferenceStyle(root, "train", records, hflip_prob=0.5, seed=0)
-        ref_rate, ref_bytes = throughput(reference, args.repeats)
-        our_rate, our_bytes = throughput(ours, args.repeats)
-    for name, rate, size in (
-        ("reference (float32 in workers)", ref_rate, ref_bytes),
-        ("retinaperf (uint8, float on device)", our_rate, our_bytes),
-    ):
-        print(f"{name:38} {rate:8.1f} images/s, {size / 2**20:.2f} MiB/image")
-    print(f"speed ratio retinaperf/reference: {our_rate / ref_rate:.2f}x")
-    print(f"bytes ratio reference/retinaperf: {ref_bytes / our_bytes:.2f}x fewer bytes to copy")
+    print_comparisons(benchmark(args.images, args.repeats))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
 """One command that checks a CUDA GPU: the tests marked `gpu`, then the throughput mode of the
 A100-1x1 preset (its batch, lr and 800x1333 resize, on generated COCO-like data) in several
-precisions. Writes docs/results/<date>-<device>-gpu-check/: each run's directory, the tests' log
-and a README.md with the generated summary table and the command that produced it.
+precisions, and in bf16 with torchvision's loss and post-processing (the reference), without
+channels-last and with torch.compile: what each choice of the step is worth there. Writes
+docs/results/<date>-<device>-gpu-check/: each run's directory, the tests' log and a README.md
+with the generated summary table and the command that produced it.
 
     python benchmarks/gpu_check.py                       # after `make` (or: make gpu-check)
     PYTHONPATH=src python3 benchmarks/gpu_check.py       # a GPU machine's own torch, no install
     python benchmarks/gpu_check.py --dry-run             # print what it would run
 
 Needs no network: random weights in the pretrained structure and generated data. About 100
-steps per precision keeps it within 8 minutes on one H100. Without a CUDA device it prints what
+steps per run keeps it within 9 minutes on one H100. Without a CUDA device it prints what
 it would run and exits 0 (`--cpu` runs it on the CPU anyway, slowly: to try the script).
 Exit status: 0 when every test and every run succeeded.
 """
@@ -33,17 +35,28 @@ import torch  # noqa: E402
 from retinaperf import report  # noqa: E402
 from retinaperf.config import PRECISIONS as KNOWN_PRECISIONS  # noqa: E402
 
-# fp32-strict last: the slowest, so a check cut short by its time limit loses the least.
-PRECISIONS = ("fp32", "amp", "bf16", "fp32-strict")
 PRESET = "A100-1x1"
+# name -> settings of each run, in the order they run. fp32-strict last: the slowest, so a check
+# cut short by its time limit loses the least.
+RUNS = {
+    "fp32": ("precision=fp32",),
+    "bf16": ("precision=bf16",),
+    "bf16-torchvision": ("precision=bf16", "loss=torchvision", "postprocess=torchvision"),
+    "bf16-nchw": ("precision=bf16", "channels_last=off"),
+    "bf16-compile": ("precision=bf16", "compile=true"),
+    "amp": ("precision=amp",),
+    "fp32-strict": ("precision=fp32-strict",),
+}
+# Any precision can be asked for by name, as a run of that precision alone.
+KNOWN_RUNS = {**{p: (f"precision={p}",) for p in KNOWN_PRECISIONS}, **RUNS}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.precisions) - set(KNOWN_PRECISIONS))
+    unknown = sorted(set(args.runs) - set(KNOWN_RUNS))
     if unknown or args.steps < 1:
-        parser.error(f"--precisions: choose from {KNOWN_PRECISIONS}" if unknown else "--steps >= 1")
+        parser.error(f"--runs: choose from {', '.join(KNOWN_RUNS)}" if unknown else "--steps >= 1")
     started = time.perf_counter()
     device = "cpu" if args.cpu else "cuda"
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else device
@@ -52,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     tests += [str(path) for path in _files_with_gpu_tests()]
     overrides = ["device=cpu", *args.overrides] if args.cpu else args.overrides
     runs = {
-        precision: _run_command(precision, args.steps, out_dir / precision, overrides)
-        for precision in args.precisions
+        name: _run_command(KNOWN_RUNS[name], args.steps, out_dir / name, overrides)
+        for name in args.runs
     }
     if args.dry_run or not (torch.cuda.is_available() or args.cpu):
         why = "dry run" if args.dry_run else "no CUDA device here: dry run"
@@ -72,11 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     verdict = _pytest_verdict(tested.stdout)
     print(f"tests marked gpu: {verdict} ({time.perf_counter() - started:.0f} s)", flush=True)
     failed = [] if tested.returncode == 0 else ["tests marked gpu"]
-    for precision, command in runs.items():
+    for run_name, command in runs.items():
         done = subprocess.run(command, cwd=REPO, env=environment, check=False)
-        print(f"{precision}: exit status {done.returncode} ({time.perf_counter() - started:.0f} s)")
+        print(f"{run_name}: exit status {done.returncode} ({time.perf_counter() - started:.0f} s)")
         if done.returncode != 0:
-            failed.append(f"run {precision}")
+            failed.append(f"run {run_name}")
     finished = [out_dir / p for p in runs if (out_dir / p / report.RESULTS).is_file()]
     text = summary(name, [report.load_results(d) for d in finished], verdict, failed, argv)
     report.write_text_atomic(out_dir / "README.md", text)
@@ -89,7 +102,7 @@ def summary(
     device: str, runs: list[dict], verdict: str, failed: list[str], argv: list[str] | None
 ) -> str:
     """The results folder's README: what ran, the seed's table of the runs, and the columns a
-    throughput check adds (p_core_steady, MFU, the float32 math in force)."""
+    throughput check adds (p_core_steady, MFU, the float32 math in force, how the step ran)."""
     command = "python benchmarks/gpu_check.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     lines = [
         f"# GPU check on {device}, {datetime.date.today()}",
@@ -114,14 +127,28 @@ def summary(
     return "\n".join(lines) + "\n"
 
 
-EXTRA_COLUMNS = ("precision", "p_core", "p_core_steady", "TFLOP/s", "MFU", "float32 math", "mem")
+EXTRA_COLUMNS = (
+    "run",
+    "precision",
+    "step",
+    "p_core",
+    "p_core_steady",
+    "TFLOP/s",
+    "MFU",
+    "float32 math",
+    "mem",
+)
 
 
 def _extra_row(results: dict) -> dict[str, str]:
     m = results["metrics"]
     steady = m["p_core_steady"]
+    impl = m["implementation"]
     return {
+        "run": Path(results["run_dir"]).name,
         "precision": m["precision"],
+        "step": f"loss {impl['loss']}, postprocess {impl['postprocess']}, channels-last "
+        f"{'on' if impl['channels_last'] else 'off'}, compile {'on' if impl['compile'] else 'off'}",
         "p_core": report.significant(m["p_core"]),
         "p_core_steady": "–" if steady is None else report.significant(steady),
         "TFLOP/s": report.significant(m["achieved_tflops"]),
@@ -132,9 +159,11 @@ def _extra_row(results: dict) -> dict[str, str]:
     }
 
 
-def _run_command(precision: str, steps: int, run_dir: Path, overrides: list[str]) -> list[str]:
+def _run_command(
+    settings: tuple[str, ...], steps: int, run_dir: Path, overrides: list[str]
+) -> list[str]:
     command = [sys.executable, "-m", "retinaperf", "run", "--preset", PRESET, "--synthetic"]
-    pairs = [f"precision={precision}", f"max_steps={steps}", *overrides, f"output_dir={run_dir}"]
+    pairs = [*settings, f"max_steps={steps}", *overrides, f"output_dir={run_dir}"]
     for pair in pairs:
         command += ["--set", pair]
     return command
@@ -179,10 +208,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=100, help="steps per run (default 100)")
     parser.add_argument(
-        "--precisions",
-        type=lambda text: [p for p in text.split(",") if p],
-        default=list(PRECISIONS),
-        help=f"comma-separated (default {','.join(PRECISIONS)})",
+        "--runs",
+        type=lambda text: [name for name in text.split(",") if name],
+        default=list(RUNS),
+        help=f"comma-separated run names: a precision or one of {', '.join(RUNS)} (default all)",
     )
     parser.add_argument("--out", default=str(REPO / "docs" / "results"), help="parent folder")
     parser.add_argument(

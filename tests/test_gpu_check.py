@@ -32,18 +32,25 @@ def test_without_cuda_it_prints_what_it_would_run_and_exits_0(tmp_path):
         assert name in tests  # the files that hold tests marked gpu, and only those
     assert "test_evaluate.py" not in tests
     runs = [line for line in lines if "--preset A100-1x1 --synthetic" in line]
-    assert [r.split("precision=")[1].split()[0] for r in runs] == [
+    names = [r.split("output_dir=")[1].split("/")[-1] for r in runs]
+    assert names == [
         "fp32",
-        "amp",
         "bf16",
+        "bf16-torchvision",
+        "bf16-nchw",
+        "bf16-compile",
+        "amp",
         "fp32-strict",
     ]
     assert all("max_steps=100" in r for r in runs)
+    reference = runs[names.index("bf16-torchvision")]
+    assert "loss=torchvision" in reference and "postprocess=torchvision" in reference
+    assert "compile=true" in runs[names.index("bf16-compile")]
     assert not (tmp_path / "results").exists()  # a dry run writes nothing
 
 
 def test_bad_arguments_are_refused():
-    assert gpu_check("--precisions", "fp64").returncode == 2
+    assert gpu_check("--runs", "fp64").returncode == 2
     assert gpu_check("--steps", "0").returncode == 2
 
 
@@ -63,12 +70,14 @@ def test_the_whole_check_on_the_cpu_writes_runs_and_a_generated_summary(tmp_path
     }
     sets = [arg for key, value in tiny.items() for arg in ("--set", f"{key}={value}")]
     out = tmp_path / "results"
-    done = gpu_check("--cpu", "--steps", "2", "--precisions", "fp32,bf16", "--out", str(out), *sets)
+    done = gpu_check(
+        "--cpu", "--steps", "2", "--runs", "fp32,bf16-torchvision", "--out", str(out), *sets
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     (folder,) = out.iterdir()
     assert folder.name.endswith("-cpu-gpu-check")
-    for precision in ("fp32", "bf16"):
-        assert (folder / precision / "results.json").is_file()
+    for name in ("fp32", "bf16-torchvision"):
+        assert (folder / name / "results.json").is_file()
     log = (folder / "gpu_tests.log").read_text()
     assert "skipped" in log  # no CUDA: every test marked gpu skips, saying why
     readme = (folder / "README.md").read_text()
@@ -76,7 +85,8 @@ def test_the_whole_check_on_the_cpu_writes_runs_and_a_generated_summary(tmp_path
     assert "tests marked gpu:" in readme and "failed: nothing" in readme
     rows = [line for line in readme.splitlines() if line.startswith("| ") and "bs=2" in line]
     assert [row.split("|")[2].strip() for row in rows] == ["fp32", "bf16"]
-    assert "| bf16 |" in readme and "conv ieee, matmul ieee" in readme
+    assert "| bf16-torchvision | bf16 | loss torchvision, postprocess torchvision" in readme
+    assert "conv ieee, matmul ieee" in readme
 
 
 def test_dry_run_runs_nothing_even_when_asked_for_the_cpu(tmp_path):
