@@ -24,7 +24,11 @@ def benchmark(preset: str = "smoke") -> list[Comparison]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         command = [sys.executable, "-m", "retinaperf", "run", "--preset", preset]
-        subprocess.run([*command, "--output-dir", str(out)], check=True, stdout=subprocess.DEVNULL)
+        done = subprocess.run(
+            [*command, "--output-dir", str(out)], capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:  # its progress bars stay out of the table; its errors do not
+            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
         m = json.loads((out / "results.json").read_text())["metrics"]
     return [
         Comparison(

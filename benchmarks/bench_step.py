@@ -105,7 +105,7 @@ def benchmark(steps: int = 3) -> list[Comparison]:
             f"retinaperf auto ({auto})",
             ours_auto,
             1.0,
-            notes=f"auto chose {auto}: {reason}",
+            notes=f"auto chose {auto} ({reason})",
         )
     )
     return comparisons

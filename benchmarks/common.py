@@ -117,7 +117,7 @@ def readme_section(latest: dict) -> str:
             README_BEGIN,
             "",
             f"Measured by `make bench` on {latest['date']} ({machine}; commit "
-            f"{env['git_commit'] or 'unknown'}), {latest['seconds']:.0f} s in all:",
+            f"{(env['git_commit'] or 'unknown')[:12]}), {latest['seconds']:.0f} s in all:",
             "",
             table(latest["comparisons"]),
             "",
