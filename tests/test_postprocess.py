@@ -80,16 +80,8 @@ def random_head_outputs(
 
 
 def ours(model: RetinaPerfNet, outputs, anchors, image_sizes) -> list[dict[str, Tensor]]:
-    return select_detections(
-        outputs,
-        anchors,
-        image_sizes,
-        box_coder=model.box_coder,
-        score_thresh=model.score_thresh,
-        nms_thresh=model.nms_thresh,
-        detections_per_img=model.detections_per_img,
-        topk_candidates=model.topk_candidates,
-    )
+    assert model.postprocess_impl == "batched"  # the default: select_detections
+    return model.postprocess_detections(outputs, anchors, image_sizes)
 
 
 def torchvisions(model: RetinaPerfNet, outputs, anchors, image_sizes) -> list[dict[str, Tensor]]:
