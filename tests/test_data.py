@@ -8,6 +8,7 @@ from __future__ import annotations
 import bisect
 import json
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 
 from retinaperf.data import (
+    CATEGORY_IDS,
     CocoDetection,
     GroupedBatchSampler,
     ImageRecord,
@@ -27,6 +29,7 @@ from retinaperf.data import (
     load_split,
 )
 from retinaperf.errors import UserError
+from retinaperf.model import NUM_CLASSES
 
 LEFT, RIGHT = (250, 10, 10), (10, 10, 250)  # red left half, blue right half
 
@@ -53,7 +56,13 @@ def write_jpeg(path: Path, width: int, height: int) -> None:
     Image.fromarray(pixels).save(path, quality=95)
 
 
-def write_split(root: Path, split: str, images: list[dict], annotations: list[dict]) -> None:
+def write_split(
+    root: Path,
+    split: str,
+    images: list[dict],
+    annotations: list[dict],
+    categories: Sequence[int] = (5, 9, 11),
+) -> None:
     folder = root / f"{split}2017"
     folder.mkdir(parents=True, exist_ok=True)
     for im in images:
@@ -61,17 +70,32 @@ def write_split(root: Path, split: str, images: list[dict], annotations: list[di
     coco = {
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": c, "name": f"c{c}"} for c in (5, 9, 11)],
+        "categories": [{"id": c, "name": f"c{c}"} for c in categories],
     }
     (root / "annotations").mkdir(exist_ok=True)
     (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(coco))
 
 
-def make_root(root: Path, images: list[dict], annotations: list[dict]) -> Path:
+def make_root(
+    root: Path,
+    images: list[dict],
+    annotations: list[dict],
+    categories: Sequence[int] = (5, 9, 11),
+) -> Path:
     """The same hand-written split as train and val."""
     for split in ("train", "val"):
-        write_split(root, split, images, annotations)
+        write_split(root, split, images, annotations, categories)
     return root
+
+
+def set_file_name(root: Path, split: str, image_id: int, file_name: str) -> None:
+    """Give an image of the annotation file another file_name (its JPEG stays where it is)."""
+    path = root / "annotations" / f"instances_{split}2017.json"
+    coco = json.loads(path.read_text())
+    for im in coco["images"]:
+        if im["id"] == image_id:
+            im["file_name"] = file_name
+    path.write_text(json.dumps(coco))
 
 
 def kept(root: Path, split: str = "train", drop_empty: bool = False) -> dict[int, ImageRecord]:
@@ -106,7 +130,7 @@ def test_crowd_boxes_are_dropped_from_targets(tmp_path):
     assert record.labels.tolist() == [11]
 
 
-@pytest.mark.parametrize("bbox", [[5, 5, 0, 4], [5, 5, 4, 0], [5, 5, 0, 0], [5, 5, -3, 4]])
+@pytest.mark.parametrize("bbox", [[5, 5, 0, 4], [5, 5, 4, 0], [5, 5, 0, 0]])
 def test_boxes_without_area_are_dropped(tmp_path, bbox):
     root = make_root(tmp_path, [image(1, 40, 30)], [box(1, 1, bbox), box(2, 1, [1, 1, 2, 2], 9)])
     record = kept(root)[1]
@@ -459,10 +483,17 @@ def test_annotation_lacking_a_field_is_refused_naming_it(tmp_path, annotation, w
     assert "instances_train2017.json" in str(err.value)
 
 
-def test_listed_image_missing_on_disk_is_refused_naming_it(tmp_path):
+@pytest.mark.parametrize("how", ["deleted", "dangling-link", "in-subfolder"])
+def test_listed_image_missing_on_disk_is_refused_naming_it(tmp_path, how):
     make_root(tmp_path, [image(1, 40, 30), image(2, 40, 30)], [box(1, 1, [2, 3, 10, 5])])
-    (tmp_path / "val2017" / "0002.jpg").unlink()
-    with pytest.raises(UserError, match=r"0002\.jpg"):
+    missing = tmp_path / "val2017" / "0002.jpg"
+    missing.unlink()
+    if how == "dangling-link":
+        missing.symlink_to("gone.jpg")  # would lead inside the folder, but to nothing
+    elif how == "in-subfolder":
+        (tmp_path / "val2017" / "sub").mkdir()
+        set_file_name(tmp_path, "val", 2, "sub/0002.jpg")
+    with pytest.raises(UserError, match=r"missing from .*0002\.jpg"):
         load_split(tmp_path, "val", drop_empty=False)
 
 
@@ -482,14 +513,22 @@ def test_corrupt_jpeg_gives_load_failure_and_check_batch_names_it(tmp_path):
         check_batch([good, failure])
 
 
-def test_truncated_jpeg_gives_load_failure(tmp_path):
-    make_root(tmp_path, [image(1, 40, 30)], [box(1, 1, [2, 3, 10, 5])])
+@pytest.mark.parametrize("kept_bytes", [100, 0.5], ids=["in-header", "half"])
+def test_truncated_jpeg_gives_load_failure(tmp_path, kept_bytes):
+    # 200x150: large enough that half the file ends in the picture data, not in the header, as
+    # an interrupted copy does.
+    make_root(tmp_path, [image(1, 200, 150)], [box(1, 1, [2, 3, 10, 5])])
     path = tmp_path / "val2017" / "0001.jpg"
-    path.write_bytes(path.read_bytes()[:100])
+    whole = path.read_bytes()
+    path.write_bytes(whole[: int(kept_bytes if kept_bytes >= 1 else len(whole) * kept_bytes)])
     records, _ = load_split(tmp_path, "val", drop_empty=False)
     failure = CocoDetection(tmp_path, "val", records, hflip_prob=0.0, seed=0)[(0, 0)]
     assert isinstance(failure, LoadFailure)
-    assert failure.path.endswith("0001.jpg")
+    assert failure.path == str(path)
+    assert "truncated" in failure.reason.lower()
+    with pytest.raises(UserError) as err:
+        check_batch([failure])
+    assert str(path) in str(err.value)
 
 
 def test_jpeg_of_wrong_size_gives_load_failure(tmp_path):
@@ -502,3 +541,148 @@ def test_jpeg_of_wrong_size_gives_load_failure(tmp_path):
     assert "40x30" in failure.reason and "30x40" in failure.reason
     with pytest.raises(UserError, match=r"0001\.jpg"):
         check_batch([failure])
+
+
+@pytest.mark.parametrize(
+    "bbox", [[5, 5, -3, 4], [5, 5, 4, -0.5], [5, 5, -1, -1]], ids=["width", "height", "both"]
+)
+@pytest.mark.parametrize("crowd", [0, 1], ids=["plain", "crowd"])
+def test_box_of_negative_size_is_refused_naming_it(tmp_path, bbox, crowd):
+    annotations = [box(1, 1, [2, 3, 10, 5]), box(7, 1, bbox, crowd=crowd)]
+    make_root(tmp_path, [image(1, 40, 30)], annotations)
+    with pytest.raises(UserError) as err:
+        load_split(tmp_path, "val", drop_empty=False)
+    message = str(err.value)
+    assert "instances_val2017.json" in message
+    assert "annotation 7 has a negative width or height" in message
+    assert str(bbox) in message
+
+
+@pytest.mark.parametrize("crowd", [0, 1], ids=["plain", "crowd"])
+def test_category_not_in_categories_is_refused_naming_it(tmp_path, crowd):
+    annotations = [box(1, 1, [2, 3, 10, 5]), box(4, 1, [1, 1, 2, 2], category=7, crowd=crowd)]
+    make_root(tmp_path, [image(1, 40, 30)], annotations)
+    with pytest.raises(UserError) as err:
+        load_split(tmp_path, "train", drop_empty=True)
+    message = str(err.value)
+    assert "instances_train2017.json" in message
+    assert "annotation 4 has category_id 7, which is not in 'categories'" in message
+
+
+@pytest.mark.parametrize("category", [0, 91, -1])
+def test_category_outside_the_models_classes_is_refused(tmp_path, category):
+    assert len(CATEGORY_IDS) + 1 == NUM_CLASSES  # ids 1..90 and the background
+    annotations = [box(1, 1, [2, 3, 10, 5]), box(4, 1, [1, 1, 2, 2], category=category)]
+    make_root(tmp_path, [image(1, 40, 30)], annotations, categories=(5, category))
+    with pytest.raises(UserError) as err:
+        load_split(tmp_path, "train", drop_empty=True)
+    message = str(err.value)
+    assert "instances_train2017.json" in message
+    assert f"annotation 4 has category_id {category}, outside 1..90" in message
+
+
+def test_categories_at_both_ends_of_the_range_load(tmp_path):
+    annotations = [box(1, 1, [2, 3, 10, 5], category=1), box(2, 1, [1, 1, 2, 2], category=90)]
+    make_root(tmp_path, [image(1, 40, 30)], annotations, categories=(1, 90))
+    assert kept(tmp_path)[1].labels.tolist() == [1, 90]
+
+
+# --- image files must stay in their folder ----------------------------------------------------
+
+
+def _leaving_file_name(root: Path, case: str) -> str:
+    """A file_name for image 2 of `root`'s train split that leads out of train2017/, to a real
+    JPEG (so it is refused for where it is, not for being missing)."""
+    folder = root / "train2017"
+    outside = root / "outside.jpg"
+    write_jpeg(outside, 40, 30)
+    if case == "dot-dot":
+        return "../outside.jpg"
+    if case == "dot-dot-inside":
+        return "0001.jpg/../../outside.jpg"
+    if case == "absolute":
+        return str(outside)
+    if case == "empty":
+        return ""
+    if case == "link":
+        (folder / "0002.jpg").unlink()
+        (folder / "0002.jpg").symlink_to(outside)
+        return "0002.jpg"
+    if case == "relative-link":
+        (folder / "0002.jpg").unlink()
+        (folder / "0002.jpg").symlink_to("../outside.jpg")
+        return "0002.jpg"
+    assert case == "linked-subfolder"
+    (folder / "sub").symlink_to(root)
+    return "sub/outside.jpg"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "dot-dot",
+        "dot-dot-inside",
+        "absolute",
+        "empty",
+        "link",
+        "relative-link",
+        "linked-subfolder",
+    ],
+)
+def test_file_name_leading_out_of_the_image_folder_is_refused(tmp_path, case):
+    root = make_root(
+        tmp_path / "coco",
+        [image(1, 40, 30), image(2, 40, 30)],
+        [box(1, 1, [2, 3, 10, 5]), box(2, 2, [2, 3, 10, 5])],
+    )
+    name = _leaving_file_name(root, case)
+    set_file_name(root, "train", 2, name)
+    with pytest.raises(UserError) as err:
+        load_split(root, "train", drop_empty=True)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "instances_train2017.json" in message
+    assert f"image 2 has file_name {name!r}" in message
+    assert f"file names must name files inside {root / 'train2017'}" in message
+    if "link" in case:
+        assert f"leads to {(root / 'outside.jpg').resolve()}, outside" in message
+    load_split(root, "val", drop_empty=False)  # val's names are its own, still plain
+
+
+def _move_and_link(folder: Path, elsewhere: Path) -> None:
+    """Move `folder` to `elsewhere` and leave a link to it in its place."""
+    elsewhere.parent.mkdir(parents=True, exist_ok=True)
+    folder.rename(elsewhere)
+    folder.symlink_to(elsewhere, target_is_directory=True)
+
+
+def test_image_folder_linked_elsewhere_loads(tmp_path):
+    root = make_root(tmp_path / "coco", [image(1, 40, 30), image(2, 32, 48)], [])
+    _move_and_link(root / "val2017", tmp_path / "big-disk" / "val2017")
+    records, _ = load_split(root, "val", drop_empty=False)
+    assert [r.file_name for r in records] == ["0001.jpg", "0002.jpg"]
+    img, _ = CocoDetection(root, "val", records, hflip_prob=0.0, seed=0)[(0, 1)]
+    assert tuple(img.shape) == (3, 48, 32)
+
+
+@pytest.mark.parametrize("folder_linked", [False, True], ids=["folder", "linked-folder"])
+def test_links_and_subfolders_inside_the_image_folder_load(tmp_path, folder_linked):
+    images = [image(1, 40, 30), image(2, 40, 30), image(3, 32, 48), image(4, 32, 48)]
+    root = make_root(tmp_path / "coco", images, [])
+    folder = root / "val2017"
+    (folder / "0002.jpg").unlink()
+    (folder / "0002.jpg").symlink_to("0001.jpg")  # relative, to a file of the folder
+    (folder / "sub").mkdir()
+    (folder / "0003.jpg").rename(folder / "sub" / "0003.jpg")
+    set_file_name(root, "val", 3, "sub/0003.jpg")
+    # Absolute links through the folder's own path: still inside once the folder is moved.
+    (folder / "same").symlink_to(folder / "sub")
+    (folder / "0004.jpg").unlink()
+    (folder / "0004.jpg").symlink_to(folder / "same" / "0003.jpg")
+    if folder_linked:
+        _move_and_link(folder, tmp_path / "big-disk" / "val2017")
+    records, _ = load_split(root, "val", drop_empty=False)
+    assert [r.file_name for r in records] == ["0001.jpg", "0002.jpg", "sub/0003.jpg", "0004.jpg"]
+    dataset = CocoDetection(root, "val", records, hflip_prob=0.0, seed=0)
+    shapes = [tuple(dataset[(0, i)][0].shape) for i in range(4)]
+    assert shapes == [(3, 30, 40), (3, 30, 40), (3, 48, 32), (3, 48, 32)]

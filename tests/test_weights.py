@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from retinaperf.errors import UserError
-from retinaperf.weights import LoadedWeights, expected_prefix, fetch, load
+from retinaperf.weights import LoadedWeights, expected_prefix, fetch, load, load_tensors
 
 
 @pytest.fixture(autouse=True)
@@ -149,10 +149,47 @@ def test_pickle_with_code_is_refused_not_run(tmp_path, cache, wrapped):
         {"conv.weight": torch.ones(1), "x": payload} if wrapped else payload, tmp_path
     )
     assert not marker.exists()
-    with pytest.raises(UserError, match="cannot load") as err:
+    with pytest.raises(UserError) as err:
         load(str(path), cache)
-    assert str(path) in str(err.value)
+    message = str(err.value)
+    assert message.startswith(
+        f"backbone weights: {path} holds pickled objects other than tensors (possibly code)"
+    )
+    assert "weights_only=True" in message and "\n" not in message
     assert not marker.exists()
+
+
+def test_load_tensors_refuses_code_naming_what_it_loads(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": fake_state(), "epoch": 3, "rng": Payload(marker)}, path)
+    with pytest.raises(UserError, match="pickled") as err:
+        load_tensors(path, "checkpoint")
+    assert str(err.value).startswith(f"checkpoint: {path} holds pickled objects")
+    assert not marker.exists()
+
+
+def test_load_tensors_refuses_a_truncated_file_naming_it(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": fake_state(), "epoch": 3}, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(UserError) as err:
+        load_tensors(path, "checkpoint")
+    message = str(err.value)
+    assert message.startswith(f"checkpoint: cannot load {path}: ")
+    assert len(message) > len(f"checkpoint: cannot load {path}: ") and "\n" not in message
+
+
+def test_load_tensors_returns_tensors_in_plain_containers(tmp_path):
+    # What a training checkpoint holds: nested dicts, lists, numbers and strings around tensors.
+    state = fake_state(9)
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": state, "epoch": 3, "steps": [torch.ones(2)], "name": "x"}, path)
+    loaded = load_tensors(path, "checkpoint")
+    assert sorted(loaded) == ["epoch", "model", "name", "steps"]
+    assert_same_state(loaded["model"], state)
+    assert loaded["epoch"] == 3 and loaded["name"] == "x"
+    assert torch.equal(loaded["steps"][0], torch.ones(2))
 
 
 @pytest.mark.parametrize(
@@ -166,18 +203,25 @@ def test_pickle_with_code_is_refused_not_run(tmp_path, cache, wrapped):
 )
 def test_not_a_state_dict(tmp_path, cache, obj):
     path = save_named(obj, tmp_path)
-    with pytest.raises(UserError, match="state dict") as err:
+    with pytest.raises(UserError) as err:
         load(str(path), cache)
-    assert str(path) in str(err.value)
+    assert str(err.value) == f"backbone weights: {path} does not hold a state dict of tensors"
 
 
-def test_not_a_torch_file(tmp_path, cache):
+@pytest.mark.parametrize("kind", ["text", "truncated"])
+def test_not_a_torch_file(tmp_path, cache, kind):
     scratch = tmp_path / "junk"
-    scratch.write_bytes(b"this is not a checkpoint\n" * 10)
+    if kind == "text":
+        scratch.write_bytes(b"this is not a checkpoint\n" * 10)
+    else:
+        torch.save(fake_state(), scratch)
+        scratch.write_bytes(scratch.read_bytes()[: scratch.stat().st_size // 2])
+    # Named after the broken file's own hash: it passes verification and fails to load.
     path = scratch.rename(tmp_path / f"fake-{sha256(scratch)[:8]}.pth")
-    with pytest.raises(UserError, match="cannot load") as err:
+    with pytest.raises(UserError) as err:
         load(str(path), cache)
-    assert str(path) in str(err.value)
+    assert str(err.value).startswith(f"backbone weights: cannot load {path}: ")
+    assert "\n" not in str(err.value)
 
 
 # --- downloads --------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ inside the model (see `model.py`), so workers and host-to-device copies move 4x 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -22,9 +23,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from . import signals
 from .errors import UserError
 
 SPLITS = ("train", "val")
+# COCO category ids are the model's labels as they are (model.NUM_CLASSES = 91, 0 the
+# background): an annotation's category must be one of 1..90.
+CATEGORY_IDS = range(1, 91)
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,10 @@ def read_annotations(path: Path) -> dict:
 
 def load_split(root: Path, split: str, *, drop_empty: bool) -> tuple[list[ImageRecord], dict]:
     """The images of a split with their kept boxes (images left without a box dropped if asked),
-    and the annotation file's content (the ground truth of evaluation)."""
+    and the annotation file's content (the ground truth of evaluation).
+
+    Every annotation, crowd or not, must name a listed image and category and have a box of no
+    negative size; every image's file must lie in the split's image folder."""
     path = annotation_file(root, split)
     data = read_annotations(path)
     try:
@@ -98,10 +106,9 @@ def load_split(root: Path, split: str, *, drop_empty: bool) -> tuple[list[ImageR
             int(im["id"]): (str(im["file_name"]), int(im["width"]), int(im["height"]))
             for im in data["images"]
         }
+        categories = {int(c["id"]) for c in data["categories"]}
         per_image: dict[int, list[tuple[list[float], int]]] = {i: [] for i in images}
         for ann in data["annotations"]:
-            if ann.get("iscrowd", 0):
-                continue
             image_id = int(ann["image_id"])
             if image_id not in per_image:
                 raise UserError(
@@ -111,11 +118,21 @@ def load_split(root: Path, split: str, *, drop_empty: bool) -> tuple[list[ImageR
             box = [float(v) for v in ann["bbox"]]
             if len(box) != 4:
                 raise ValueError("'bbox' (4 numbers: x, y, width, height)")
-            per_image[image_id].append((box, int(ann["category_id"])))
+            category = int(ann["category_id"])
+            _check_annotation(path, ann, box, category, categories)
+            # Checked like the others (a broken box is a broken file either way), but crowd
+            # boxes are never training targets (SPEC §1).
+            if ann.get("iscrowd", 0):
+                continue
+            per_image[image_id].append((box, category))
     except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"data: {path}: an image or annotation lacks a valid {err}") from None
+        raise UserError(
+            f"data: {path}: an image, annotation or category lacks a valid {err}"
+        ) from None
 
-    _check_files_exist(image_dir(root, split), path, [name for name, _, _ in images.values()])
+    _check_image_files(
+        image_dir(root, split), path, {i: name for i, (name, _, _) in images.items()}
+    )
     records = []
     for image_id, (file_name, width, height) in images.items():
         boxes, labels = _kept_boxes(per_image[image_id], width, height)
@@ -125,6 +142,29 @@ def load_split(root: Path, split: str, *, drop_empty: bool) -> tuple[list[ImageR
     if not records:
         raise UserError(f"data: {path} has no usable image (every image lacks a usable box)")
     return records, data
+
+
+def _check_annotation(
+    path: Path, ann: dict, box: list[float], category: int, categories: set[int]
+) -> None:
+    # A box of zero width or height is allowed (COCO has some; it is dropped from the targets),
+    # a negative one is not: no clamping makes sense of it.
+    if box[2] < 0 or box[3] < 0:
+        raise UserError(
+            f"data: {path}: annotation {ann.get('id')} has a negative width or height "
+            f"(bbox {ann['bbox']}): fix or remove it"
+        )
+    if category not in categories:
+        raise UserError(
+            f"data: {path}: annotation {ann.get('id')} has category_id {category}, which is not "
+            "in 'categories': fix the annotation or add its category"
+        )
+    if category not in CATEGORY_IDS:
+        raise UserError(
+            f"data: {path}: annotation {ann.get('id')} has category_id {category}, outside "
+            f"{CATEGORY_IDS[0]}..{CATEGORY_IDS[-1]}, the ids the model's 91 classes hold "
+            "(COCO's): number the categories as COCO does"
+        )
 
 
 def _kept_boxes(
@@ -142,12 +182,51 @@ def _kept_boxes(
     return boxes[keep], labels[keep]
 
 
-def _check_files_exist(folder: Path, annotations: Path, names: list[str]) -> None:
+def _check_image_files(folder: Path, annotations: Path, names: dict[int, str]) -> None:
+    """Every image's file (`names`: image id -> file_name) is in `folder` and stays there: no
+    empty name, absolute path, `..`, or link to somewhere outside.
+
+    COCO's train2017 holds 118k files, so the folder is read in one scandir pass: is_symlink()
+    of its entries needs no system call, only links are resolved, and only names with a folder
+    in them are looked up one by one.
+    """
     try:
-        present = set(os.listdir(folder))
+        with os.scandir(folder) as listing:
+            entries = {entry.name: entry for entry in listing}
+        # Resolved first: a whole image folder linked elsewhere is fine (a common layout); what
+        # must not leave it is where its names lead.
+        inside = Path(os.path.realpath(folder))
     except OSError as err:
         raise UserError(f"data: cannot list {folder}: {err.strerror}") from None
-    missing = [name for name in names if name not in present]
+    separators = os.sep + (os.altsep or "")
+    missing = []
+    for image_id, name in names.items():
+        entry = entries.get(name)
+        if entry is not None and not entry.is_symlink():
+            continue  # the common case: a plain entry of the folder
+        if not name or os.path.isabs(name) or ".." in Path(name).parts:
+            where = f"leaves {folder}" if name else "names no file"
+            raise UserError(
+                f"data: {annotations}: image {image_id} has file_name {name!r}, which {where}: "
+                f"file names must name files inside {folder}"
+            )
+        if entry is None and not any(sep in name for sep in separators):
+            missing.append(name)
+            continue
+        # A link, or a name through a subfolder (which may be a link): where it leads decides.
+        try:
+            real = Path(os.path.realpath(folder / name))
+        except (OSError, ValueError):  # ValueError: a NUL in the name
+            missing.append(name)
+            continue
+        if not real.is_relative_to(inside):
+            raise UserError(
+                f"data: {annotations}: image {image_id} has file_name {name!r}, which leads to "
+                f"{real}, outside {folder}: file names must name files inside {folder} (link "
+                "the whole image folder rather than single files)"
+            )
+        if not real.exists():
+            missing.append(name)
     if missing:
         raise UserError(
             f"data: {len(missing)} image(s) listed in {annotations} are missing from {folder}, "
@@ -259,6 +338,7 @@ class GroupedBatchSampler(Sampler[list[tuple[int, int]]]):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self.start = 0
         self.shard_size = math.ceil(len(self.group_ids) / world_size)
         if self.shard_size < batch_size:
             raise UserError(
@@ -266,13 +346,19 @@ class GroupedBatchSampler(Sampler[list[tuple[int, int]]]):
                 f"{batch_size} on each of {world_size} rank(s): lower batch_size or add images"
             )
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The epoch to draw, from its batch `start` on (a resumed run skips the batches it
+        trained without loading them)."""
         self.epoch = epoch
+        self.start = start
 
     def __len__(self) -> int:
         return self.shard_size // self.batch_size
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return itertools.islice(self._epoch_batches(), self.start, None)
+
+    def _epoch_batches(self) -> Iterator[list[tuple[int, int]]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(len(self.group_ids), generator=generator).tolist()
         padded = (order * math.ceil(self.shard_size * self.world_size / len(order)))[
@@ -342,6 +428,7 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         collate_fn=collate,
+        worker_init_fn=signals.ignore_in_worker,
         # Workers live across epochs: forking them again each epoch costs seconds on COCO.
         persistent_workers=num_workers > 0,
     )

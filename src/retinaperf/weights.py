@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -79,16 +81,31 @@ def load(source: str, cache_dir: Path) -> LoadedWeights | None:
     if source.strip().lower() in ("none", "random"):
         return None
     path = fetch(source, cache_dir)
-    try:
-        # weights_only: a checkpoint is data; never let it run code.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a bad file
-        raise UserError(
-            f"backbone weights: cannot load {path}: {str(err).splitlines()[0]}"
-        ) from None
+    state = load_tensors(path, "backbone weights")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"backbone weights: {path} does not hold a state dict of tensors")
     return LoadedWeights(state, str(path), sha256_of(path))
+
+
+def load_tensors(path: Path, what: str) -> Any:
+    """What torch.load reads from `path` as data only: tensors in plain containers. `what` names
+    the file in messages ("backbone weights", "checkpoint")."""
+    try:
+        # weights_only: a weights file is data; never let it run code.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a truncated or foreign file
+        if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):
+            # torch's restricted unpickler met a global it does not allow: an object, maybe code.
+            raise UserError(
+                f"{what}: {path} holds pickled objects other than tensors (possibly code): "
+                "refused, since weights are loaded as data only (weights_only=True); use a file "
+                "saved from a state dict"
+            ) from None
+        raise UserError(f"{what}: cannot load {path}: {_first_line(err)}") from None
+
+
+def _first_line(err: Exception) -> str:
+    return next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 def _torch_hub_file(name: str) -> Path:
