@@ -46,7 +46,7 @@ def _tiny_run_args(data_dir: Path, out: Path, *flags: str, **overrides: object) 
     return args + list(flags)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_run_args():
     """Builds `retinaperf run` arguments: tiny_run_args(data_dir, out, *flags, **settings)."""
     return _tiny_run_args

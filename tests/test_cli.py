@@ -1,6 +1,7 @@
 """The command line: subcommands, and bad input -> one clear line, exit 1, nothing half-written."""
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -144,3 +145,18 @@ def test_nproc_per_node_checks_settings_before_starting_anything(capsys, tmp_pat
     args = ["run", "--nproc-per-node", "2", "--output-dir", str(out), "--set", "bogus=1"]
     fails_cleanly(args, capsys, "bogus")
     assert not out.exists()
+
+
+def test_corrupt_jpeg_found_during_training_fails_the_run_in_its_results(
+    tiny_run_args, tiny_dataset, capsys, tmp_path
+):
+    data = tmp_path / "coco"
+    shutil.copytree(tiny_dataset, data)
+    victim = sorted((data / "val2017").iterdir())[0]  # read at the first evaluation
+    victim.write_bytes(victim.read_bytes()[:200])
+    out = tmp_path / "run"
+    line = fails_cleanly(tiny_run_args(data, out), capsys, victim.name)
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "failed" and victim.name in results["reason"]
+    assert results["metrics"]["steps"] == 2 and results["metrics"]["mAP"] is None
+    assert "cannot read image" in line

@@ -177,6 +177,42 @@ def test_loss_scaling_skips_an_overflowing_step_and_lowers_the_scale():
     assert chosen.scaler.get_scale() < 2.0**60
 
 
+def test_skipped_updates_are_counted_on_the_device():
+    chosen = Precision("amp", CPU)
+    weight = nn.Parameter(torch.ones(3))
+    optimizer = sgd([weight])
+    for factor, skipped in ((1.0, 0), (float("inf"), 1), (1.0, 1), (float("nan"), 2)):
+        chosen.backward_and_step((weight * factor).sum(), optimizer)
+        assert int(chosen.skipped_steps()) == skipped
+    assert int(Precision("fp32", CPU).skipped_steps()) == 0
+
+
+def test_fp16_state_restores_masters_scaler_and_count_and_saves_the_masters():
+    """What a checkpoint keeps of the precision: a fresh fp16 run loaded with it holds the same
+    float32 masters (not their half rounding), scale and skipped count."""
+    chosen = Precision("fp16", CPU)
+    net = chosen.prepare(tiny_net())
+    optimizer = sgd(chosen.optimizer_params(net), lr=0.001)
+    for _ in range(3):
+        chosen.backward_and_step(loss_of(net), optimizer)
+    state = chosen.state_dict()
+    masters = chosen.float32_state_dict(net)
+    assert all(v.dtype == torch.float32 for k, v in masters.items() if "weight" in k)
+    assert any(not torch.equal(v, v.half().float()) for v in masters.values())
+
+    fresh = Precision("fp16", CPU)
+    other = fresh.prepare(tiny_net())
+    torch.nn.init.zeros_(other.head.weight)
+    fresh.optimizer_params(other)
+    other.load_state_dict(net.state_dict())
+    fresh.load_state_dict(state)
+    restored = fresh.float32_state_dict(other)
+    assert all(torch.equal(masters[k], restored[k]) for k in masters)
+    assert fresh.scaler.get_scale() == chosen.scaler.get_scale()
+    assert int(fresh.skipped_steps()) == int(chosen.skipped_steps())
+    assert torch.equal(other.head.weight, masters["head.weight"].half())
+
+
 def test_amp_scales_and_bf16_and_fp32_do_not():
     assert Precision("amp", CPU).scaler.is_enabled()
     assert Precision("fp16", CPU).scaler.is_enabled()

@@ -3,14 +3,15 @@ and whole runs: stop rules, counting, and the run directory."""
 
 import copy
 import json
+import re
 
 import pytest
 import torch
 from torchvision.models.detection import retinanet_resnet50_fpn
 
-from retinaperf import cli, evaluate
+from retinaperf import checkpoint, cli, evaluate, train
 from retinaperf.config import ModelConfig, TrainConfig
-from retinaperf.model import build_model
+from retinaperf.model import RetinaPerfNet, build_model
 from retinaperf.precision import Precision
 from retinaperf.report import read_events
 from retinaperf.train import build_optimizer, lr_factor, train_step, use_channels_last
@@ -339,3 +340,65 @@ def test_synthetic_mode_measures_a_presets_recipe_on_coco_like_data(tmp_path, ca
     labels = {e["name"] for e in trace["traceEvents"] if e["name"].startswith("ProfilerStep#")}
     assert labels == {"ProfilerStep#2", "ProfilerStep#3"}
     assert profiled["top_ops"][0]["name"] in capsys.readouterr().out
+
+
+def test_a_loss_that_stays_nan_under_amp_fails_the_run_keeping_the_last_good_checkpoint(
+    tiny_run_args, tiny_dataset, tmp_path, monkeypatch, capsys
+):
+    """From step 3 on the loss is NaN: the scaler skips every update (counted), and the third
+    non-finite step in a row stops the run as failed, naming the step, the loss parts and lr."""
+    original_loss, original_step, steps = RetinaPerfNet.compute_loss, train.train_step, []
+
+    def poisoned_loss(self, *args, **kwargs):
+        losses = original_loss(self, *args, **kwargs)
+        if len(steps) >= 3:
+            losses = {name: value * float("nan") for name, value in losses.items()}
+        return losses
+
+    def counted_step(*args, **kwargs):
+        steps.append(1)
+        return original_step(*args, **kwargs)
+
+    monkeypatch.setattr(RetinaPerfNet, "compute_loss", poisoned_loss)
+    monkeypatch.setattr(train, "train_step", counted_step)
+    out = tmp_path / "run"
+    settings = {"precision": "amp", "max_bad_steps": 3, "max_steps": 10, "monitor_interval": 0}
+    # A timed checkpoint after every step, while the loss is finite.
+    settings.update(checkpoint_minutes=1e-6, keep_checkpoints=5)
+    assert run_cli(tiny_run_args(tiny_dataset, out, **settings)) == 1
+    err = capsys.readouterr().err
+    assert "training diverged: the loss was not finite for 3 consecutive steps" in err
+    assert "at step 5: bbox_regression nan, classification nan, lr " in err
+    assert "the last good checkpoint is step-00000002.pt" in err
+    assert [p.name for p in checkpoint.saved(out)] == ["step-00000001.pt", "step-00000002.pt"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "failed" and "diverged" in results["reason"]
+    assert results["metrics"]["steps"] == 5
+    # The scaler skipped steps 3, 4 and 5, after those its first scale overflowed (if any).
+    logged = {e["step"]: e for e in read_events(out / "events.jsonl") if e["event"] == "step"}
+    assert results["metrics"]["skipped_steps"] == logged[2]["skipped_steps"] + 3
+    assert results["metrics"]["mAP"] is None  # no evaluation ran
+    assert results["segments"][-1]["ended"] == "failed"
+
+
+def test_out_of_memory_fails_the_run_with_the_batch_and_image_size(
+    tiny_run_args, tiny_dataset, tmp_path, monkeypatch, capsys
+):
+    original, steps = train.train_step, []
+
+    def runs_out(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", runs_out)
+    out = tmp_path / "run"
+    assert run_cli(tiny_run_args(tiny_dataset, out, max_steps=3, monitor_interval=0)) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"out of cpu memory at step 2: local batch 2, images up to \d+x64 px", err)
+    assert "resized to short side 64 (long side at most 86)" in err
+    assert "lower batch_size" in err and "Tried to allocate 2.00 GiB" in err
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "failed" and "out of cpu memory" in results["reason"]
+    assert results["metrics"]["steps"] == 1

@@ -7,7 +7,7 @@ COMMAND_START = time.perf_counter()  # e2e_time starts here, before torch is imp
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import subprocess  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run", help="run the benchmark (default: smoke preset, generated data)"
     )
-    run.add_argument("--preset", default="smoke", help="preset name (see `retinaperf presets`)")
+    run.add_argument("--preset", help="preset name (see `retinaperf presets`); default: smoke")
     run.add_argument("--data-dir", help="COCO2017 root; default: the generated dataset")
     run.add_argument("--output-dir", help="run directory; default: runs/<timestamp>")
     run.add_argument("--backbone-weights", help="URL, file:// URL, path, or `none` (random init)")
@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="run the configuration N times, each round a fresh command into <output dir>/"
         "round-K, then write summary.json (mean, min, max, cv of each metric) and report.md",
+    )
+    run.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a stopped run from its newest checkpoint, with the configuration saved "
+        "in RUN_DIR (--set may change only keys that leave the workload as it is)",
     )
     run.add_argument(
         "--set",
@@ -122,12 +128,23 @@ def _run(args: argparse.Namespace) -> int:
         "backbone_weights": args.backbone_weights,
     }
     pairs = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    if args.resume is not None:
+        _check_resume(args, pairs)
     pairs += args.overrides
     # Resolving first reports a bad setting once, before any process is started.
-    resolved = config.resolve(args.preset, config.parse_overrides(pairs), args.synthetic)
+    overrides = config.parse_overrides(pairs)
+    if args.resume is not None:
+        resolved = config.load_saved(Path(args.resume) / train.CONFIG, overrides)
+        resolved.output_dir = args.resume  # where it is now, whatever it was called then
+    else:
+        resolved = config.resolve(args.preset or "smoke", overrides, args.synthetic)
     if args.repeat is not None:
         return _repeat(args, resolved, pairs)
     if args.nproc_per_node is not None:
+        if not resolved.output_dir:
+            # Chosen here, not by each worker: workers torchrun starts again after a failure
+            # must find the same directory.
+            pairs.append(f"output_dir=runs/{time.strftime('%Y%m%d-%H%M%S')}")
         return _launch(args.nproc_per_node, _child_args(args, pairs))
     run = train.run
     if "TORCHELASTIC_ERROR_FILE" in os.environ:
@@ -136,17 +153,52 @@ def _run(args: argparse.Namespace) -> int:
         from torch.distributed.elastic.multiprocessing.errors import record
 
         run = record(run)
-    results = run(resolved, _command_start())
-    if results:
+    results = run(resolved, _command_start(), resume=args.resume is not None)
+    if results.get("status") == "interrupted":
+        if "run_dir" in results:
+            print(
+                f"retinaperf: interrupted at step {results['metrics']['steps']} "
+                f"({results['reason']}); checkpoint {results['checkpoint']}; continue with: "
+                f"retinaperf run --resume {results['run_dir']}",
+                file=sys.stderr,
+            )
+        # As a process the signal had stopped: 143 for SIGTERM, 130 for SIGINT.
+        return 128 + signal.Signals[results["signal"]].value
+    if "run_dir" in results:
         print(format_table([table_row(results)]))
         print(f"results: {Path(results['run_dir']) / 'results.json'}")
     return 0
 
 
+def _check_resume(args: argparse.Namespace, pairs: list[str]) -> None:
+    """`--resume` takes the run's saved configuration: flags that would set another are refused."""
+    given = [
+        flag
+        for flag, value in (
+            ("--preset", args.preset),
+            ("--synthetic", args.synthetic or None),
+            ("--repeat", args.repeat),
+            ("--data-dir", args.data_dir),
+            ("--output-dir", args.output_dir),
+            ("--backbone-weights", args.backbone_weights),
+        )
+        if value is not None
+    ]
+    if given:
+        raise UserError(
+            f"--resume {args.resume}: drop {given[0]}: a resumed run keeps the configuration "
+            "saved in its run directory"
+        )
+
+
 def _child_args(args: argparse.Namespace, pairs: list[str]) -> list[str]:
     """`retinaperf run` arguments that repeat this command's settings (the shortcut flags as
     `--set` pairs), for the processes it starts."""
-    child = ["run", "--preset", args.preset, *(["--synthetic"] if args.synthetic else [])]
+    if args.resume is not None:
+        child = ["run", "--resume", args.resume]
+    else:
+        child = ["run", "--preset", args.preset or "smoke"]
+        child += ["--synthetic"] if args.synthetic else []
     for pair in pairs:
         child += ["--set", pair]
     return child
@@ -188,12 +240,14 @@ def _torchrun_command(nproc_per_node: int, child: list[str]) -> list[str]:
 
 def _launch(nproc_per_node: int, child: list[str]) -> int:
     """`run --nproc-per-node N`: the same run under torchrun, N processes on this node."""
+    from . import signals
+
     _check_launch(nproc_per_node)
     command = _torchrun_command(nproc_per_node, child)
     # e2e_time starts at this command, not at the workers' start: hand them its wall-clock time.
     started = time.time() - (time.perf_counter() - COMMAND_START)
     env = {**os.environ, START_ENV: repr(started)}
-    return subprocess.run(command, env=env, check=False).returncode
+    return signals.run_child(command, env)
 
 
 def _command_start() -> float:

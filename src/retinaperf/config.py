@@ -176,6 +176,9 @@ class TrainConfig:
     profile_steps: str = ""
     """`A:B`: record steps A to B (both included, numbered from 1 as in the event log) with
     torch.profiler into <run dir>/profile and print the top operators. Empty: off."""
+    max_bad_steps: int = 20
+    """Stop the run as failed when the loss is not finite for this many consecutive steps (the
+    last good checkpoint is kept); 0: never stop."""
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "epochs", "log_every"):
@@ -189,6 +192,7 @@ class TrainConfig:
             "max_steps",
             "clip_grad_norm",
             "timing_warmup_steps",
+            "max_bad_steps",
         ):
             _check(getattr(self, key) >= 0, key, getattr(self, key), "use 0 or more")
         _check(self.precision in PRECISIONS, "precision", self.precision, f"use {PRECISIONS}")
@@ -239,7 +243,13 @@ class RunConfig:
     """Measure speed alone: the data or weights make mAP meaningless (`run --synthetic`);
     results say so and the table shows no mAP."""
     save_model: bool = False
-    """Write the trained model's state dict to <run dir>/model.pt at the end."""
+    """Write the trained model's state dict to <run dir>/model.pt at the end (float32: fp16
+    runs write their master weights)."""
+    checkpoint_minutes: float = 30.0
+    """Minutes between checkpoints inside an epoch (one is also written after every epoch's
+    evaluation, and when the run is stopped by a signal); 0 turns the timed ones off."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in <run dir>/checkpoints (the newest); older ones are deleted."""
     cache_dir: str = ""
     """Downloads and the generated dataset. Empty: $RETINAPERF_CACHE or ~/.cache/retinaperf."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -252,6 +262,10 @@ class RunConfig:
         _check(self.devices_per_node >= 0, "devices_per_node", self.devices_per_node, "use 0+")
         _check(self.dist_timeout > 0, "dist_timeout", self.dist_timeout, "use a positive number")
         _check(self.monitor_interval >= 0, "monitor_interval", self.monitor_interval, "use 0+")
+        _check(
+            self.checkpoint_minutes >= 0, "checkpoint_minutes", self.checkpoint_minutes, "use 0+"
+        )
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "use 1+")
         _check(
             self.throughput_only or self.model.random_backbone != "random",
             "backbone_weights",
@@ -315,7 +329,7 @@ def _type_name(kind: type) -> str:
 def _check_type(key: str, value: Any, kind: type, where: str) -> Any:
     """Check a value read from a preset file; TOML already typed it."""
     if typing.get_origin(kind) is tuple:
-        ok = isinstance(value, list) and all(type(v) is int for v in value)
+        ok = isinstance(value, (list, tuple)) and all(type(v) is int for v in value)
         value = tuple(value) if ok else value
     elif kind is float:
         ok = type(value) in (int, float)
@@ -396,6 +410,11 @@ def resolve(preset: str, overrides: dict[str, Any], synthetic: bool = False) -> 
             f"--synthetic generates its own data: drop --data-dir {values['data_dir']} (or drop "
             "--synthetic to run on that dataset)"
         )
+    return _build(values)
+
+
+def _build(values: dict[str, Any]) -> RunConfig:
+    """A RunConfig from {bare key: typed value}; every section's checks run."""
     index = _key_index()
     root: dict[str, Any] = {}
     sections: dict[str, dict[str, Any]] = {name: {} for name in _section_types()}
@@ -404,6 +423,76 @@ def resolve(preset: str, overrides: dict[str, Any], synthetic: bool = False) -> 
         (sections[section] if section else root)[key] = value
     built = {name: cls(**sections[name]) for name, cls in _section_types().items()}
     return RunConfig(**root, **built)
+
+
+# Keys that say where a run writes and how it is kept alive, not what it computes: a resumed run
+# may change these; any other key would make the halves of the run different workloads.
+RUN_KEYS = frozenset(
+    {
+        "output_dir",
+        "cache_dir",
+        "tensorboard",
+        "monitor_interval",
+        "save_model",
+        "dist_timeout",
+        "checkpoint_minutes",
+        "keep_checkpoints",
+        "max_bad_steps",
+        "num_workers",
+        "log_every",
+        "profile_steps",
+    }
+)
+
+
+def workload(config: RunConfig) -> dict[str, Any]:
+    """The configuration less RUN_KEYS, flat: what a checkpoint must share with the run that
+    loads it."""
+    flat = _flatten_saved(config.to_dict(), "configuration")
+    return {key: value for key, value in flat.items() if key not in RUN_KEYS}
+
+
+def load_saved(path: Path, overrides: dict[str, Any]) -> RunConfig:
+    """The configuration a run saved (`config.json` in its run directory), with `overrides` of
+    RUN_KEYS only: `run --resume` continues the same workload."""
+    import json
+
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(
+            f"--resume: {path} does not exist: give the run directory of a run this version "
+            "started (it saves its configuration there)"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"--resume: {path} is not valid JSON ({err})") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"--resume: {path} holds no JSON object: it is not a run's config.json")
+    changed = sorted(key for key in overrides if key not in RUN_KEYS)
+    if changed:
+        raise UserError(
+            f"--resume: --set {changed[0]} would change the workload of the run being resumed; "
+            f"only these keys may change: {', '.join(sorted(RUN_KEYS - {'output_dir'}))}"
+        )
+    return _build({**_flatten_saved(saved, str(path)), **overrides})
+
+
+def _flatten_saved(saved: dict[str, Any], where: str) -> dict[str, Any]:
+    """`RunConfig.to_dict()` (nested by section) -> {bare key: typed value}, each key checked."""
+    index = _key_index()
+    sections = _section_types()
+    flat: dict[str, Any] = {}
+    for key, value in saved.items():
+        if key in sections and isinstance(value, dict):
+            for sub, subvalue in value.items():
+                if sub not in index or index[sub][0] != key:
+                    raise UserError(f"{where}: unknown key {key}.{sub}")
+                flat[sub] = _check_type(sub, subvalue, index[sub][1], where)
+        elif key in index and index[key][0] is None:
+            flat[key] = _check_type(key, value, index[key][1], where)
+        else:
+            raise UserError(f"{where}: unknown key {key}")
+    return flat
 
 
 def all_keys() -> list[tuple[str, str, str]]:
@@ -443,6 +532,7 @@ def _field_docs() -> dict[str, str]:
 __all__ = [
     "BACKBONE_URL",
     "PRECISIONS",
+    "RUN_KEYS",
     "THROUGHPUT_MODE",
     "DataConfig",
     "EvalConfig",
@@ -450,8 +540,10 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "all_keys",
+    "load_saved",
     "parse_overrides",
     "preset_description",
     "preset_names",
     "resolve",
+    "workload",
 ]

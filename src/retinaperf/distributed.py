@@ -107,9 +107,18 @@ def setup(requested_device: str, timeout_s: float) -> DistEnv:
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     device = pick_device(requested_device, local_rank)
     if world_size > 1 and not dist.is_initialized():
+        timeout = timedelta(seconds=timeout_s)
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+        # The workers torchrun starts again after a failure (--max-restarts) meet in the store of
+        # the workers before them, whose addresses are still there: each attempt gets keys of its
+        # own, or the new ranks try to connect to the dead ones.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(
             backend=dist.get_default_backend_for_device(device),
-            timeout=timedelta(seconds=timeout_s),
+            store=dist.PrefixStore(f"retinaperf/attempt-{attempt}", store),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
             device_id=device if device.type != "cpu" else None,
         )
     return DistEnv(rank, world_size, local_rank, local_world_size, device)

@@ -11,11 +11,16 @@ Windows (host clock, seconds):
     eval_time  = sum of evaluation windows
     core time  = sum of core windows (forward + loss + backward + optimizer step)
     steady core time = the same without the first `timing_warmup_steps` steps
+
+A resumed run (see checkpoint.py) carries the totals of the segments before it (`state_dict` /
+`load_state_dict`): counts and times add up over the segments, and the time between segments
+counts in none of them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import resource
 import time
@@ -55,14 +60,28 @@ class Meter:
     steady_images: int = 0
     steady_core_seconds: float = 0.0
     eval_seconds: float = 0.0
+    checkpoint_seconds: float = 0.0
     evals: list[EvalRecord] = field(default_factory=list)
+    prior_train_seconds: float = 0.0
+    """train_time, init_time and e2e_time of the segments before this one (a resumed run)."""
+    prior_init_seconds: float = 0.0
+    prior_e2e_seconds: float = 0.0
     _interval_start: float = 0.0
     _interval_images: int = 0
     _last_eval_seconds: float = 0.0
 
     def train_started(self) -> None:
         """Call after the barrier that has every rank ready."""
-        self.train_start = self._interval_start = self.clock()
+        self.train_start = self.train_end = self._interval_start = self.clock()
+
+    def train_time(self) -> float:
+        """Seconds of training up to the last evaluation (or `stopped`), over all segments."""
+        assert self.train_start is not None and self.train_end is not None
+        return self.prior_train_seconds + self.train_end - self.train_start
+
+    def stopped(self) -> None:
+        """A run cut short (interrupted, failed): its training time ends now."""
+        self.train_end = self.clock()
 
     @contextlib.contextmanager
     def core_step(self, images: int) -> Iterator[None]:
@@ -92,18 +111,64 @@ class Meter:
         self.train_end = end
         self._interval_start, self._interval_images = end, 0
 
+    @contextlib.contextmanager
+    def checkpointing(self) -> Iterator[None]:
+        """Times writing a checkpoint (inside train_time, as evaluation is)."""
+        self.synchronize(self.device)
+        start = self.clock()
+        yield
+        self.checkpoint_seconds += self.clock() - start
+
     def eval_done(self, epoch: int, stats: dict[str, float]) -> EvalRecord:
         """Record the stats of the evaluation that just ended."""
-        assert self.train_start is not None and self.train_end is not None
         record = EvalRecord(
             epoch=epoch,
             step=self.steps,
             stats=dict(stats),
             seconds=self._last_eval_seconds,
-            train_time=self.train_end - self.train_start,
+            train_time=self.train_time(),
         )
         self.evals.append(record)
         return record
+
+    def state_dict(self) -> dict:
+        """The running totals as of now, for a checkpoint."""
+        assert self.train_start is not None
+        now = self.clock()
+        return {
+            "images": self.images,
+            "steps": self.steps,
+            "core_seconds": self.core_seconds,
+            "steady_images": self.steady_images,
+            "steady_core_seconds": self.steady_core_seconds,
+            "eval_seconds": self.eval_seconds,
+            "checkpoint_seconds": self.checkpoint_seconds,
+            "evals": [dataclasses.asdict(record) for record in self.evals],
+            "train_seconds": self.prior_train_seconds + now - self.train_start,
+            "init_seconds": self.prior_init_seconds + self.train_start - self.command_start,
+            "e2e_seconds": self.prior_e2e_seconds + now - self.command_start,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a checkpoint's totals (before `train_started`)."""
+        for name in (
+            "images",
+            "steps",
+            "core_seconds",
+            "steady_images",
+            "steady_core_seconds",
+            "eval_seconds",
+            "checkpoint_seconds",
+        ):
+            setattr(self, name, state[name])
+        self.evals = [EvalRecord(**record) for record in state["evals"]]
+        self.prior_train_seconds = state["train_seconds"]
+        self.prior_init_seconds = state["init_seconds"]
+        self.prior_e2e_seconds = state["e2e_seconds"]
+
+    def e2e_time(self) -> float:
+        """Seconds from command start to now, over all segments."""
+        return self.prior_e2e_seconds + self.clock() - self.command_start
 
     def interval_rate(self) -> float:
         """Local images per second since the last call (or train start, or the last evaluation)."""
@@ -133,46 +198,65 @@ def memory_peak(device: torch.device) -> dict[str, float | str]:
     }
 
 
-def summarize(meter: Meter, env: DistEnv, target_map: float) -> dict:
+def summarize(meter: Meter, env: DistEnv, target_map: float, reduce: bool = True) -> dict:
     """SPEC §3's times, throughputs and accuracy (e2e_time ends when results.json is written, so
     the writer adds it; memory comes from `memory`), reduced over ranks: images summed, core
-    time maxed. Every rank must call this: it runs collectives."""
-    assert meter.train_start is not None and meter.train_end is not None, "no evaluation ran"
-    images, steps, steady_images = env.all_reduce(
-        [meter.images, meter.steps, meter.steady_images], "sum"
-    )
-    core_max, steady_core_max = env.all_reduce(
-        [meter.core_seconds, meter.steady_core_seconds], "max"
-    )
+    time maxed. With `reduce` every rank must call this (it runs collectives); without it (a
+    failing run, whose other ranks may be gone) this rank's view stands for the job: every rank
+    trains the same images per step."""
+    if reduce:
+        images, steps, steady_images = env.all_reduce(
+            [meter.images, meter.steps, meter.steady_images], "sum"
+        )
+        core_max, steady_core_max = env.all_reduce(
+            [meter.core_seconds, meter.steady_core_seconds], "max"
+        )
+    else:
+        images, steps, steady_images = (
+            env.world_size * value for value in (meter.images, meter.steps, meter.steady_images)
+        )
+        core_max, steady_core_max = meter.core_seconds, meter.steady_core_seconds
 
-    train_time = meter.train_end - meter.train_start
+    train_time = meter.train_time()
     train_minus_eval = train_time - meter.eval_seconds
-    last = meter.evals[-1]
-    best = max(meter.evals, key=lambda e: e.stats["AP"])
-    reached = next((e for e in meter.evals if e.stats["AP"] >= target_map), None)
     return {
-        "init_time": meter.train_start - meter.command_start,
+        "init_time": meter.prior_init_seconds + meter.train_start - meter.command_start,
         "train_time": train_time,
         "eval_time": meter.eval_seconds,
+        "checkpoint_time": meter.checkpoint_seconds,
         "core_time": core_max,
         "trained_images": int(images),
         "steps": int(steps / env.world_size),
-        "p_whole": images / train_time,
-        "p_train": images / train_minus_eval,
-        "p_core": images / core_max,
+        "p_whole": _ratio(images, train_time),
+        "p_train": _ratio(images, train_minus_eval),
+        "p_core": _ratio(images, core_max),
         # None when the run had no step after the timing warm-up
-        "p_core_steady": steady_images / steady_core_max if steady_images else None,
+        "p_core_steady": _ratio(steady_images, steady_core_max),
         "timing_warmup_steps": meter.timing_warmup_steps,
-        "mAP": last.stats["AP"],
-        "best_mAP": best.stats["AP"],
-        "best_epoch": best.epoch,
-        "best_step": best.step,
+        **_accuracy(meter.evals, target_map),
+    }
+
+
+def _ratio(count: float, seconds: float) -> float | None:
+    return count / seconds if count and seconds > 0 else None
+
+
+def _accuracy(evals: list[EvalRecord], target_map: float) -> dict:
+    """mAP and convergence from the evaluations (None where a stopped run has none)."""
+    last = evals[-1] if evals else None
+    best = max(evals, key=lambda e: e.stats["AP"]) if evals else None
+    reached = next((e for e in evals if e.stats["AP"] >= target_map), None)
+    return {
+        "mAP": last.stats["AP"] if last else None,
+        "best_mAP": best.stats["AP"] if best else None,
+        "best_epoch": best.epoch if best else None,
+        "best_step": best.step if best else None,
         "converged": reached is not None,
         "target_mAP": target_map,
         "time_to_target": reached.train_time if reached else None,
         "evaluations": [
             {"epoch": e.epoch, "step": e.step, "mAP": e.stats["AP"], "seconds": e.seconds}
-            for e in meter.evals
+            for e in evals
         ],
     }
 

@@ -192,6 +192,18 @@ class MasterWeights:
         for half, master in self._pairs:
             half.copy_(master)
 
+    def by_weight(self) -> dict[int, nn.Parameter]:
+        return {id(half): master for half, master in self._pairs}
+
+    def state(self) -> list[torch.Tensor]:
+        return [master.detach() for _, master in self._pairs]
+
+    @torch.no_grad()
+    def load(self, masters: list[torch.Tensor]) -> None:
+        for (_, master), saved in zip(self._pairs, masters, strict=True):
+            master.copy_(saved)
+        self.masters_to_model()
+
 
 # --- The composition the training step uses ------------------------------------------------------
 
@@ -215,6 +227,7 @@ class Precision:
         set_float32_math(*(self.policy.float32_math or (FRAMEWORK_CONV, FRAMEWORK_MATMUL)))
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.policy.loss_scaling)
         self._masters = MasterWeights() if self.policy.half_weights else None
+        self._skipped = torch.zeros((), dtype=torch.int64, device=device)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Half weights for fp16 (others keep float32 weights); float32 box math for every
@@ -250,9 +263,46 @@ class Precision:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
         self.scaler.step(optimizer)  # unscales and skips the step if a gradient is inf/nan
-        self.scaler.update()
+        if self.scaler.is_enabled():
+            # The scaler backs off exactly when it skipped the update; counted on the device.
+            before = self.scaler._get_scale_async().clone()
+            self.scaler.update()
+            self._skipped += self.scaler._get_scale_async() < before
+        else:
+            self.scaler.update()
         if self._masters is not None:
             self._masters.masters_to_model()
+
+    def skipped_steps(self) -> torch.Tensor:
+        """Updates the loss scaler skipped for a gradient that was not finite (a device tensor:
+        reading it waits for the device)."""
+        return self._skipped
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps: the scaler, fp16's float32 masters, the skipped count."""
+        return {
+            "scaler": self.scaler.state_dict(),
+            "masters": self._masters.state() if self._masters is not None else None,
+            "skipped_steps": self._skipped.detach().cpu(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        if self._masters is not None:
+            self._masters.load(state["masters"])
+        self._skipped.copy_(state["skipped_steps"])
+
+    def float32_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The model's state dict with fp16's float32 masters in place of its half weights:
+        what the optimizer trained, not its rounding."""
+        state = model.state_dict()
+        if self._masters is not None:
+            masters = self._masters.by_weight()
+            for name, weight in model.named_parameters():
+                if id(weight) in masters:
+                    state[name] = masters[id(weight)].detach()
+        return state
 
     def peak_math(self) -> str:
         """The math the model's convolutions run in, which names the device peak to compare

@@ -210,7 +210,12 @@ THROUGHPUTS = ("p_whole", "p_train", "p_core")
 COMPARISON_COLUMNS = (*COLUMNS, "scaling", "vs A100 ref")
 
 
-def load_results(run_dir: Path) -> dict:
+_STATUS_WORDS = {"interrupted": "was interrupted"}
+
+
+def load_results(run_dir: Path, completed_only: bool = True) -> dict:
+    """A run's results.json; by default only a completed run's, since the numbers of a run that
+    stopped early do not stand beside others (results before statuses existed are completed)."""
     path = Path(run_dir) / RESULTS
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
@@ -222,6 +227,13 @@ def load_results(run_dir: Path) -> dict:
         raise UserError(f"report: {path} is not valid JSON ({err})") from None
     if not isinstance(results, dict) or not isinstance(results.get("metrics"), dict):
         raise UserError(f"report: {path} has no 'metrics': it is not a retinaperf results file")
+    status = results.get("status", "completed")
+    if completed_only and status != "completed":
+        raise UserError(
+            f"report: {run_dir} is a run that {_STATUS_WORDS.get(status, status)} "
+            f"({results.get('reason')}): resume it "
+            f"with `retinaperf run --resume {run_dir}`, or leave it out"
+        )
     return results
 
 
@@ -326,6 +338,7 @@ def render_report(results: dict) -> str:
         f"{m['train_time']:.1f}, of which evaluation {m['eval_time']:.1f}; core "
         f"{m['core_time']:.1f}",
         _steady_line(m),
+        *_resilience_lines(results),
         *_profile_lines(results["config"]),
         f"- mem: {m['mem']} GiB ({m['mem_source']}); this process's view {m['mem_process']} "
         f"({m['mem_process_source']})",
@@ -383,6 +396,30 @@ def _implementation_lines(m: dict) -> list[str]:
         f"{'on' if impl['channels_last'] else 'off'}, torch.compile "
         f"{'on' if impl['compile'] else 'off'}, {impl['optimizer']}, {wrapped}"
     ]
+
+
+def _resilience_lines(results: dict) -> list[str]:
+    """Checkpoints, segments and skipped updates (results before these existed have none)."""
+    m = results["metrics"]
+    if "segments" not in m:
+        return []
+    newest = Path(results["checkpoint"]).name if results.get("checkpoint") else "none"
+    line = (
+        f"- checkpoints: {m['checkpoint_time']:.1f} s writing them (within train_time), newest "
+        f"{newest}; updates skipped by loss scaling: {m['skipped_steps']}"
+    )
+    if m["checkpoint_failures"]:
+        line += f"; {m['checkpoint_failures']} checkpoint(s) could not be written"
+    lines = [line]
+    if m["segments"] > 1:
+        ended = ", ".join(
+            f"{seg['ended']} at step {seg['end_step']}" for seg in results["segments"][:-1]
+        )
+        lines.append(
+            f"- run in {m['segments']} segments ({ended}); {m['time_between_segments']:.0f} s "
+            "between them, counted in no time above"
+        )
+    return lines
 
 
 def _steady_line(m: dict) -> str:

@@ -15,11 +15,10 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
-from . import report
+from . import report, signals
 from .errors import UserError
 
 SUMMARY = "summary.json"
@@ -117,16 +116,13 @@ def run_rounds(count: int, out_dir: Path, command: list[str], start_variable: st
     for k, round_dir in enumerate(round_dirs, start=1):
         print(f"retinaperf: round {k} of {count} -> {round_dir}", flush=True)
         environment = {**os.environ, start_variable: repr(time.time())}
-        status = subprocess.run(
-            [*command, "--set", f"output_dir={round_dir}"], env=environment, check=False
-        )
-        if status.returncode != 0:
+        code = signals.run_child([*command, "--set", f"output_dir={round_dir}"], environment)
+        if code != 0:
             print(
-                f"retinaperf: round {k} of {count} failed (exit status {status.returncode}); "
-                "no summary written",
+                f"retinaperf: round {k} of {count} failed (exit status {code}); no summary written",
                 flush=True,
             )
-            return status.returncode
+            return code
     runs = [report.load_results(d) for d in round_dirs]
     write_summary(out_dir, runs)
     print(render_spread(runs))

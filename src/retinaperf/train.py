@@ -1,17 +1,21 @@
 """Training: the step, the loop around it, and the run that builds both and writes the results.
 
-Read top to bottom: `run` sets up (data, weights, model, optimizer), `_train` loops over epochs
-and steps, calling `train_step` inside the meter's core window and evaluating after every epoch;
-`_finish` reduces the metrics and writes the run directory.
+Read top to bottom: `run` sets up (data, weights, model, optimizer, and the checkpoint it resumes
+from), `_train` loops over epochs and steps, calling `train_step` inside the meter's core window,
+evaluating and writing a checkpoint after every epoch; `_finish` reduces the metrics and writes
+the run directory, with the run's status: completed, interrupted (by SIGTERM or SIGINT, after a
+checkpoint) or failed (divergence, out of memory, any error once training has started).
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
+import shutil
 import time
+import warnings
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -20,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import (
+    checkpoint,
     data,
     distributed,
     environment,
@@ -29,13 +34,16 @@ from . import (
     plots,
     precision,
     report,
+    signals,
     synth,
     utilization,
     weights,
 )
-from .config import RunConfig, TrainConfig
+from .checkpoint import Position
+from .config import RunConfig, TrainConfig, workload
 from .distributed import DistEnv
 from .errors import UserError
+from .health import LossWatch
 from .model import build_model
 from .monitor import Monitor
 from .precision import Precision
@@ -145,33 +153,78 @@ class Setup:
     events: report.EventLog
     run_dir: Path
     facts: dict  # dataset and weight facts that go into the results
+    stop: signals.StopRequest
+    watch: LossWatch
+    resumed: Resumed
+    poll_every: int
+    """Steps between the points where ranks agree to stop or checkpoint (every step alone)."""
+    last_checkpoint: float = 0.0  # monotonic clock
+    newest_checkpoint: Path | None = None
+    checkpointed: Position | None = None
+    checkpoint_failures: int = 0
 
 
-def run(config: RunConfig, command_start: float) -> dict:
-    """Run the benchmark; returns the results written to `<run_dir>/results.json` (on rank 0)."""
+@dataclass
+class Resumed:
+    """Where this segment of the run starts: at the beginning, or from a checkpoint."""
+
+    position: Position
+    segments: list[dict]
+    """Every segment of the run; the last one is this process's."""
+    rank_state: dict | None = None  # this rank's meter, generators and loss watch
+    checkpoint: Path | None = None
+
+
+class Interrupted(Exception):
+    """A signal stopped the run at a step every rank agreed on, after a checkpoint."""
+
+
+CONFIG = "config.json"
+
+
+def run(config: RunConfig, command_start: float, resume: bool = False) -> dict:
+    """Run the benchmark (or, with `resume`, continue the run in `config.output_dir` from its
+    newest checkpoint); returns the results written to `<run_dir>/results.json` on rank 0, and
+    {"status": ...} on the other ranks."""
     env = distributed.setup(config.device, config.dist_timeout)
     events = report.EventLog(None, command_start)
     setup = None
-    try:
-        setup = _set_up(config, env, command_start)
-        events = setup.events
-        _train(setup)
-        return _finish(setup)
-    except BaseException as err:
-        events.emit("run_failed", error=f"{type(err).__name__}: {err}")
-        raise
-    finally:
-        if setup is not None:
-            setup.profiler.close()  # writes what a window cut short recorded
-            if setup.monitor is not None:
-                setup.monitor.stop()  # its thread must not outlive the run
-        events.close()
-        distributed.teardown()
+    with signals.StopRequest() as stop:
+        try:
+            setup = _set_up(config, env, command_start, resume, stop)
+            events = setup.events
+            _train(setup)
+            return _finish(setup, "completed")
+        except Interrupted:
+            results = _finish(setup, "interrupted", f"stopped by {stop.name}")
+            return {**results, "signal": stop.name}
+        except BaseException as err:
+            events.emit("run_failed", error=f"{type(err).__name__}: {err}")
+            if setup is not None:
+                _record_failure(setup, err)
+            raise
+        finally:
+            if setup is not None:
+                setup.profiler.close()  # writes what a window cut short recorded
+                if setup.monitor is not None:
+                    setup.monitor.stop()  # its thread must not outlive the run
+            events.close()
+            distributed.teardown()
 
 
-def _set_up(config: RunConfig, env: DistEnv, command_start: float) -> Setup:
+def _set_up(
+    config: RunConfig,
+    env: DistEnv,
+    command_start: float,
+    resume: bool,
+    stop: signals.StopRequest,
+) -> Setup:
     _check_topology(config, env)
-    run_dir = _run_dir(config, env)  # checked now, created once the set-up has succeeded
+    # torchrun starts the workers again after a rank failed (--max-restarts): they go on from
+    # the run's newest checkpoint.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    run_dir = _run_dir(config, env, resume)
+    continuing = resume or (restarted and (run_dir / CONFIG).exists())
     if config.tensorboard:
         report.require_tensorboard()
     # Rank 0 decides, so that every rank trains in the same precision.
@@ -192,6 +245,11 @@ def _set_up(config: RunConfig, env: DistEnv, command_start: float) -> Setup:
         model.use_channels_last()
     model = trained_in.prepare(model)
     optimizer = build_optimizer(trained_in.optimizer_params(model), config.train, env.device)
+    meter = metrics.Meter(
+        command_start, env.device, timing_warmup_steps=config.train.timing_warmup_steps
+    )
+    watch = LossWatch(env.device)
+    resumed = _resume(config, env, run_dir, continuing, model, optimizer, trained_in, meter)
     # Counted before compiling (compiled kernels bypass the FLOP counter) and before DDP wraps the
     # model (so that no gradient hook fires).
     flops = _count_flops(model, loaders, env, trained_in) if env.is_main else None
@@ -216,13 +274,19 @@ def _set_up(config: RunConfig, env: DistEnv, command_start: float) -> Setup:
         **trained_in.record(),  # read last: every math flag of the run is set by now
     }
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        _claim_run_dir(run_dir, config, model, optimizer, trained_in)
     events = report.EventLog(None, command_start)  # other ranks write no log
     if env.is_main:
         tensorboard = config.tensorboard
         sinks = (report.TensorBoardSink(run_dir / "tensorboard"),) if tensorboard else ()
         events = report.EventLog(run_dir / report.EVENTS, command_start, sinks)
-    events.emit("run_start", config=config.to_dict(), world_size=env.world_size, **facts)
+    events.emit(
+        "run_start",
+        config=config.to_dict(),
+        world_size=env.world_size,
+        segment=resumed.segments[-1],
+        **facts,
+    )
     return Setup(
         config=config,
         env=env,
@@ -231,9 +295,7 @@ def _set_up(config: RunConfig, env: DistEnv, command_start: float) -> Setup:
         inference_model=model,
         optimizer=optimizer,
         loaders=loaders,
-        meter=metrics.Meter(
-            command_start, env.device, timing_warmup_steps=config.train.timing_warmup_steps
-        ),
+        meter=meter,
         monitor=(
             Monitor(config.monitor_interval, command_start)
             if env.local_rank == 0 and config.monitor_interval > 0
@@ -250,7 +312,99 @@ def _set_up(config: RunConfig, env: DistEnv, command_start: float) -> Setup:
         events=events,
         run_dir=run_dir,
         facts=facts,
+        stop=stop,
+        watch=watch,
+        resumed=resumed,
+        # One rank polls its own flag at every step; several agree at logged steps, where the
+        # loop already waits for the device.
+        poll_every=1 if env.world_size == 1 else config.train.log_every,
+        newest_checkpoint=resumed.checkpoint,
+        checkpointed=resumed.position if resumed.checkpoint else None,
     )
+
+
+def _resume(
+    config: RunConfig,
+    env: DistEnv,
+    run_dir: Path,
+    continuing: bool,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trained_in: Precision,
+    meter: metrics.Meter,
+) -> Resumed:
+    """Load the newest checkpoint of a run that goes on into the model, optimizer, precision
+    and meter; the segments of the run, this one last."""
+    started = time.time() - (time.perf_counter() - meter.command_start)
+    segment = {
+        "started_at": _iso(started),
+        "start_step": 0,
+        "resumed_from": None,
+        "time_lost_s": None,
+        "elastic_restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        "ended": "running",
+    }
+    path = checkpoint.newest(run_dir) if continuing else None
+    if path is None:
+        return Resumed(Position(), [segment])
+    state = checkpoint.load(path, workload(config), env.world_size)
+    model.load_state_dict(state["model"])
+    trained_in.load_state_dict(state["precision"])  # fp16's masters, after the model
+    optimizer.load_state_dict(state["optimizer"])
+    rank_state = state["ranks"][env.rank]
+    meter.load_state_dict(rank_state["meter"])
+    position = Position(**state["position"])
+    earlier = [dict(s) for s in state["segments"]]
+    if earlier[-1]["ended"] == "running":
+        # That process died after this checkpoint without a stop of its own (killed, crashed):
+        # what it trained after it is trained again, and counted once.
+        earlier[-1].update(ended="crashed", end_step=position.step)
+    segment.update(
+        start_step=position.step,
+        resumed_from=path.name,
+        # From the state this segment goes on from, to its start: the work lost, the previous
+        # process's end, the wait in a queue, this process's start-up.
+        time_lost_s=started - state["saved_at"],
+    )
+    return Resumed(position, [*earlier, segment], rank_state, path)
+
+
+def _iso(wall: float) -> str:
+    return datetime.fromtimestamp(wall, UTC).isoformat(timespec="seconds")
+
+
+def _claim_run_dir(
+    run_dir: Path,
+    config: RunConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trained_in: Precision,
+) -> None:
+    """Create the run directory with the configuration a resume reads, refusing one that is not
+    writable or whose disk cannot hold a checkpoint: before training, not hours into it."""
+    created = not run_dir.exists()
+    weights_bytes = checkpoint.tensor_bytes(model.state_dict().values())
+    updated = [p for group in optimizer.param_groups for p in group["params"]]
+    # SGD keeps one momentum buffer per updated tensor; fp16 also keeps float32 masters.
+    copies = 2 if trained_in.policy.half_weights else 1
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.check_space(run_dir, weights_bytes + copies * checkpoint.tensor_bytes(updated))
+        report.write_json_atomic(run_dir / CONFIG, config.to_dict())
+    except OSError as err:
+        _remove_if_created(run_dir, created)
+        raise UserError(
+            f"output: cannot write in {run_dir} ({err.strerror or err}): choose a writable "
+            "--output-dir"
+        ) from None
+    except UserError:
+        _remove_if_created(run_dir, created)
+        raise
+
+
+def _remove_if_created(run_dir: Path, created: bool) -> None:
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _build_data(config: RunConfig, env: DistEnv, cache_dir: Path) -> Loaders:
@@ -289,32 +443,50 @@ def _build_data(config: RunConfig, env: DistEnv, cache_dir: Path) -> Loaders:
 
 
 def _train(s: Setup) -> None:
-    cfg, meter = s.config.train, s.meter
+    cfg, meter, start = s.config.train, s.meter, s.resumed.position
     warmup_iters = min(cfg.warmup_iters, len(s.loaders.train_loader) - 1)
     s.env.barrier()  # every rank is built and ready: training time starts now
+    if s.resumed.rank_state is not None:
+        # Set last: building the model and counting FLOPs draw from the generators too.
+        checkpoint.set_rng_state(s.resumed.rank_state["rng"], s.env.device)
+        s.watch.load_state_dict(s.resumed.rank_state["watch"])
     meter.train_started()
+    s.last_checkpoint = time.monotonic()
     if s.monitor is not None:
         s.monitor.start()
-    for epoch in range(cfg.epochs):
-        _train_epoch(s, epoch, warmup_iters)
-        record = _evaluate(s, epoch)
-        reached = cfg.target_map > 0 and record.stats["AP"] >= cfg.target_map
-        if reached or (cfg.max_steps and meter.steps >= cfg.max_steps):
+    for epoch in range(start.epoch, cfg.epochs):
+        if _finished(s):  # a resumed run whose last evaluation ended it
             break
+        _train_epoch(s, epoch, start.step_in_epoch if epoch == start.epoch else 0, warmup_iters)
+        _evaluate(s, epoch)
+        _checkpoint(s, Position(epoch + 1, 0, meter.steps))
+        _poll(s, Position(epoch + 1, 0, meter.steps))  # a signal during the evaluation
 
 
-def _train_epoch(s: Setup, epoch: int, warmup_iters: int) -> None:
+def _finished(s: Setup) -> bool:
+    """Whether the last evaluation reached the target, or the step budget is spent."""
     cfg, meter = s.config.train, s.meter
-    s.loaders.train_sampler.set_epoch(epoch)
+    if not meter.evals:
+        return False
+    reached = cfg.target_map > 0 and meter.evals[-1].stats["AP"] >= cfg.target_map
+    return reached or bool(cfg.max_steps and meter.steps >= cfg.max_steps)
+
+
+def _train_epoch(s: Setup, epoch: int, start: int, warmup_iters: int) -> None:
+    cfg, meter = s.config.train, s.meter
+    if cfg.max_steps and meter.steps >= cfg.max_steps:
+        return  # resumed after the last step, before its evaluation
+    s.loaders.train_sampler.set_epoch(epoch, start)
     s.model.train()
     bar = tqdm(
         total=len(s.loaders.train_loader),
+        initial=start,
         desc=f"epoch {epoch}",
         unit="step",
         disable=not s.env.is_main,
     )
     with bar:  # closed on error too, so the error starts on a line of its own
-        for step_in_epoch, batch in enumerate(s.loaders.train_loader):
+        for step_in_epoch, batch in enumerate(s.loaders.train_loader, start):
             lr = cfg.lr * lr_factor(
                 step_in_epoch, epoch, warmup_iters, cfg.warmup_factor, cfg.lr_steps, cfg.lr_gamma
             )
@@ -325,15 +497,109 @@ def _train_epoch(s: Setup, epoch: int, warmup_iters: int) -> None:
             step = meter.steps + 1
             s.profiler.before_step(step)
             with meter.core_step(len(images)):
-                losses = train_step(
-                    s.model, images, targets, s.optimizer, s.precision, cfg.clip_grad_norm
-                )
+                try:
+                    losses = train_step(
+                        s.model, images, targets, s.optimizer, s.precision, cfg.clip_grad_norm
+                    )
+                except torch.OutOfMemoryError as err:
+                    raise UserError(_out_of_memory(s, step, images, err)) from None
+                s.watch.update(losses)
             s.profiler.after_step(step)
             bar.update()
             if meter.steps % cfg.log_every == 0:
                 _log_step(s, epoch, lr, losses, bar)
+            if meter.steps % s.poll_every == 0:
+                _poll(s, Position(epoch, step_in_epoch + 1, meter.steps))
             if cfg.max_steps and meter.steps >= cfg.max_steps:
                 return
+
+
+def _out_of_memory(s: Setup, step: int, images: list[torch.Tensor], err: Exception) -> str:
+    largest = max(images, key=lambda image: image.shape[1] * image.shape[2])
+    model = s.config.model
+    return (
+        f"out of {s.env.device} memory at step {step}: local batch {len(images)}, images up to "
+        f"{largest.shape[2]}x{largest.shape[1]} px resized to short side {model.min_size} "
+        f"(long side at most {model.max_size}), precision {s.precision.name}: lower batch_size "
+        f"(and lr with it), min_size/max_size, or use bf16/amp ({str(err).splitlines()[0]})"
+    )
+
+
+def _poll(s: Setup, position: Position) -> None:
+    """Where the ranks agree whether to checkpoint (the timed one is due) and whether to stop
+    (a signal reached one of them); a stop writes a checkpoint first."""
+    minutes = s.config.checkpoint_minutes
+    due = minutes > 0 and time.monotonic() - s.last_checkpoint >= 60 * minutes
+    stop, due = (flag > 0 for flag in s.env.all_reduce([s.stop.requested, due], "max"))
+    if stop:
+        _checkpoint(s, position, ended="interrupted")
+        raise Interrupted
+    if due:
+        _checkpoint(s, position)
+
+
+def _checkpoint(s: Setup, position: Position, ended: str = "running") -> None:
+    """Write the whole training state (rank 0; every rank gives its part), saying whether this
+    segment of the run goes on or ends here. A failed write (a full disk) is reported and the run
+    goes on, with the previous checkpoints intact."""
+    if s.checkpointed == position and ended == "running":
+        return
+    s.checkpointed, s.last_checkpoint = position, time.monotonic()
+    # A state whose loss has stopped being finite is not kept over the last good one.
+    if s.env.all_reduce([s.watch.streak.item()], "max")[0] > 0:
+        return
+    with s.meter.checkpointing():
+        ranks = s.env.gather(
+            {
+                "meter": s.meter.state_dict(),
+                "rng": checkpoint.rng_state(s.env.device),
+                "watch": s.watch.state_dict(),
+            }
+        )
+        if not s.env.is_main:
+            return
+        state = {
+            "format": checkpoint.FORMAT,
+            "workload": workload(s.config),
+            "world_size": s.env.world_size,
+            "position": dataclasses.asdict(position),
+            "model": s.inference_model.state_dict(),
+            "optimizer": s.optimizer.state_dict(),
+            "precision": s.precision.state_dict(),
+            "ranks": ranks,
+            "segments": _segments(s, ended, position.step),
+            "saved_at": time.time(),
+        }
+        started = time.perf_counter()
+        try:
+            path = checkpoint.save(s.run_dir, state, position.step, s.config.keep_checkpoints)
+        except OSError as err:
+            s.checkpoint_failures += 1
+            kept = s.newest_checkpoint.name if s.newest_checkpoint else "none yet"
+            warnings.warn(
+                f"checkpoint: cannot write step {position.step} into "
+                f"{checkpoint.folder(s.run_dir)} ({err.strerror or err}): the run goes on; the "
+                f"newest checkpoint is still {kept}",
+                stacklevel=1,
+            )
+            s.events.emit("checkpoint_failed", step=position.step, error=str(err))
+            return
+        s.newest_checkpoint = path
+        s.events.emit(
+            "checkpoint",
+            step=position.step,
+            epoch=position.epoch,
+            path=str(path),
+            seconds=time.perf_counter() - started,
+        )
+
+
+def _segments(s: Setup, ended: str, end_step: int) -> list[dict]:
+    """The run's segments, this one ending (or, in a checkpoint, still running) at end_step."""
+    current = {**s.resumed.segments[-1], "ended": ended, "end_step": end_step}
+    if ended != "running":
+        current["ended_at"] = _iso(time.time())
+    return [*s.resumed.segments[:-1], current]
 
 
 def _log_step(
@@ -344,14 +610,30 @@ def _log_step(
     totals = s.env.all_reduce([losses[name].item() for name in names], "sum")
     parts = {name: total / s.env.world_size for name, total in zip(names, totals, strict=True)}
     loss = sum(parts.values())
-    if not math.isfinite(loss) and not s.precision.scaler.is_enabled():
+    longest, skipped = s.env.all_reduce(
+        [s.watch.longest.item(), s.precision.skipped_steps().item()], "max"
+    )
+    limit = s.config.train.max_bad_steps
+    if limit and longest >= limit:
+        kept = s.newest_checkpoint.name if s.newest_checkpoint else "none was written"
+        shown = ", ".join(f"{name} {value:.4g}" for name, value in parts.items())
         raise UserError(
-            f"training diverged at step {s.meter.steps}: loss is {loss}; lower lr (now {lr:g})"
+            f"training diverged: the loss was not finite for {int(longest)} consecutive steps "
+            f"(limit max_bad_steps={limit}); at step {s.meter.steps}: {shown}, lr {lr:g}; the "
+            f"last good checkpoint is {kept}: lower lr, raise clip_grad_norm's protection, or use "
+            "another precision"
         )
     # Every rank trains the same batch size, so the global rate is the local one x world size.
     rate = s.meter.interval_rate() * s.env.world_size
     s.events.emit(
-        "step", epoch=epoch, step=s.meter.steps, loss=loss, **parts, lr=lr, images_per_s=rate
+        "step",
+        epoch=epoch,
+        step=s.meter.steps,
+        loss=loss,
+        **parts,
+        lr=lr,
+        images_per_s=rate,
+        skipped_steps=int(skipped),
     )
     progress.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.1f}", lr=f"{lr:.3g}")
 
@@ -380,32 +662,40 @@ def _evaluate(s: Setup, epoch: int) -> metrics.EvalRecord:
     return record
 
 
-def _finish(s: Setup) -> dict:
+def _finish(s: Setup, status: str, reason: str | None = None) -> dict:
+    """Reduce the metrics and write results.json with the run's status (and, for a completed
+    run, the report and plots). Collectives run unless the run failed: then the other ranks may
+    be gone, and rank 0's own view stands for the job."""
     cfg, env = s.config, s.env
+    reduce = status != "failed"
+    if status != "completed":
+        s.meter.stopped()
     # One gather of what only each rank knows: its host, device, memory peak, monitor samples.
-    ranks = env.gather(
-        {
-            "host": environment.hostname(),
-            "uuid": metrics.device_uuid(env.device),
-            "memory": metrics.memory_peak(env.device),
-            "samples": s.monitor.stop() if s.monitor else [],
-        }
-    )
-    summary = metrics.summarize(s.meter, env, cfg.train.target_map)
+    mine = {
+        "host": environment.hostname(),
+        "uuid": metrics.device_uuid(env.device),
+        "memory": metrics.memory_peak(env.device),
+        "samples": s.monitor.stop() if s.monitor else [],
+    }
+    ranks = env.gather(mine) if reduce else [mine]
+    summary = metrics.summarize(s.meter, env, cfg.train.target_map, reduce=reduce)
     if not env.is_main:
-        return {}
+        return {"status": status}
     samples = [sample for rank in ranks for sample in rank["samples"]]
     monitored = monitor.summarize(samples) if samples else None
     uuids = [rank["uuid"] for rank in ranks]
     driver = metrics.driver_peak(monitored["devices"], uuids) if monitored else None
     memory = metrics.memory([rank["memory"] for rank in ranks], driver)
     device_name = environment.device_name(env.device)
+    segments = _segments(s, status, s.meter.steps)
     results = {
+        "status": status,
+        "reason": reason,
         "metrics": {
             **summary,
             **memory,
             **s.facts,
-            "epochs": s.meter.evals[-1].epoch + 1,
+            "epochs": s.meter.evals[-1].epoch + 1 if s.meter.evals else 0,
             "world_size": env.world_size,
             "nodes": env.nodes,
             "devices_per_node": env.local_world_size,
@@ -414,6 +704,10 @@ def _finish(s: Setup) -> dict:
             "lr": cfg.train.lr,
             "seed": cfg.train.seed,
             "device_name": device_name,
+            "skipped_steps": int(s.precision.skipped_steps().item()),
+            "segments": len(segments),
+            "time_between_segments": sum(seg["time_lost_s"] or 0.0 for seg in segments),
+            "checkpoint_failures": s.checkpoint_failures,
             **utilization.utilization(
                 s.flops_per_image,
                 summary["p_core"],
@@ -422,6 +716,8 @@ def _finish(s: Setup) -> dict:
                 env.world_size,
             ),
         },
+        "segments": segments,
+        "checkpoint": str(s.newest_checkpoint) if s.newest_checkpoint else None,
         "monitor": monitored,
         "config": cfg.to_dict(),
         "environment": environment.capture(env.device, [rank["host"] for rank in ranks]),
@@ -429,17 +725,34 @@ def _finish(s: Setup) -> dict:
     }
     if samples:
         report.write_jsonl(s.run_dir / report.MONITOR, samples)
-    if cfg.save_model:
-        torch.save(s.inference_model.state_dict(), s.run_dir / "model.pt")
-    # e2e_time ends here, as results.json is written.
-    results["metrics"]["e2e_time"] = time.perf_counter() - s.meter.command_start
+    completed = status == "completed"
+    if completed and cfg.save_model:
+        path = s.run_dir / "model.pt"
+        torch.save(s.precision.float32_state_dict(s.inference_model), path)
+    # e2e_time ends here, as results.json is written (over every segment of the run).
+    results["metrics"]["e2e_time"] = s.meter.e2e_time()
     report.write_json_atomic(s.run_dir / report.RESULTS, results)
-    s.events.emit("run_end", **{k: v for k, v in results["metrics"].items() if k != "evaluations"})
-    report.write_text_atomic(s.run_dir / report.REPORT, report.render_report(results))
-    plots.write_plots(
-        report.read_events(s.run_dir / report.EVENTS), samples, s.run_dir / report.PLOTS
+    s.events.emit(
+        "run_end",
+        status=status,
+        reason=reason,
+        **{k: v for k, v in results["metrics"].items() if k != "evaluations"},
     )
+    if completed:
+        report.write_text_atomic(s.run_dir / report.REPORT, report.render_report(results))
+        plots.write_plots(
+            report.read_events(s.run_dir / report.EVENTS), samples, s.run_dir / report.PLOTS
+        )
     return results
+
+
+def _record_failure(s: Setup, err: BaseException) -> None:
+    """results.json of a run that failed once set up, saying why; never masks the error."""
+    reason = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+    try:
+        _finish(s, "failed", reason)
+    except Exception as secondary:  # the run is failing already: say so, keep the first error
+        warnings.warn(f"could not write the failed run's results.json: {secondary}", stacklevel=1)
 
 
 def _count_flops(model: nn.Module, loaders: Loaders, env: DistEnv, trained_in: Precision) -> float:
@@ -512,10 +825,31 @@ def _load_weights(config: RunConfig, env: DistEnv, cache_dir: Path) -> weights.L
     return loaded
 
 
-def _run_dir(config: RunConfig, env: DistEnv) -> Path:
-    """The run directory (rank 0's choice, shared with every rank); it must be new or empty."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = Path(config.output_dir) if config.output_dir else Path("runs") / stamp
-    if env.is_main and path.exists() and any(path.iterdir()):
+def _run_dir(config: RunConfig, env: DistEnv, resume: bool) -> Path:
+    """The run directory (rank 0's choice, shared with every rank). A new run's must be new or
+    empty; a resumed run's must hold a run that has not completed; workers that torchrun started
+    again after a failure take the directory as they find it."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if config.output_dir:
+        path = Path(config.output_dir)
+    elif run_id and run_id != "none":
+        # Named after the torchrun job, so that its restarted workers find it again.
+        path = Path("runs") / f"torchrun-{run_id}"
+    else:
+        path = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if env.is_main and resume:
+        if not (path / CONFIG).is_file():
+            raise UserError(
+                f"--resume: {path} holds no {CONFIG}: give the run directory of a stopped run"
+            )
+        previous = path / report.RESULTS
+        if (
+            previous.is_file()
+            and report.load_results(path, completed_only=False).get("status", "completed")
+            == "completed"
+        ):
+            raise UserError(f"--resume: {path} holds a completed run: there is nothing to resume")
+    elif env.is_main and not restarted and path.exists() and any(path.iterdir()):
         raise UserError(f"output: {path} is not empty: choose a new --output-dir")
     return Path(env.broadcast(str(path)))

@@ -1,0 +1,174 @@
+"""Checkpoints: the whole state of a run, so that a stopped run goes on as if it had not stopped.
+
+A checkpoint holds (train.py assembles it):
+- the model, the optimizer, and the precision's state (the loss scaler, fp16's float32 masters);
+- where training stands (`Position`);
+- each rank's random number generators and meter totals (images, steps, core, evaluation and
+  train time so far, the evaluations);
+- the run's segments so far, and the workload it belongs to.
+The data order and the flips are pure functions of (seed, epoch, index): nothing of the loader
+is kept, the sampler skips the batches already trained.
+
+Everything in it is tensors, numbers and strings, so it loads with `weights_only=True` and a file
+that carries pickled code is refused. Rank 0 writes `<run dir>/checkpoints/step-<step>.pt`
+atomically (temporary file, fsync, rename, fsync of the folder) and keeps the newest `keep`; every
+rank reads it (on several nodes the run directory must be on storage they share).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import weights
+from .errors import UserError
+
+FOLDER = "checkpoints"
+FORMAT = 1
+_NAME = re.compile(r"^step-(\d+)\.pt$")
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training stands: `step_in_epoch` batches of `epoch` are trained, `step` in all."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    step: int = 0
+
+
+def folder(run_dir: Path) -> Path:
+    return Path(run_dir) / FOLDER
+
+
+def saved(run_dir: Path) -> list[Path]:
+    """The run's checkpoints, oldest first."""
+    found = []
+    if folder(run_dir).is_dir():
+        for entry in folder(run_dir).iterdir():
+            match = _NAME.match(entry.name)
+            if match:
+                found.append((int(match.group(1)), entry))
+    return [path for _, path in sorted(found)]
+
+
+def newest(run_dir: Path) -> Path | None:
+    paths = saved(run_dir)
+    return paths[-1] if paths else None
+
+
+def save(run_dir: Path, state: dict[str, Any], step: int, keep: int) -> Path:
+    """Write `state` as the checkpoint of `step`, atomically, then delete all but the newest
+    `keep`. On failure (a full disk) nothing half-written is left and older checkpoints stay."""
+    target = folder(run_dir) / f"step-{step:08d}.pt"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name says they are
+        os.replace(partial, target)
+    except BaseException:
+        if os.path.exists(partial):
+            os.unlink(partial)
+        raise
+    _fsync_folder(target.parent)  # ... and the rename too
+    for old in saved(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return target
+
+
+def _fsync_folder(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load(path: Path, workload: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """A checkpoint's content, checked to belong to this workload and job shape."""
+    state = weights.load_tensors(path, "checkpoint")
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(
+            f"checkpoint: {path} is not a retinaperf checkpoint (format {FORMAT}): remove it, or "
+            "resume from a run directory this version wrote"
+        )
+    theirs = state["workload"]
+    for key in sorted(set(theirs) | set(workload)):
+        if _normal(theirs.get(key)) != _normal(workload.get(key)):
+            raise UserError(
+                f"checkpoint: {path} belongs to another configuration ({key} is "
+                f"{theirs.get(key)!r} there, {workload.get(key)!r} in this run): resume a run "
+                "with `retinaperf run --resume RUN_DIR`, which takes the configuration saved "
+                "with it, or start a new run in a new --output-dir"
+            )
+    if state["world_size"] != world_size:
+        raise UserError(
+            f"checkpoint: {path} was written by a job of {state['world_size']} process(es), "
+            f"this job has {world_size}: the global batch, and so the workload, would change; "
+            f"resume it with {state['world_size']} process(es)"
+        )
+    return state
+
+
+def _normal(value: Any) -> Any:
+    # A checkpoint stores tuples as tuples, a config.json as lists.
+    return list(value) if isinstance(value, tuple) else value
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def check_space(run_dir: Path, needed: int) -> None:
+    """Refuse a run whose checkpoint would not fit on the disk of its run directory."""
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        raise UserError(
+            f"output: {run_dir} has {free / 1e9:.2f} GB free, but one checkpoint of this run "
+            f"needs {needed / 1e9:.2f} GB: free space, or choose an --output-dir on another disk"
+        )
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every generator this process draws from (the model's training-time resize draws from
+    torch's), in types that load with weights_only."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, keys.tolist(), position, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+    }
+    if device.type != "cpu":
+        state["device"] = torch.get_device_module(device).get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate(_tuples(state["python"]))
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if device.type != "cpu":
+        torch.get_device_module(device).set_rng_state(state["device"], device)
+
+
+def _tuples(value: Any) -> Any:
+    """random.setstate wants the tuples it gave, and pickling keeps them, but be lenient."""
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, tuple):
+        return tuple(_tuples(v) for v in value)
+    return value

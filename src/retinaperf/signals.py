@@ -1,0 +1,95 @@
+"""SIGTERM and SIGINT, what Slurm and Kubernetes send before they kill a job (and Ctrl-C).
+
+The first signal sets a flag: the training loop finishes its step (or the evaluation under way),
+writes a checkpoint and results.json with "status": "interrupted", and exits non-zero. A second
+signal exits at once. The same signal often arrives twice within a moment: Slurm and a terminal
+signal every process of the job, and torchrun forwards what it receives to its workers; a repeat
+within `repeat_window_s` of the first is taken as the same request.
+
+DataLoader workers ignore both signals (`ignore_in_worker`): the training process decides, and
+shuts them down as it exits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import FrameType
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopRequest:
+    """Installs handlers for SIGTERM and SIGINT (in the main thread) while it is entered."""
+
+    def __init__(self, repeat_window_s: float = 2.0) -> None:
+        self.repeat_window_s = repeat_window_s
+        self.signal: int | None = None
+        self._received_at = 0.0
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signal).name if self.signal is not None else ""
+
+    def __enter__(self) -> StopRequest:
+        for sig in SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.signal is None:
+            self.signal, self._received_at = signum, time.monotonic()
+            _say(
+                f"{name} received: stopping after this step (or the evaluation under way) with a "
+                "checkpoint; send it again to exit at once"
+            )
+        elif time.monotonic() - self._received_at > self.repeat_window_s:
+            _say(f"{name} received again: exiting now, without a checkpoint")
+            os._exit(128 + signum)
+
+
+def _say(message: str) -> None:
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    print(f"retinaperf: {prefix}{message}", file=sys.stderr, flush=True)
+
+
+def ignore_in_worker(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: leave the signals to the training process."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def run_child(command: list[str], env: dict[str, str] | None = None) -> int:
+    """Run `command` (a run, or torchrun starting one) to its end and return its exit status.
+
+    While it runs this process passes SIGTERM on to it and ignores SIGINT, which a terminal's
+    Ctrl-C sends to the child as well: the child stops with a checkpoint, where being killed with
+    this process would lose its work."""
+    started: list[subprocess.Popen] = []  # filled once started; the handlers are set before
+    previous = {
+        signal.SIGTERM: signal.signal(
+            signal.SIGTERM, lambda signum, _: [child.send_signal(signum) for child in started]
+        ),
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    }
+    try:
+        started.append(subprocess.Popen(command, env=env))
+        return started[0].wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

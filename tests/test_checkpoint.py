@@ -1,0 +1,251 @@
+"""Checkpoints and resume: a run stopped by a signal and resumed equals the run left alone, bit
+for bit; what is refused on the way (another configuration, pickled code, no disk space)."""
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from retinaperf import checkpoint, cli, config, evaluate, train
+from retinaperf.errors import UserError
+
+# Two epochs of 5 steps (the 20 of 24 images that have boxes, batch 4), every step logged,
+# deterministic kernels.
+SETTINGS = {
+    "batch_size": 4,
+    "epochs": 2,
+    "max_steps": 0,
+    "target_map": 0,
+    "deterministic": "true",
+    "save_model": "true",
+    "monitor_interval": 0,
+}
+
+
+def run_cli(args: list[str]) -> int:
+    """`retinaperf ARGS` in this process, its clock started now as a new command's would be."""
+    cli.COMMAND_START = time.perf_counter()
+    return cli.main(args)
+
+
+def step_losses(run_dir: Path) -> dict[int, tuple[float, float]]:
+    """{step: (classification, bbox_regression)} of every logged step, over all segments."""
+    losses = {}
+    for line in (run_dir / "events.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        if event["event"] == "step":
+            losses[event["step"]] = (event["classification"], event["bbox_regression"])
+    return losses
+
+
+def results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_dataset, tiny_run_args, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("whole") / "run"
+    assert run_cli(tiny_run_args(tiny_dataset, out, **SETTINGS)) == 0
+    return out
+
+
+def signal_at(monkeypatch, module, name: str, call: int) -> None:
+    """Send this process SIGTERM during the `call`-th call of module.name (1-based)."""
+    original, calls = getattr(module, name), []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+@pytest.mark.parametrize(
+    ("where", "call", "stopped_at"),
+    [
+        ("train_step", 4, 4),  # inside epoch 0: resumes at its 5th batch
+        ("evaluate_model", 1, 5),  # during the first evaluation: it finishes, then stops
+    ],
+)
+def test_a_run_stopped_by_sigterm_and_resumed_equals_the_uninterrupted_run(
+    where, call, stopped_at, uninterrupted, tiny_dataset, tiny_run_args, tmp_path, monkeypatch
+):
+    out = tmp_path / "run"
+    module = train if where == "train_step" else evaluate
+    with monkeypatch.context() as patch:
+        signal_at(patch, module, where, call)
+        assert run_cli(tiny_run_args(tiny_dataset, out, **SETTINGS)) == 128 + signal.SIGTERM
+    stopped = results(out)
+    assert stopped["status"] == "interrupted" and "SIGTERM" in stopped["reason"]
+    assert stopped["metrics"]["steps"] == stopped_at
+    assert Path(stopped["checkpoint"]).name == f"step-{stopped_at:08d}.pt"
+    assert not (out / "model.pt").exists() and not (out / "report.md").exists()
+
+    assert run_cli(["run", "--resume", str(out)]) == 0
+
+    whole, resumed = results(uninterrupted), results(out)
+    assert resumed["status"] == "completed"
+    assert step_losses(out) == step_losses(uninterrupted)  # every step, bit for bit
+    for key in ("trained_images", "steps", "mAP", "best_mAP", "epochs"):
+        assert resumed["metrics"][key] == whole["metrics"][key], key
+    assert [e["mAP"] for e in resumed["metrics"]["evaluations"]] == [
+        e["mAP"] for e in whole["metrics"]["evaluations"]
+    ]
+    one = torch.load(uninterrupted / "model.pt", weights_only=True)
+    two = torch.load(out / "model.pt", weights_only=True)
+    assert one.keys() == two.keys()
+    assert all(torch.equal(one[k], two[k]) for k in one)
+
+    first, second = resumed["segments"]
+    assert (first["ended"], first["end_step"]) == ("interrupted", stopped_at)
+    assert (second["ended"], second["start_step"]) == ("completed", stopped_at)
+    assert second["resumed_from"] == f"step-{stopped_at:08d}.pt"
+    assert second["time_lost_s"] >= 0
+    assert resumed["metrics"]["segments"] == 2
+    # Times add up over the segments; the time between them is in none of them.
+    m = resumed["metrics"]
+    assert m["time_between_segments"] == pytest.approx(second["time_lost_s"])
+    assert m["p_core"] >= m["p_train"] >= m["p_whole"] > 0
+    assert m["train_time"] > m["eval_time"] + m["checkpoint_time"]
+    assert m["e2e_time"] > m["train_time"] + m["init_time"] - 1e-6
+    report = (out / "report.md").read_text()
+    assert f"- run in 2 segments (interrupted at step {stopped_at});" in report
+
+
+def test_checkpoints_are_kept_newest_first_and_hold_the_state(
+    uninterrupted, tiny_dataset, tiny_run_args, tmp_path
+):
+    out = tmp_path / "run"
+    # A timed checkpoint at every step, 3 kept.
+    args = tiny_run_args(
+        tiny_dataset, out, **{**SETTINGS, "checkpoint_minutes": 1e-6, "keep_checkpoints": 3}
+    )
+    assert run_cli(args) == 0
+    kept = [p.name for p in checkpoint.saved(out)]
+    assert kept == ["step-00000008.pt", "step-00000009.pt", "step-00000010.pt"]
+    assert not [p for p in checkpoint.folder(out).iterdir() if p.name.startswith(".")]
+    state = torch.load(checkpoint.newest(out), weights_only=True)
+    assert state["position"] == {"epoch": 2, "step_in_epoch": 0, "step": 10}
+    assert state["ranks"][0]["meter"]["images"] == 40
+    assert len(state["ranks"][0]["meter"]["evals"]) == 2
+    assert state["workload"] == config.workload(config.load_saved(out / "config.json", {}))
+    model = torch.load(out / "model.pt", weights_only=True)
+    assert all(torch.equal(model[k], state["model"][k]) for k in model)
+
+
+def stopped_run(tiny_dataset, tiny_run_args, out: Path, monkeypatch) -> Path:
+    """A run stopped by SIGTERM after its second step."""
+    with monkeypatch.context() as patch:
+        signal_at(patch, train, "train_step", 2)
+        settings = {**SETTINGS, "epochs": 1}
+        assert run_cli(tiny_run_args(tiny_dataset, out, **settings)) == 128 + signal.SIGTERM
+    return out
+
+
+def test_resume_refuses_a_setting_that_changes_the_workload(
+    tiny_dataset, tiny_run_args, tmp_path, monkeypatch, capsys
+):
+    out = stopped_run(tiny_dataset, tiny_run_args, tmp_path / "run", monkeypatch)
+    capsys.readouterr()
+    assert run_cli(["run", "--resume", str(out), "--set", "lr=0.5"]) == 1
+    assert "--set lr would change the workload" in capsys.readouterr().err
+    assert run_cli(["run", "--resume", str(out), "--preset", "smoke"]) == 1
+    assert "drop --preset" in capsys.readouterr().err
+    # A key that leaves the workload alone may change.
+    assert run_cli(["run", "--resume", str(out), "--set", "log_every=3"]) == 0
+    assert results(out)["status"] == "completed"
+    assert run_cli(["run", "--resume", str(out)]) == 1
+    assert "holds a completed run: there is nothing to resume" in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_another_configuration_is_refused(
+    tiny_dataset, tiny_run_args, tmp_path, monkeypatch, capsys
+):
+    out = stopped_run(tiny_dataset, tiny_run_args, tmp_path / "run", monkeypatch)
+    saved = json.loads((out / "config.json").read_text())
+    saved["train"]["lr"] = 0.5  # as if the checkpoint had come from another run
+    (out / "config.json").write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert run_cli(["run", "--resume", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "belongs to another configuration (lr is 0.01 there, 0.5 in this run)" in err
+
+
+class Planted:
+    """Unpickling this runs os.mkdir: a checkpoint carrying code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_a_checkpoint_carrying_code_is_refused_without_running_it(
+    tiny_dataset, tiny_run_args, tmp_path, monkeypatch, capsys
+):
+    out = stopped_run(tiny_dataset, tiny_run_args, tmp_path / "run", monkeypatch)
+    marker = tmp_path / "ran"
+    torch.save({"format": 1, "payload": Planted(marker)}, checkpoint.folder(out) / "step-9.pt")
+    capsys.readouterr()
+    assert run_cli(["run", "--resume", str(out)]) == 1
+    assert "pickled objects other than tensors" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_a_full_disk_while_checkpointing_leaves_nothing_half_written(
+    tiny_dataset, tiny_run_args, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "run"
+    real_save, calls = torch.save, []
+
+    def fills_the_disk(state, f):
+        calls.append(1)
+        if len(calls) == 2:  # the second checkpoint: half the bytes, then no space left
+            f.write(b"\0" * 1000)
+            raise OSError(28, "No space left on device")
+        real_save(state, f)
+
+    monkeypatch.setattr(checkpoint.torch, "save", fills_the_disk)
+    assert run_cli(tiny_run_args(tiny_dataset, out, **SETTINGS)) == 0
+    err = capsys.readouterr().err
+    assert "cannot write step 10" in err and "No space left on device" in err
+    assert "the newest checkpoint is still step-00000005.pt" in err
+    assert [p.name for p in checkpoint.folder(out).iterdir()] == ["step-00000005.pt"]
+    assert results(out)["status"] == "completed"
+    assert results(out)["metrics"]["checkpoint_failures"] == 1
+
+
+def test_a_disk_without_room_for_a_checkpoint_is_refused_before_training(
+    tiny_dataset, tiny_run_args, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "run"
+    monkeypatch.setattr(
+        checkpoint.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 10**6})()
+    )
+    assert run_cli(tiny_run_args(tiny_dataset, out, **SETTINGS)) == 1
+    err = capsys.readouterr().err
+    assert "has 0.00 GB free, but one checkpoint of this run needs" in err
+    assert not out.exists()  # nothing written, not even the folder
+
+
+def test_a_run_directory_that_cannot_be_written_is_refused_before_training(
+    tiny_dataset, tiny_run_args, tmp_path, capsys
+):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert run_cli(tiny_run_args(tiny_dataset, blocker / "run", **SETTINGS)) == 1
+    assert f"output: cannot write in {blocker / 'run'}" in capsys.readouterr().err
+
+
+def test_load_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "step-1.pt"
+    torch.save({"model": {}}, path)
+    with pytest.raises(UserError, match="is not a retinaperf checkpoint"):
+        checkpoint.load(path, {}, 1)
