@@ -4,6 +4,8 @@ and whole runs: stop rules, counting, and the run directory."""
 import copy
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -402,3 +404,13 @@ def test_out_of_memory_fails_the_run_with_the_batch_and_image_size(
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "failed" and "out of cpu memory" in results["reason"]
     assert results["metrics"]["steps"] == 1
+
+
+def test_a_run_with_loader_workers_exits(tiny_run_args, tiny_dataset, tmp_path):
+    """Workers ignore SIGTERM, so the interpreter's exit, which terminates leftover workers,
+    could not stop them: the run stops them itself, and the command ends."""
+    args = tiny_run_args(tiny_dataset, tmp_path / "run", num_workers=1)
+    done = subprocess.run(
+        [sys.executable, "-m", "retinaperf", *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

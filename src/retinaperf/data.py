@@ -434,6 +434,17 @@ def make_loader(
     )
 
 
+def shut_down(loader: DataLoader) -> None:
+    """Stop a loader's persistent workers now. They ignore SIGTERM (see `signals`), so the
+    interpreter's exit, which terminates leftover workers with it, could not stop them. DataLoader
+    has no public call for this: its iterator stops the workers it holds, as its own `__del__`
+    does."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    loader._iterator = None
+
+
 def to_device(
     images: list[torch.Tensor], targets: list[dict], device: torch.device
 ) -> tuple[list[torch.Tensor], list[dict]]:

@@ -205,6 +205,8 @@ def run(config: RunConfig, command_start: float, resume: bool = False) -> dict:
             raise
         finally:
             if setup is not None:
+                data.shut_down(setup.loaders.train_loader)
+                data.shut_down(setup.loaders.val_loader)
                 setup.profiler.close()  # writes what a window cut short recorded
                 if setup.monitor is not None:
                     setup.monitor.stop()  # its thread must not outlive the run
