@@ -319,3 +319,40 @@ def test_nccl_collectives_of_distenv_in_a_one_process_group(tmp_path):
         env.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def test_sigterm_stops_every_rank_at_one_step_and_the_job_resumes(
+    tiny_run_args, tiny_dataset, tmp_path
+):
+    """SIGTERM to torchrun (as Slurm or Kubernetes send it): torchrun hands it to both ranks,
+    they agree on one step, checkpoint and report `interrupted`; `--resume` with two processes
+    completes the run."""
+    out = tmp_path / "run"
+    args = tiny_run_args(tiny_dataset, out, epochs=2, max_steps=0, target_map=0)
+    command = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "retinaperf", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        stepped, deadline = _stepped(out), time.monotonic() + 240
+        while time.monotonic() < deadline and not stepped():
+            time.sleep(0.2)
+        job.send_signal(signal.SIGTERM)
+        _, stderr = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0
+    assert b"[rank 1] SIGTERM received" in stderr
+    stopped = json.loads((out / "results.json").read_text())
+    assert stopped["status"] == "interrupted"
+    state = torch.load(stopped["checkpoint"], weights_only=True)
+    steps = stopped["metrics"]["steps"]
+    assert [rank["meter"]["steps"] for rank in state["ranks"]] == [steps, steps]
+
+    run([sys.executable, "-m", "retinaperf", "run", "--resume", str(out), "--nproc-per-node", "2"])
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["status"] == "completed"
+    m = resumed["metrics"]
+    steps_per_epoch = m["train_images"] // 4  # 2 ranks x batch 2
+    assert m["trained_images"] == 2 * steps_per_epoch * 4 and m["world_size"] == 2
+    assert [s["ended"] for s in resumed["segments"]] == ["interrupted", "completed"]
