@@ -361,9 +361,13 @@ def _read_preset(name: str) -> dict[str, Any]:
 
 
 def _flatten_preset(name: str, table: dict[str, Any]) -> dict[str, Any]:
-    """{section: {key: value}} or {key: value} from a preset file -> {key: typed value}."""
+    return _flatten(table, f"preset file {name}.toml")
+
+
+def _flatten(table: dict[str, Any], where: str) -> dict[str, Any]:
+    """{section: {key: value}} or {key: value}, as a preset file or a run's config.json holds
+    them -> {bare key: typed value}, each key and value checked; `where` names the source."""
     index = _key_index()
-    where = f"preset file {name}.toml"
     flat: dict[str, Any] = {}
     for key, value in table.items():
         if isinstance(value, dict) and key in _section_types():
@@ -448,7 +452,7 @@ RUN_KEYS = frozenset(
 def workload(config: RunConfig) -> dict[str, Any]:
     """The configuration less RUN_KEYS, flat: what a checkpoint must share with the run that
     loads it."""
-    flat = _flatten_saved(config.to_dict(), "configuration")
+    flat = _flatten(config.to_dict(), "configuration")
     return {key: value for key, value in flat.items() if key not in RUN_KEYS}
 
 
@@ -474,25 +478,7 @@ def load_saved(path: Path, overrides: dict[str, Any]) -> RunConfig:
             f"--resume: --set {changed[0]} would change the workload of the run being resumed; "
             f"only these keys may change: {', '.join(sorted(RUN_KEYS - {'output_dir'}))}"
         )
-    return _build({**_flatten_saved(saved, str(path)), **overrides})
-
-
-def _flatten_saved(saved: dict[str, Any], where: str) -> dict[str, Any]:
-    """`RunConfig.to_dict()` (nested by section) -> {bare key: typed value}, each key checked."""
-    index = _key_index()
-    sections = _section_types()
-    flat: dict[str, Any] = {}
-    for key, value in saved.items():
-        if key in sections and isinstance(value, dict):
-            for sub, subvalue in value.items():
-                if sub not in index or index[sub][0] != key:
-                    raise UserError(f"{where}: unknown key {key}.{sub}")
-                flat[sub] = _check_type(sub, subvalue, index[sub][1], where)
-        elif key in index and index[key][0] is None:
-            flat[key] = _check_type(key, value, index[key][1], where)
-        else:
-            raise UserError(f"{where}: unknown key {key}")
-    return flat
+    return _build({**_flatten(saved, str(path)), **overrides})
 
 
 def all_keys() -> list[tuple[str, str, str]]:
