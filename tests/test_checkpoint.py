@@ -249,3 +249,17 @@ def test_load_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     torch.save({"model": {}}, path)
     with pytest.raises(UserError, match="is not a retinaperf checkpoint"):
         checkpoint.load(path, {}, 1)
+
+
+def test_a_background_write_saves_the_state_as_it_was_when_handed_over(tmp_path):
+    weight = torch.ones(4)
+    state = {"format": 1, "model": {"w": weight}, "ranks": [{"rng": (1, 2)}]}
+    writer = checkpoint.Writer(tmp_path, keep=2)
+    assert writer.submit(checkpoint.snapshot(state), step=3) is None
+    weight.add_(1)  # training goes on while the file is written
+    outcome = writer.finish()
+    writer.close()
+    assert outcome.path == checkpoint.folder(tmp_path) / "step-00000003.pt" == writer.newest
+    saved = torch.load(outcome.path, weights_only=True)
+    assert torch.equal(saved["model"]["w"], torch.ones(4))
+    assert saved["ranks"] == [{"rng": (1, 2)}]

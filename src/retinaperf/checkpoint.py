@@ -12,7 +12,9 @@ is kept, the sampler skips the batches already trained.
 Everything in it is tensors, numbers and strings, so it loads with `weights_only=True` and a file
 that carries pickled code is refused. Rank 0 writes `<run dir>/checkpoints/step-<step>.pt`
 atomically (temporary file, fsync, rename, fsync of the folder) and keeps the newest `keep`; every
-rank reads it (on several nodes the run directory must be on storage they share).
+rank reads it (on several nodes the run directory must be on storage they share). The `Writer`
+does that on a background thread from a host copy of the state, so that training goes on while
+the bytes reach the disk.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import random
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +91,70 @@ def save(run_dir: Path, state: dict[str, Any], step: int, keep: int) -> Path:
     for old in saved(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return target
+
+
+def snapshot(value: Any) -> Any:
+    """`value` with every tensor copied to host memory: what a background write may save while
+    training goes on changing the originals."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: snapshot(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(snapshot(item) for item in value)
+    return value
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a write ended: `path` written, or the `error` that stopped it (a full disk)."""
+
+    step: int
+    seconds: float
+    path: Path | None = None
+    error: OSError | None = None
+
+
+class Writer:
+    """Saves checkpoints on one background thread, one at a time; the newest written and the
+    failures are kept here."""
+
+    def __init__(self, run_dir: Path, keep: int, newest: Path | None = None) -> None:
+        self.run_dir = run_dir
+        self.keep = keep
+        self.newest = newest
+        self.failures = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retinaperf-checkpoint")
+        self._pending: Future[Outcome] | None = None
+
+    def submit(self, state: dict[str, Any], step: int) -> Outcome | None:
+        """Start writing `state` (a `snapshot`); returns the outcome of the write before it."""
+        previous = self.finish()
+        self._pending = self._pool.submit(self._write, state, step)
+        return previous
+
+    def _write(self, state: dict[str, Any], step: int) -> Outcome:
+        started = time.perf_counter()
+        try:
+            path = save(self.run_dir, state, step, self.keep)
+        except OSError as err:
+            return Outcome(step, time.perf_counter() - started, error=err)
+        return Outcome(step, time.perf_counter() - started, path=path)
+
+    def finish(self) -> Outcome | None:
+        """Wait for the write under way, if any, and return its outcome."""
+        if self._pending is None:
+            return None
+        outcome = self._pending.result()
+        self._pending = None
+        if outcome.error is not None:
+            self.failures += 1
+        else:
+            self.newest = outcome.path
+        return outcome
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 def _fsync_folder(path: Path) -> None:

@@ -158,10 +158,9 @@ class Setup:
     resumed: Resumed
     poll_every: int
     """Steps between the points where ranks agree to stop or checkpoint (every step alone)."""
+    writer: checkpoint.Writer
     last_checkpoint: float = 0.0  # monotonic clock
-    newest_checkpoint: Path | None = None
     checkpointed: Position | None = None
-    checkpoint_failures: int = 0
 
 
 @dataclass
@@ -207,6 +206,7 @@ def run(config: RunConfig, command_start: float, resume: bool = False) -> dict:
             if setup is not None:
                 data.shut_down(setup.loaders.train_loader)
                 data.shut_down(setup.loaders.val_loader)
+                setup.writer.close()
                 setup.profiler.close()  # writes what a window cut short recorded
                 if setup.monitor is not None:
                     setup.monitor.stop()  # its thread must not outlive the run
@@ -320,7 +320,7 @@ def _set_up(
         # One rank polls its own flag at every step; several agree at logged steps, where the
         # loop already waits for the device.
         poll_every=1 if env.world_size == 1 else config.train.log_every,
-        newest_checkpoint=resumed.checkpoint,
+        writer=checkpoint.Writer(run_dir, config.keep_checkpoints, resumed.checkpoint),
         checkpointed=resumed.position if resumed.checkpoint else None,
     )
 
@@ -550,7 +550,7 @@ def _checkpoint(s: Setup, position: Position, ended: str = "running") -> None:
     # A state whose loss has stopped being finite is not kept over the last good one.
     if s.env.all_reduce([s.watch.streak.item()], "max")[0] > 0:
         return
-    with s.meter.checkpointing():
+    with s.meter.checkpointing():  # the time training waits: the host copy, a previous write
         ranks = s.env.gather(
             {
                 "meter": s.meter.state_dict(),
@@ -572,28 +572,25 @@ def _checkpoint(s: Setup, position: Position, ended: str = "running") -> None:
             "segments": _segments(s, ended, position.step),
             "saved_at": time.time(),
         }
-        started = time.perf_counter()
-        try:
-            path = checkpoint.save(s.run_dir, state, position.step, s.config.keep_checkpoints)
-        except OSError as err:
-            s.checkpoint_failures += 1
-            kept = s.newest_checkpoint.name if s.newest_checkpoint else "none yet"
-            warnings.warn(
-                f"checkpoint: cannot write step {position.step} into "
-                f"{checkpoint.folder(s.run_dir)} ({err.strerror or err}): the run goes on; the "
-                f"newest checkpoint is still {kept}",
-                stacklevel=1,
-            )
-            s.events.emit("checkpoint_failed", step=position.step, error=str(err))
-            return
-        s.newest_checkpoint = path
-        s.events.emit(
-            "checkpoint",
-            step=position.step,
-            epoch=position.epoch,
-            path=str(path),
-            seconds=time.perf_counter() - started,
+        _report_write(s, s.writer.submit(checkpoint.snapshot(state), position.step))
+
+
+def _report_write(s: Setup, outcome: checkpoint.Outcome | None) -> None:
+    """The event of a finished checkpoint write; a failed one (a full disk) is warned about and
+    the run goes on, with the previous checkpoints intact."""
+    if outcome is None:
+        return
+    if outcome.error is not None:
+        kept = s.writer.newest.name if s.writer.newest else "none yet"
+        warnings.warn(
+            f"checkpoint: cannot write step {outcome.step} into {checkpoint.folder(s.run_dir)} "
+            f"({outcome.error.strerror or outcome.error}): the run goes on; the newest "
+            f"checkpoint is still {kept}",
+            stacklevel=1,
         )
+        s.events.emit("checkpoint_failed", step=outcome.step, error=str(outcome.error))
+        return
+    s.events.emit("checkpoint", step=outcome.step, path=str(outcome.path), seconds=outcome.seconds)
 
 
 def _segments(s: Setup, ended: str, end_step: int) -> list[dict]:
@@ -617,7 +614,8 @@ def _log_step(
     )
     limit = s.config.train.max_bad_steps
     if limit and longest >= limit:
-        kept = s.newest_checkpoint.name if s.newest_checkpoint else "none was written"
+        _report_write(s, s.writer.finish())
+        kept = s.writer.newest.name if s.writer.newest else "none was written"
         shown = ", ".join(f"{name} {value:.4g}" for name, value in parts.items())
         raise UserError(
             f"training diverged: the loss was not finite for {int(longest)} consecutive steps "
@@ -672,6 +670,7 @@ def _finish(s: Setup, status: str, reason: str | None = None) -> dict:
     reduce = status != "failed"
     if status != "completed":
         s.meter.stopped()
+    _report_write(s, s.writer.finish())  # the newest checkpoint is on disk before results say so
     # One gather of what only each rank knows: its host, device, memory peak, monitor samples.
     mine = {
         "host": environment.hostname(),
@@ -709,7 +708,7 @@ def _finish(s: Setup, status: str, reason: str | None = None) -> dict:
             "skipped_steps": int(s.precision.skipped_steps().item()),
             "segments": len(segments),
             "time_between_segments": sum(seg["time_lost_s"] or 0.0 for seg in segments),
-            "checkpoint_failures": s.checkpoint_failures,
+            "checkpoint_failures": s.writer.failures,
             **utilization.utilization(
                 s.flops_per_image,
                 summary["p_core"],
@@ -719,7 +718,7 @@ def _finish(s: Setup, status: str, reason: str | None = None) -> dict:
             ),
         },
         "segments": segments,
-        "checkpoint": str(s.newest_checkpoint) if s.newest_checkpoint else None,
+        "checkpoint": str(s.writer.newest) if s.writer.newest else None,
         "monitor": monitored,
         "config": cfg.to_dict(),
         "environment": environment.capture(env.device, [rank["host"] for rank in ranks]),
