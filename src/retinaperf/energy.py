@@ -1,0 +1,466 @@
+"""The energy of a run's phases (training, evaluation), from the hardware's cumulative counters.
+
+A power reading is an average over a short window, and the monitor takes one every few seconds,
+so integrating power misses what happens between samples. Energy counters add up every joule
+instead: the difference of two readings is the energy between them, however short or uneven the
+load. So the run reads each counter at the boundaries of its phases (`PhaseEnergy.mark`) and adds
+each interval to the phase that ended.
+
+Counters:
+- NVML's per GPU (`nvml_counter`): millijoules since the driver loaded, 64 bits, so it does not
+  wrap in practice; Volta and newer GPUs have one. It covers the whole board.
+- RAPL's per CPU package (`rapl_counters`), through Linux's powercap files: microjoules that wrap
+  at `max_energy_range_uj`, every few minutes to an hour at full load. Two readings tell one wrap
+  from none but not two from one, so mark the phase under way more often than that (at each log
+  step: two `mark("train")` in a row only split the interval). Intel CPUs, and AMD ones through
+  the same driver, both appear as `intel-rapl:N`. DRAM and the rest of the host are not counted.
+
+A counter is an extra that must never stop a benchmark: where there is none the functions return
+the reason as a sentence for the report, and a reading that fails or goes backwards without a
+known wrap (the driver reloaded) loses only its intervals, counted in `lost_intervals`, so that
+totals are then known to be a lower bound. Without a counter, `integrate_power` estimates the same
+per-phase energy from the monitor's power samples.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import pynvml
+
+POWERCAP = Path("/sys/class/powercap")
+# Top-level RAPL domains only: "intel-rapl:0:0" (core, uncore, dram) are parts of a package, and
+# "intel-rapl-mmio:0" counts the same package again through another interface.
+_RAPL_DOMAIN = re.compile(r"^intel-rapl:(\d+)$")
+
+
+class Counter(Protocol):
+    """A cumulative energy counter."""
+
+    source: str
+    """What counts, e.g. "NVML energy counter"."""
+    label: str
+    """Which one: the GPU's UUID, the RAPL domain's name ("package-0")."""
+    wrap_j: float | None
+    """The value at which it starts again from 0; None where it never does in practice."""
+
+    def read(self) -> float | None:
+        """Joules counted so far; None when this reading failed."""
+        ...
+
+    def close(self) -> None:
+        """Release what the counter holds; called once, after its last reading."""
+        ...
+
+
+class NvmlCounter:
+    """A GPU's NVML energy counter. Holds a reference to NVML (nvmlInit) until `close()`."""
+
+    source = "NVML energy counter"
+    wrap_j = None  # a 64-bit count of mJ: 584 million years at 1 kW
+
+    def __init__(self, handle: Any, label: str) -> None:
+        self._handle = handle
+        self.label = label
+
+    def read(self) -> float | None:
+        try:
+            return pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle) / 1000  # mJ
+        except pynvml.NVMLError:
+            return None
+
+    def close(self) -> None:
+        pynvml.nvmlShutdown()
+
+
+def nvml_counter(uuid: str) -> tuple[Counter | None, str | None]:
+    """The NVML energy counter of the GPU with this UUID ("GPU-..." as NVML writes it, or without
+    the prefix as torch does), or (None, why there is none). Never raises an NVML error."""
+    label = "GPU-" + (uuid[4:] if uuid.lower().startswith("gpu-") else uuid)
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        return None, (
+            f"no NVML energy counter for {label}: NVML did not initialise ({exc}); it comes "
+            "with the NVIDIA driver"
+        )
+    try:
+        handle, reason = _energy_handle(label)
+    except BaseException:
+        pynvml.nvmlShutdown()  # nvmlInit counts references: leave none behind
+        raise
+    if reason is not None:
+        pynvml.nvmlShutdown()
+        return None, reason
+    return NvmlCounter(handle, label), None
+
+
+def _energy_handle(label: str) -> tuple[Any, str | None]:
+    """(the handle of device `label`, None), or (None, why it has no readable energy counter)."""
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByUUID(label)
+    except pynvml.NVMLError as exc:
+        return None, (
+            f"no NVML energy counter for {label}: NVML finds no such device ({exc}); give the "
+            "UUID of a GPU of this node"
+        )
+    try:
+        pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)  # one trial reading decides support
+    except pynvml.NVMLError_NotSupported:
+        return None, (
+            f"no NVML energy counter on {label}: NVML says Not Supported (Volta and newer GPUs "
+            "have one)"
+        )
+    except pynvml.NVMLError as exc:
+        return None, f"no NVML energy counter on {label}: its first reading failed ({exc})"
+    return handle, None
+
+
+@dataclass
+class RaplCounter:
+    """A RAPL domain's counter, read from its powercap `energy_uj` file."""
+
+    label: str
+    path: Path
+    wrap_j: float | None
+    source: str = "RAPL package energy (powercap)"
+
+    def read(self) -> float | None:
+        try:
+            return int(self.path.read_text()) / 1e6  # µJ
+        except (OSError, ValueError):
+            return None
+
+    def close(self) -> None:
+        """Holds nothing."""
+
+
+def rapl_counters(root: Path = POWERCAP) -> tuple[list[Counter], str | None]:
+    """The counters of the CPU packages, or ([], why there are none). All or none: the energy of
+    some of the packages would pass for the CPUs'."""
+    domains = []
+    if root.is_dir():
+        for folder in root.iterdir():
+            match = _RAPL_DOMAIN.match(folder.name)
+            name = _text(folder / "name")
+            if match and name.startswith("package"):
+                domains.append((int(match.group(1)), name, folder))
+    if not domains:
+        return [], (
+            f"no RAPL package domain under {root}: this kernel or machine (e.g. a container or "
+            "VM) exposes no CPU energy counter"
+        )
+    counters: list[Counter] = []
+    for _, name, folder in sorted(domains):
+        energy = folder / "energy_uj"
+        try:
+            int(energy.read_text())  # one trial reading decides access
+        except PermissionError as exc:
+            return [], (
+                f"cannot read {energy} ({exc.strerror}): since Linux 5.10 only root can; run as "
+                "root or make it readable"
+            )
+        except OSError as exc:
+            return [], f"cannot read {energy} ({exc.strerror})"
+        except ValueError:
+            return [], f"cannot read {energy}: it does not hold a whole number of µJ"
+        wrap_uj = _text(folder / "max_energy_range_uj")
+        # Without its range a wrap looks like a reset: that interval is lost, not miscounted.
+        wrap_j = int(wrap_uj) / 1e6 if wrap_uj.isdigit() else None
+        counters.append(RaplCounter(name, energy, wrap_j))
+    return counters, None
+
+
+def _text(path: Path) -> str:
+    """The file's text, stripped; "" where it cannot be read."""
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+class PhaseEnergy:
+    """One counter's joules per phase.
+
+    The caller marks each phase boundary: `mark(None)` at train start, `mark("train")` when
+    evaluation starts, `mark("eval")` when it ends, `mark("train")` at train end. Mark the phase
+    under way before `state_dict()` so that a checkpoint holds its energy so far.
+    """
+
+    def __init__(self, counter: Counter) -> None:
+        self.counter = counter
+        self.totals: dict[str, float] = {}  # only phases with a counted interval
+        self.lost_intervals = 0  # intervals of unknown energy: totals are then a lower bound
+        self._last: float | None = None  # the previous mark's reading; None: no start to count from
+
+    def mark(self, ended: str | None) -> None:
+        """Read the counter and add the energy since the previous mark to phase `ended` (None:
+        no phase ended, the interval counts in none)."""
+        now = self.counter.read()
+        last, self._last = self._last, now
+        if ended is None:
+            return
+        if last is None or now is None:
+            self.lost_intervals += 1
+            return
+        increase = now - last
+        if increase < 0:
+            if self.counter.wrap_j is None:
+                # It started again from 0 (the driver reloaded): what it counted before is gone.
+                self.lost_intervals += 1
+                return
+            increase = self.counter.wrap_j - last + now
+        self.totals[ended] = self.totals.get(ended, 0.0) + increase
+
+    def summary(self) -> dict:
+        return {
+            "label": self.counter.label,
+            "source": self.counter.source,
+            "train_j": self.totals.get("train"),
+            "eval_j": self.totals.get("eval"),
+            "complete": self.lost_intervals == 0,
+        }
+
+    def state_dict(self) -> dict:
+        """The totals so far, for a checkpoint. Not the last reading: a resumed process reads
+        afresh at its train start, and the time between processes counts in no phase."""
+        return {"totals": dict(self.totals), "lost_intervals": self.lost_intervals}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a checkpoint's totals."""
+        self.totals = {phase: float(joules) for phase, joules in state["totals"].items()}
+        self.lost_intervals = int(state["lost_intervals"])
+
+
+def integrate_power(
+    samples: list[tuple[float, float | None]], windows: list[tuple[float, float, str]]
+) -> dict[str, float] | None:
+    """Joules per phase from power samples (time in s, W; None readings are skipped), where there
+    is no counter: power is taken as linear between samples and as the nearest sample's outside
+    them, and integrated over each window (start, end, phase). None with fewer than two readings.
+    """
+    readings = sorted((t, watts) for t, watts in samples if watts is not None)
+    if len(readings) < 2:
+        return None
+    times = [t for t, _ in readings]
+    # cumulative[i]: joules from the first sample to sample i, by trapezoids.
+    cumulative = [0.0]
+    for (t0, p0), (t1, p1) in itertools.pairwise(readings):
+        cumulative.append(cumulative[-1] + (t1 - t0) * (p0 + p1) / 2)
+
+    def energy_until(t: float) -> float:
+        """Joules from the first sample to `t` (negative before it)."""
+        if t <= times[0]:
+            return (t - times[0]) * readings[0][1]
+        if t >= times[-1]:
+            return cumulative[-1] + (t - times[-1]) * readings[-1][1]
+        i = bisect.bisect_right(times, t) - 1  # times[i] <= t < times[i + 1]
+        (t0, p0), (t1, p1) = readings[i], readings[i + 1]
+        power = p0 + (p1 - p0) * (t - t0) / (t1 - t0)
+        return cumulative[i] + (t - t0) * (p0 + power) / 2
+
+    energy: dict[str, float] = {}
+    for start, end, phase in windows:
+        if end < start:
+            raise ValueError(f"the {phase!r} window ends ({end}) before it starts ({start})")
+        energy[phase] = energy.get(phase, 0.0) + energy_until(end) - energy_until(start)
+    return energy
+
+
+# --- A rank's counters over a run, and the job's figures ------------------------------------------
+
+
+class RunEnergy:
+    """This rank's counters over a run: its GPU's (NVML, found by UUID) and, on one rank per node,
+    the CPU packages' (RAPL); and the phase windows (seconds since command start), to integrate a
+    GPU's sampled power where it has no counter. Mark it where `PhaseEnergy` says."""
+
+    def __init__(
+        self,
+        device_uuid: str | None,
+        read_host: bool,
+        clock: Callable[[], float],
+        command_start: float,
+        rapl_root: Path | None = None,
+    ) -> None:
+        self.device: PhaseEnergy | None = None
+        self.device_reason: str | None = "the device is not an NVIDIA GPU: NVML counts no energy"
+        if device_uuid is not None:
+            counter, self.device_reason = nvml_counter(device_uuid)
+            self.device = PhaseEnergy(counter) if counter is not None else None
+        self.reads_host = read_host  # one rank per node: the packages serve every rank on it
+        self.host: list[PhaseEnergy] = []
+        self.host_reason: str | None = None
+        if read_host:
+            counters, self.host_reason = rapl_counters(rapl_root or POWERCAP)
+            self.host = [PhaseEnergy(counter) for counter in counters]
+        self.windows: list[tuple[float, float, str]] = []
+        self._clock = clock
+        self._command_start = command_start
+        self._phase_start: float | None = None
+
+    def _counters(self) -> list[PhaseEnergy]:
+        return ([self.device] if self.device is not None else []) + self.host
+
+    def mark(self, ended: str | None) -> None:
+        """`PhaseEnergy.mark` on every counter, and the window of the phase that ended; the end
+        of a phase that never started (a run failing before training) marks nothing."""
+        if ended is not None and self._phase_start is None:
+            return
+        now = self._clock() - self._command_start
+        for counter in self._counters():
+            counter.mark(ended)
+        if ended is not None and self._phase_start is not None:
+            if self.windows and self.windows[-1][1:] == (self._phase_start, ended):
+                self.windows[-1] = (self.windows[-1][0], now, ended)  # the same phase goes on
+            else:
+                self.windows.append((self._phase_start, now, ended))
+        self._phase_start = now
+
+    def state_dict(self) -> dict:
+        return {
+            "device": self.device.state_dict() if self.device is not None else None,
+            "host": [counter.state_dict() for counter in self.host],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a checkpoint's totals, where this process has the same counters."""
+        if self.device is not None and state["device"] is not None:
+            self.device.load_state_dict(state["device"])
+        if len(self.host) == len(state["host"]):
+            for counter, saved in zip(self.host, state["host"], strict=True):
+                counter.load_state_dict(saved)
+
+    def summary(self) -> dict:
+        """What rank 0 needs of this rank for the job's figures (see `job_energy`)."""
+        return {
+            "device": self.device.summary() if self.device is not None else None,
+            "device_reason": self.device_reason,
+            "reads_host": self.reads_host,
+            "host": [counter.summary() for counter in self.host],
+            "host_reason": self.host_reason,
+            "windows": list(self.windows),
+        }
+
+    def close(self) -> None:
+        for counter in self._counters():
+            counter.counter.close()
+
+
+INTEGRATED = "NVML power samples, integrated"
+
+
+def job_energy(
+    ranks: list[dict],
+    samples: list[dict],
+    device_type: str,
+    trained_images: int,
+    train_seconds: float,
+    segments: int,
+) -> dict:
+    """The job's energy from every rank's `{"host", "uuid", "energy": RunEnergy.summary()}` and
+    the monitor's samples: per device (GPUs: their counters, else their integrated power samples;
+    a CPU device: its host's RAPL packages), their sums, images per joule of training, the mean
+    power per device while training (without evaluation), and the source of each figure. A sum
+    is null, never 0 or a part, when a device has no figure; `energy_note` says why.
+
+    `train_seconds` is the training time without evaluation; `segments` the run's segments (the
+    monitor's samples cover only the last, so power is integrated only for a run of one)."""
+    if device_type == "cpu":
+        devices = [_host_device(rank) for rank in ranks if rank["energy"]["reads_host"]]
+    else:
+        devices = [_gpu_device(rank, samples, segments) for rank in ranks]
+    hosts = [
+        {"host": rank["host"], **_sum(rank["energy"]["host"])}
+        for rank in ranks
+        if rank["energy"]["host"] and device_type != "cpu"
+    ]
+    missing = [d for d in devices if d["train_j"] is None]
+    train = None if missing else sum(d["train_j"] for d in devices)
+    evaluation = (
+        None
+        if missing or any(d["eval_j"] is None for d in devices)
+        else sum(d["eval_j"] for d in devices)
+    )
+    return {
+        "energy_train_j": train,
+        "energy_eval_j": evaluation,
+        "images_per_joule": trained_images / train if train else None,
+        "power_train_w": train / len(devices) / train_seconds
+        if train and train_seconds > 0
+        else None,
+        "energy_source": "; ".join(sorted({d["source"] for d in devices if d["source"]})) or None,
+        "energy_note": "; ".join(sorted({d["reason"] for d in missing})) or None,
+        "energy": {"devices": devices, "hosts": hosts},
+    }
+
+
+def _gpu_device(rank: dict, samples: list[dict], segments: int) -> dict:
+    energy, label = rank["energy"], rank["uuid"]
+    counted = energy["device"]
+    if counted is not None and counted["train_j"] is not None:
+        return {"host": rank["host"], **counted, "reason": None}
+    bare = (label or "").lower().removeprefix("gpu-")
+    power = [
+        (sample["time"], device.get("power_w"))
+        for sample in samples
+        if sample["host"] == rank["host"]
+        for device in sample.get("devices", [])
+        if (device.get("uuid") or "").lower().removeprefix("gpu-") == bare
+    ]
+    integrated = integrate_power(power, energy["windows"]) if segments == 1 and label else None
+    if integrated is None or "train" not in integrated:
+        why = energy["device_reason"] or "its counter gave no reading while training"
+        if segments > 1:
+            why += " (power samples cover only the last segment of a resumed run)"
+        else:
+            why += ", and the monitor sampled no power for it"
+        return _missing(rank["host"], why, label)
+    return {
+        "host": rank["host"],
+        "label": f"GPU-{bare}",
+        "source": INTEGRATED,
+        "train_j": integrated.get("train"),
+        "eval_j": integrated.get("eval"),
+        "complete": True,
+        "reason": None,
+    }
+
+
+def _host_device(rank: dict) -> dict:
+    """A CPU device's energy: its host's packages, summed."""
+    energy = rank["energy"]
+    if not energy["host"]:
+        return _missing(rank["host"], energy["host_reason"])
+    return {"host": rank["host"], "label": "CPU packages", **_sum(energy["host"]), "reason": None}
+
+
+def _sum(packages: list[dict]) -> dict:
+    def total(key: str) -> float | None:
+        values = [p[key] for p in packages]
+        return None if any(v is None for v in values) else sum(values)
+
+    return {
+        "source": packages[0]["source"],
+        "train_j": total("train_j"),
+        "eval_j": total("eval_j"),
+        "complete": all(p["complete"] for p in packages),
+    }
+
+
+def _missing(host: str, reason: str | None, label: str | None = None) -> dict:
+    return {
+        "host": host,
+        "label": label,
+        "source": None,
+        "train_j": None,
+        "eval_j": None,
+        "complete": False,
+        "reason": f"{host}: {reason}",
+    }
