@@ -137,6 +137,8 @@ EXTRA_COLUMNS = (
     "MFU",
     "float32 math",
     "mem",
+    "img/J",
+    "energy",
 )
 
 
@@ -144,6 +146,7 @@ def _extra_row(results: dict) -> dict[str, str]:
     m = results["metrics"]
     steady = m["p_core_steady"]
     impl = m["implementation"]
+    per_joule = m["images_per_joule"]
     return {
         "run": Path(results["run_dir"]).name,
         "precision": m["precision"],
@@ -156,6 +159,8 @@ def _extra_row(results: dict) -> dict[str, str]:
         "float32 math": f"conv {m['math']['effective_conv']}, matmul "
         f"{m['math']['effective_matmul']}",
         "mem": m["mem"],
+        "img/J": "–" if per_joule is None else report.significant(per_joule),
+        "energy": m["energy_source"] or m["energy_note"],
     }
 
 

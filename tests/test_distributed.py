@@ -59,6 +59,11 @@ def test_two_processes_on_one_node(tiny_run_args, tiny_dataset, tmp_path):
     }
     # only rank 0 prints the table
     assert done.stdout.count("| 配置 |") == 1
+    # Two ranks on one CPU host: its packages are the device, counted once (a figure, or null
+    # with the reason where the host has no readable RAPL counter).
+    energy = json.loads((out / "results.json").read_text())["energy"]
+    assert len(energy["devices"]) == 1
+    assert (m["energy_train_j"] is None) == (m["energy_note"] is not None)
 
 
 def test_two_nodes_of_one_process(tiny_run_args, tiny_dataset, tmp_path):

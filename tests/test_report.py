@@ -11,6 +11,7 @@ import pytest
 from retinaperf import cli
 from retinaperf.errors import UserError
 from retinaperf.report import (
+    ADDED_COLUMNS_NOTE,
     EventLog,
     TensorBoardSink,
     compare,
@@ -56,7 +57,10 @@ def runs(tmp_path) -> list[Path]:
     ]:
         folder = tmp_path / name
         folder.mkdir()
-        write_json_atomic(folder / "results.json", results(str(folder), nodes, devices, p))
+        # Only the 1x8 run read an energy counter.
+        energy = {"images_per_joule": 0.041234} if name == "eight" else {}
+        made_results = results(str(folder), nodes, devices, p, **energy)
+        write_json_atomic(folder / "results.json", made_results)
         made.append(folder)
     return made
 
@@ -113,14 +117,17 @@ def test_markdown_table_has_the_seed_layout_and_the_computed_values(runs):
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header == [
         "配置", "precision", "fix_hp", "e2e_time", "p_whole", "p_train", "p_core", "mAP", "mem",
-        "scaling", "vs A100 ref",
+        "img/J*", "scaling", "vs A100 ref",
     ]  # fmt: skip
     eight = [c.strip() for c in lines[3].strip("|").split("|")]
     assert eight[0] == "NVIDIA A100-SXM4-40GB 1x8"
     assert eight[2] == "bs=16,lr=0.08"
     assert eight[3:9] == ["1234", "140", "160", "180", "0.3501", "38.1/40.0"]
-    assert eight[9] == f"{100 * 160 / (8 * 22):.1f}%"
-    assert eight[10] == f"{140 / 138:.2f}/{160 / 152:.2f}/{180 / 164:.2f}"
+    assert eight[9] == "0.0412"  # an addition to the seed's columns, explained under the table
+    assert [c.strip() for c in lines[2].strip("|").split("|")][9] == "–"  # none read: not 0
+    assert ADDED_COLUMNS_NOTE in text
+    assert eight[10] == f"{100 * 160 / (8 * 22):.1f}%"
+    assert eight[11] == f"{140 / 138:.2f}/{160 / 152:.2f}/{180 / 164:.2f}"
 
 
 def test_csv_and_json_carry_the_same_numbers(runs):
@@ -138,6 +145,7 @@ def test_significant_figures_like_the_seed():
         {
             "配置": "x", "precision": "fp32", "fix_hp": "bs=1,lr=1", "e2e_time": 15252.6,
             "p_whole": 138.44, "p_train": 22.349, "p_core": 0.41234, "mAP": 0.35294, "mem": "1/2",
+            "img/J*": None,
         }
     )  # fmt: skip
     assert (cells["e2e_time"], cells["p_whole"], cells["p_train"]) == ("15253", "138", "22.3")

@@ -129,3 +129,15 @@ def test_repeat_refuses_a_used_output_dir_and_zero_rounds(tiny_run_args, tiny_da
     assert cli.main([*tiny_run_args(tiny_dataset, used), "--repeat", "2"]) == 1
     assert cli.main([*tiny_run_args(tiny_dataset, tmp_path / "new"), "--repeat", "0"]) == 1
     assert sorted(p.name for p in used.iterdir()) == ["note"]
+
+
+def test_images_per_joule_spreads_over_the_runs_that_read_energy():
+    runs = [
+        results(10.0, images_per_joule=0.40),
+        results(12.0, images_per_joule=0.44),
+        results(14.0, images_per_joule=None),  # no counter readable: left out, not a 0
+    ]
+    s = spread(runs)["images_per_joule"]
+    assert (s["n"], s["min"], s["max"]) == (2, 0.40, 0.44)
+    assert s["mean"] == pytest.approx(0.42)
+    assert s["cv"] == pytest.approx((0.02 * 2**0.5) / 0.42)

@@ -6,12 +6,13 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from torchvision.models.detection import retinanet_resnet50_fpn
 
-from retinaperf import checkpoint, cli, evaluate, train
+from retinaperf import checkpoint, cli, energy, evaluate, train
 from retinaperf.config import ModelConfig, TrainConfig
 from retinaperf.model import RetinaPerfNet, build_model
 from retinaperf.precision import Precision
@@ -414,3 +415,38 @@ def test_a_run_with_loader_workers_exits(tiny_run_args, tiny_dataset, tmp_path):
         [sys.executable, "-m", "retinaperf", *args], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_cpu_run_reports_its_packages_energy_or_says_why_not(
+    tiny_run_args, tiny_dataset, tmp_path, monkeypatch
+):
+    """RAPL packages counting 50 W each (a fake powercap tree whose counters follow the clock):
+    the run's figures are the counted joules; without RAPL, null with the reason."""
+    root = tmp_path / "powercap"
+    for index in (0, 1):
+        domain = root / f"intel-rapl:{index}"
+        domain.mkdir(parents=True)
+        (domain / "name").write_text(f"package-{index}\n")
+        (domain / "energy_uj").write_text("0\n")
+        (domain / "max_energy_range_uj").write_text(f"{2**60}\n")
+    monkeypatch.setattr(energy, "POWERCAP", root)
+    monkeypatch.setattr(energy.RaplCounter, "read", lambda self: 50 * time.perf_counter())
+    out = tmp_path / "run"
+    assert run_cli(tiny_run_args(tiny_dataset, out, max_steps=3, monitor_interval=0)) == 0
+    m = json.loads((out / "results.json").read_text())["metrics"]
+    training = m["train_time"] - m["eval_time"]
+    assert m["energy_train_j"] == pytest.approx(2 * 50 * training, rel=0.05)
+    assert m["energy_eval_j"] == pytest.approx(2 * 50 * m["eval_time"], rel=0.05)
+    assert m["images_per_joule"] == pytest.approx(m["trained_images"] / m["energy_train_j"])
+    assert m["power_train_w"] == pytest.approx(100, rel=0.05)  # the device: both packages
+    assert m["energy_source"] == "RAPL package energy (powercap)" and m["energy_note"] is None
+    report = (out / "report.md").read_text()
+    assert "| img/J* |" in report.splitlines()[2] and "images/J" in report
+
+    monkeypatch.setattr(energy, "POWERCAP", tmp_path / "none")
+    out = tmp_path / "without"
+    assert run_cli(tiny_run_args(tiny_dataset, out, max_steps=1, monitor_interval=0)) == 0
+    m = json.loads((out / "results.json").read_text())["metrics"]
+    assert m["energy_train_j"] is None and m["images_per_joule"] is None
+    assert "no RAPL package domain under" in m["energy_note"]
+    assert "- energy: no figure:" in (out / "report.md").read_text()

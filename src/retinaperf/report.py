@@ -24,7 +24,16 @@ EVENTS = "events.jsonl"
 REPORT = "report.md"
 MONITOR = "monitor.jsonl"
 PLOTS = "plots"
-COLUMNS = ("配置", "precision", "fix_hp", "e2e_time", "p_whole", "p_train", "p_core", "mAP", "mem")
+SEED_COLUMNS = (
+    "配置", "precision", "fix_hp", "e2e_time", "p_whole", "p_train", "p_core", "mAP", "mem",
+)  # fmt: skip
+# Columns the seed's table does not have, marked with * and explained under every table.
+IMAGES_PER_JOULE = "img/J*"
+COLUMNS = (*SEED_COLUMNS, IMAGES_PER_JOULE)
+ADDED_COLUMNS_NOTE = (
+    f"*{IMAGES_PER_JOULE[:-1]}: not a column of the seed's table: trained images per joule of "
+    "the devices' training energy (evaluation left out); – where no device's energy was readable."
+)
 
 
 class EventLog:
@@ -167,6 +176,7 @@ def row_values(results: dict) -> dict[str, Any]:
         **{column: m[column] for column in ("e2e_time", "p_whole", "p_train", "p_core")},
         "mAP": None if m.get("throughput_only") else m["mAP"],
         "mem": m["mem"],
+        IMAGES_PER_JOULE: m.get("images_per_joule"),  # results before energy was read: none
     }
 
 
@@ -317,6 +327,7 @@ def render_comparison(rows: list[dict], fmt: str) -> str:
     )
     if any(row["mAP"] is None for row in rows):
         notes += " " + THROUGHPUT_ONLY_NOTE
+    notes += " " + ADDED_COLUMNS_NOTE
     return format_table(text_rows, COMPARISON_COLUMNS) + "\n\n" + notes
 
 
@@ -327,6 +338,8 @@ def render_report(results: dict) -> str:
         f"# retinaperf run: preset {results['config']['preset']}",
         "",
         format_table([table_row(results)]),
+        "",
+        ADDED_COLUMNS_NOTE,
         "",
         _accuracy_line(m),
         _precision_line(m),
@@ -343,6 +356,7 @@ def render_report(results: dict) -> str:
         f"- mem: {m['mem']} GiB ({m['mem_source']}); this process's view {m['mem_process']} "
         f"({m['mem_process_source']})",
         _utilization_line(m),
+        *_energy_lines(results),
         *_monitor_lines(results.get("monitor")),
         f"- dataset: {m['train_images']} training images after filtering, {m['val_images']} "
         f"validation images ({m['dataset']})",
@@ -453,6 +467,35 @@ def _utilization_line(m: dict) -> str:
         return line + " (the device's peak is not in the table: no MFU)"
     share = f"{100 * m['mfu']:.1f}%"
     return line + f", {share} of the {m['peak_math']} peak {m['peak_tflops']:.4g} TFLOP/s (MFU)"
+
+
+def _energy_lines(results: dict) -> list[str]:
+    """The devices' energy (and the host CPUs' beside GPUs), each figure with its source."""
+    m = results["metrics"]
+    if "images_per_joule" not in m:  # results before energy was read
+        return []
+    if m["energy_train_j"] is None:
+        return [f"- energy: no figure: {m['energy_note']}"]
+    line = (
+        f"- energy ({m['energy_source']}): training {m['energy_train_j'] / 1e3:.3g} kJ, "
+        f"{m['power_train_w']:.0f} W per device on average; "
+        + (
+            f"evaluation {m['energy_eval_j'] / 1e3:.3g} kJ; "
+            if m["energy_eval_j"] is not None
+            else ""
+        )
+        + f"{significant(m['images_per_joule'])} images/J"
+    )
+    if any(not device["complete"] for device in results["energy"]["devices"]):
+        line += " (a lower bound: a counter reset or missed a reading)"
+    lines = [line]
+    for host in results["energy"]["hosts"]:
+        if host["train_j"] is not None:
+            lines.append(
+                f"- host {host['host']} CPU packages ({host['source']}): training "
+                f"{host['train_j'] / 1e3:.3g} kJ"
+            )
+    return lines
 
 
 def _monitor_lines(summary: dict | None) -> list[str]:

@@ -35,6 +35,7 @@ SPREAD_METRICS = (
     "mAP",
     "best_mAP",
     "mem_used_gib",
+    "images_per_joule",
     "achieved_tflops",
     "mfu",
 )

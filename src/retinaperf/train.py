@@ -27,6 +27,7 @@ from . import (
     checkpoint,
     data,
     distributed,
+    energy,
     environment,
     evaluate,
     metrics,
@@ -155,6 +156,7 @@ class Setup:
     facts: dict  # dataset and weight facts that go into the results
     stop: signals.StopRequest
     watch: LossWatch
+    energy: energy.RunEnergy
     resumed: Resumed
     poll_every: int
     """Steps between the points where ranks agree to stop or checkpoint (every step alone)."""
@@ -207,6 +209,7 @@ def run(config: RunConfig, command_start: float, resume: bool = False) -> dict:
                 data.shut_down(setup.loaders.train_loader)
                 data.shut_down(setup.loaders.val_loader)
                 setup.writer.close()
+                setup.energy.close()
                 setup.profiler.close()  # writes what a window cut short recorded
                 if setup.monitor is not None:
                     setup.monitor.stop()  # its thread must not outlive the run
@@ -251,6 +254,10 @@ def _set_up(
         command_start, env.device, timing_warmup_steps=config.train.timing_warmup_steps
     )
     watch = LossWatch(env.device)
+    # Each rank reads its own device's counter; one rank per node reads the CPU packages.
+    run_energy = energy.RunEnergy(
+        metrics.device_uuid(env.device), env.local_rank == 0, meter.clock, command_start
+    )
     resumed = _resume(config, env, run_dir, continuing, model, optimizer, trained_in, meter)
     # Counted before compiling (compiled kernels bypass the FLOP counter) and before DDP wraps the
     # model (so that no gradient hook fires).
@@ -316,6 +323,7 @@ def _set_up(
         facts=facts,
         stop=stop,
         watch=watch,
+        energy=run_energy,
         resumed=resumed,
         # One rank polls its own flag at every step; several agree at logged steps, where the
         # loop already waits for the device.
@@ -452,7 +460,9 @@ def _train(s: Setup) -> None:
         # Set last: building the model and counting FLOPs draw from the generators too.
         checkpoint.set_rng_state(s.resumed.rank_state["rng"], s.env.device)
         s.watch.load_state_dict(s.resumed.rank_state["watch"])
+        s.energy.load_state_dict(s.resumed.rank_state["energy"])
     meter.train_started()
+    s.energy.mark(None)
     s.last_checkpoint = time.monotonic()
     if s.monitor is not None:
         s.monitor.start()
@@ -550,12 +560,14 @@ def _checkpoint(s: Setup, position: Position, ended: str = "running") -> None:
     # A state whose loss has stopped being finite is not kept over the last good one.
     if s.env.all_reduce([s.watch.streak.item()], "max")[0] > 0:
         return
+    s.energy.mark("train")  # so that the checkpoint holds the energy so far
     with s.meter.checkpointing():  # the time training waits: the host copy, a previous write
         ranks = s.env.gather(
             {
                 "meter": s.meter.state_dict(),
                 "rng": checkpoint.rng_state(s.env.device),
                 "watch": s.watch.state_dict(),
+                "energy": s.energy.state_dict(),
             }
         )
         if not s.env.is_main:
@@ -625,6 +637,7 @@ def _log_step(
         )
     # Every rank trains the same batch size, so the global rate is the local one x world size.
     rate = s.meter.interval_rate() * s.env.world_size
+    s.energy.mark("train")  # often enough that a RAPL counter cannot wrap twice unseen
     s.events.emit(
         "step",
         epoch=epoch,
@@ -639,6 +652,7 @@ def _log_step(
 
 
 def _evaluate(s: Setup, epoch: int) -> metrics.EvalRecord:
+    s.energy.mark("train")
     with s.meter.evaluation():
         stats, detections = evaluate.evaluate_model(
             s.inference_model,
@@ -647,6 +661,7 @@ def _evaluate(s: Setup, epoch: int) -> metrics.EvalRecord:
             s.precision.autocast,
             s.env.is_main,
         )
+    s.energy.mark("eval")
     record = s.meter.eval_done(epoch, stats)
     s.events.emit(
         "eval",
@@ -670,6 +685,7 @@ def _finish(s: Setup, status: str, reason: str | None = None) -> dict:
     reduce = status != "failed"
     if status != "completed":
         s.meter.stopped()
+        s.energy.mark("train")
     _report_write(s, s.writer.finish())  # the newest checkpoint is on disk before results say so
     # One gather of what only each rank knows: its host, device, memory peak, monitor samples.
     mine = {
@@ -677,6 +693,7 @@ def _finish(s: Setup, status: str, reason: str | None = None) -> dict:
         "uuid": metrics.device_uuid(env.device),
         "memory": metrics.memory_peak(env.device),
         "samples": s.monitor.stop() if s.monitor else [],
+        "energy": s.energy.summary(),
     }
     ranks = env.gather(mine) if reduce else [mine]
     summary = metrics.summarize(s.meter, env, cfg.train.target_map, reduce=reduce)
@@ -689,6 +706,14 @@ def _finish(s: Setup, status: str, reason: str | None = None) -> dict:
     memory = metrics.memory([rank["memory"] for rank in ranks], driver)
     device_name = environment.device_name(env.device)
     segments = _segments(s, status, s.meter.steps)
+    spent = energy.job_energy(
+        ranks,
+        samples,
+        env.device.type,
+        summary["trained_images"],
+        summary["train_time"] - summary["eval_time"],
+        len(segments),
+    )
     results = {
         "status": status,
         "reason": reason,
@@ -709,6 +734,7 @@ def _finish(s: Setup, status: str, reason: str | None = None) -> dict:
             "segments": len(segments),
             "time_between_segments": sum(seg["time_lost_s"] or 0.0 for seg in segments),
             "checkpoint_failures": s.writer.failures,
+            **{key: value for key, value in spent.items() if key != "energy"},
             **utilization.utilization(
                 s.flops_per_image,
                 summary["p_core"],
@@ -718,6 +744,7 @@ def _finish(s: Setup, status: str, reason: str | None = None) -> dict:
             ),
         },
         "segments": segments,
+        "energy": spent["energy"],
         "checkpoint": str(s.writer.newest) if s.writer.newest else None,
         "monitor": monitored,
         "config": cfg.to_dict(),
