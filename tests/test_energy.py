@@ -8,6 +8,7 @@ from pathlib import Path
 import pynvml
 import pytest
 import torch
+from nvml_fake import NvmlFake
 
 from retinaperf.energy import (
     INTEGRATED,
@@ -22,12 +23,11 @@ from retinaperf.energy import (
 UUID = "5f3a9c1e-0b6d-4e2f-8a71-c0ffee000001"  # as torch writes it; NVML writes "GPU-" + this
 
 
-class FakeNvml:
+class FakeNvml(NvmlFake):
     """Two devices: h0 with an energy counter, h1 (pre-Volta) without one."""
 
     def __init__(self) -> None:
-        self.inits = 0
-        self.shutdowns = 0
+        super().__init__()
         self.handles = {f"GPU-{UUID}": "h0", "GPU-00000000-0000-0000-0000-0000000000k8": "h1"}
         self.energy_mj: dict[str, int | pynvml.NVMLError] = {
             "h0": 0,
@@ -47,20 +47,10 @@ class FakeNvml:
             return value
 
         fakes = {
-            "nvmlInit": self._init,
-            "nvmlShutdown": self._shutdown,
             "nvmlDeviceGetHandleByUUID": handle,
             "nvmlDeviceGetTotalEnergyConsumption": energy,
         }
-        for name, fake in fakes.items():
-            assert hasattr(pynvml, name), name  # the fake stands for pynvml's real names
-            monkeypatch.setattr(pynvml, name, fake)
-
-    def _init(self) -> None:
-        self.inits += 1
-
-    def _shutdown(self) -> None:
-        self.shutdowns += 1
+        self.patch(monkeypatch, fakes)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pynvml
 import pytest
+from nvml_fake import NvmlFake
 
 from retinaperf.monitor import (
     HostSampler,
@@ -222,12 +223,11 @@ def test_without_nvml_only_the_host_is_sampled():
     assert 0 < samples[-1]["mem_used_gib"] < samples[-1]["mem_total_gib"]
 
 
-class FakeNvml:
+class FakeNvml(NvmlFake):
     """Two devices: h0 reads everything; h1 does not support power readings."""
 
     def __init__(self) -> None:
-        self.inits = 0
-        self.shutdowns = 0
+        super().__init__()
         self.count_error: pynvml.NVMLError | None = None
         self.devices = {
             "h0": {
@@ -271,8 +271,6 @@ class FakeNvml:
             return self.devices[handle]["sm_clock"]
 
         fakes = {
-            "nvmlInit": self._init,
-            "nvmlShutdown": self._shutdown,
             "nvmlDeviceGetCount": count,
             "nvmlDeviceGetHandleByIndex": lambda i: f"h{i}",
             "nvmlDeviceGetName": lambda h: self.devices[h]["name"],
@@ -285,15 +283,7 @@ class FakeNvml:
             "nvmlDeviceGetTemperature": temperature,
             "nvmlDeviceGetClockInfo": clock,
         }
-        for name, fake in fakes.items():
-            assert hasattr(pynvml, name), name  # the fake stands for pynvml's real names
-            monkeypatch.setattr(pynvml, name, fake)
-
-    def _init(self) -> None:
-        self.inits += 1
-
-    def _shutdown(self) -> None:
-        self.shutdowns += 1
+        self.patch(monkeypatch, fakes)
 
 
 @pytest.fixture
