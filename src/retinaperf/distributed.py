@@ -25,6 +25,12 @@ class DistEnv:
     local_rank: int
     local_world_size: int
     device: torch.device
+    attempt: int = 0
+    """How many times torchrun has started this job's workers again after a failure
+    (--max-restarts); 0 for the first start and without torchrun."""
+    job_id: str | None = None
+    """torchrun's rendezvous id of the job (--rdzv-id, or a fresh one with --standalone); None
+    without torchrun."""
 
     @property
     def is_main(self) -> bool:
@@ -105,6 +111,8 @@ def setup(requested_device: str, timeout_s: float) -> DistEnv:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    job_id = os.environ.get("TORCHELASTIC_RUN_ID")
     device = pick_device(requested_device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
@@ -112,7 +120,6 @@ def setup(requested_device: str, timeout_s: float) -> DistEnv:
         # The workers torchrun starts again after a failure (--max-restarts) meet in the store of
         # the workers before them, whose addresses are still there: each attempt gets keys of its
         # own, or the new ranks try to connect to the dead ones.
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(
             backend=dist.get_default_backend_for_device(device),
             store=dist.PrefixStore(f"retinaperf/attempt-{attempt}", store),
@@ -121,7 +128,15 @@ def setup(requested_device: str, timeout_s: float) -> DistEnv:
             timeout=timeout,
             device_id=device if device.type != "cpu" else None,
         )
-    return DistEnv(rank, world_size, local_rank, local_world_size, device)
+    return DistEnv(
+        rank,
+        world_size,
+        local_rank,
+        local_world_size,
+        device,
+        attempt,
+        job_id if job_id not in (None, "", "none") else None,
+    )
 
 
 def teardown() -> None:

@@ -227,9 +227,8 @@ def _set_up(
     _check_topology(config, env)
     # torchrun starts the workers again after a rank failed (--max-restarts): they go on from
     # the run's newest checkpoint.
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     run_dir = _run_dir(config, env, resume)
-    continuing = resume or (restarted and (run_dir / CONFIG).exists())
+    continuing = resume or (env.attempt > 0 and (run_dir / CONFIG).exists())
     if config.tensorboard:
         report.require_tensorboard()
     # Rank 0 decides, so that every rank trains in the same precision.
@@ -351,7 +350,7 @@ def _resume(
         "start_step": 0,
         "resumed_from": None,
         "time_lost_s": None,
-        "elastic_restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        "elastic_restart": env.attempt,
         "ended": "running",
     }
     path = checkpoint.newest(run_dir) if continuing else None
@@ -857,15 +856,13 @@ def _run_dir(config: RunConfig, env: DistEnv, resume: bool) -> Path:
     """The run directory (rank 0's choice, shared with every rank). A new run's must be new or
     empty; a resumed run's must hold a run that has not completed; workers that torchrun started
     again after a failure take the directory as they find it."""
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     if config.output_dir:
         path = Path(config.output_dir)
-    elif run_id and run_id != "none":
+    elif env.job_id:
         # Named after the torchrun job, so that its restarted workers find it again.
-        path = Path("runs") / f"torchrun-{run_id}"
+        path = Path("runs") / f"torchrun-{env.job_id}"
     else:
         path = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     if env.is_main and resume:
         if not (path / CONFIG).is_file():
             raise UserError(
@@ -878,6 +875,6 @@ def _run_dir(config: RunConfig, env: DistEnv, resume: bool) -> Path:
             == "completed"
         ):
             raise UserError(f"--resume: {path} holds a completed run: there is nothing to resume")
-    elif env.is_main and not restarted and path.exists() and any(path.iterdir()):
+    elif env.is_main and not env.attempt and path.exists() and any(path.iterdir()):
         raise UserError(f"output: {path} is not empty: choose a new --output-dir")
     return Path(env.broadcast(str(path)))
