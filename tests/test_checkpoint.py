@@ -118,25 +118,30 @@ def test_a_run_stopped_by_sigterm_and_resumed_equals_the_uninterrupted_run(
     assert f"- run in 2 segments (interrupted at step {stopped_at});" in report
 
 
-def test_checkpoints_are_kept_newest_first_and_hold_the_state(
-    uninterrupted, tiny_dataset, tiny_run_args, tmp_path
+def test_checkpoints_are_kept_newest_first_hold_the_state_and_go_when_the_run_completes(
+    uninterrupted, tiny_dataset, tiny_run_args, tmp_path, monkeypatch
 ):
     out = tmp_path / "run"
-    # A timed checkpoint at every step, 3 kept.
-    args = tiny_run_args(
-        tiny_dataset, out, **{**SETTINGS, "checkpoint_minutes": 1e-6, "keep_checkpoints": 3}
-    )
-    assert run_cli(args) == 0
+    # A timed checkpoint at every step, 3 kept; stopped during the last step.
+    settings = {**SETTINGS, "checkpoint_minutes": 1e-6, "keep_checkpoints": 3}
+    with monkeypatch.context() as patch:
+        signal_at(patch, train, "train_step", 10)
+        assert run_cli(tiny_run_args(tiny_dataset, out, **settings)) == 128 + signal.SIGTERM
     kept = [p.name for p in checkpoint.saved(out)]
     assert kept == ["step-00000008.pt", "step-00000009.pt", "step-00000010.pt"]
     assert not [p for p in checkpoint.folder(out).iterdir() if p.name.startswith(".")]
     state = torch.load(checkpoint.newest(out), weights_only=True)
-    assert state["position"] == {"epoch": 2, "step_in_epoch": 0, "step": 10}
+    assert state["position"] == {"epoch": 1, "step_in_epoch": 5, "step": 10}
     assert state["ranks"][0]["meter"]["images"] == 40
-    assert len(state["ranks"][0]["meter"]["evals"]) == 2
+    assert len(state["ranks"][0]["meter"]["evals"]) == 1  # epoch 1's evaluation is still due
     assert state["workload"] == config.workload(config.load_saved(out / "config.json", {}))
-    model = torch.load(out / "model.pt", weights_only=True)
-    assert all(torch.equal(model[k], state["model"][k]) for k in model)
+    assert state["segments"][-1]["ended"] == "interrupted"
+
+    assert run_cli(["run", "--resume", str(out)]) == 0
+    done = results(out)
+    assert done["metrics"]["mAP"] == results(uninterrupted)["metrics"]["mAP"]
+    # A completed run has nothing left to resume: its checkpoints go, results.json stays.
+    assert not checkpoint.folder(out).exists() and done["checkpoint"] is None
 
 
 def stopped_run(tiny_dataset, tiny_run_args, out: Path, monkeypatch) -> Path:
@@ -200,26 +205,35 @@ def test_a_checkpoint_carrying_code_is_refused_without_running_it(
 
 
 def test_a_full_disk_while_checkpointing_leaves_nothing_half_written(
-    tiny_dataset, tiny_run_args, tmp_path, monkeypatch, capsys
+    uninterrupted, tiny_dataset, tiny_run_args, tmp_path, monkeypatch, capsys
 ):
+    """The checkpoint of a stop (the second one) finds the disk full: the one before stays, no
+    partial file is left, and the run resumes from it."""
     out = tmp_path / "run"
     real_save, calls = torch.save, []
 
     def fills_the_disk(state, f):
         calls.append(1)
-        if len(calls) == 2:  # the second checkpoint: half the bytes, then no space left
-            f.write(b"\0" * 1000)
+        if len(calls) == 2:
+            f.write(b"\0" * 1000)  # half the bytes, then no space left
             raise OSError(28, "No space left on device")
         real_save(state, f)
 
-    monkeypatch.setattr(checkpoint.torch, "save", fills_the_disk)
-    assert run_cli(tiny_run_args(tiny_dataset, out, **SETTINGS)) == 0
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint.torch, "save", fills_the_disk)
+        signal_at(patch, train, "train_step", 8)
+        assert run_cli(tiny_run_args(tiny_dataset, out, **SETTINGS)) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
-    assert "cannot write step 10" in err and "No space left on device" in err
+    assert "cannot write step 8" in err and "No space left on device" in err
     assert "the newest checkpoint is still step-00000005.pt" in err
     assert [p.name for p in checkpoint.folder(out).iterdir()] == ["step-00000005.pt"]
-    assert results(out)["status"] == "completed"
-    assert results(out)["metrics"]["checkpoint_failures"] == 1
+    stopped = results(out)
+    assert stopped["status"] == "interrupted" and stopped["metrics"]["checkpoint_failures"] == 1
+    assert Path(stopped["checkpoint"]).name == "step-00000005.pt"
+
+    assert run_cli(["run", "--resume", str(out)]) == 0
+    resumed, whole = results(out)["metrics"], results(uninterrupted)["metrics"]
+    assert (resumed["trained_images"], resumed["mAP"]) == (whole["trained_images"], whole["mAP"])
 
 
 def test_a_disk_without_room_for_a_checkpoint_is_refused_before_training(

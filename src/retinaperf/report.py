@@ -417,10 +417,10 @@ def _resilience_lines(results: dict) -> list[str]:
     m = results["metrics"]
     if "segments" not in m:
         return []
-    newest = Path(results["checkpoint"]).name if results.get("checkpoint") else "none"
     line = (
-        f"- checkpoints: {m['checkpoint_time']:.1f} s writing them (within train_time), newest "
-        f"{newest}; updates skipped by loss scaling: {m['skipped_steps']}"
+        f"- checkpoints: training waited {m['checkpoint_time']:.1f} s for them (within "
+        "train_time); deleted as the run completed; updates skipped by loss scaling: "
+        f"{m['skipped_steps']}"
     )
     if m["checkpoint_failures"]:
         line += f"; {m['checkpoint_failures']} checkpoint(s) could not be written"

@@ -744,7 +744,8 @@ def _finish(s: Setup, status: str, reason: str | None = None) -> dict:
         },
         "segments": segments,
         "energy": spent["energy"],
-        "checkpoint": str(s.writer.newest) if s.writer.newest else None,
+        # A completed run has nothing left to resume: its checkpoints go (see below).
+        "checkpoint": str(s.writer.newest) if s.writer.newest and status != "completed" else None,
         "monitor": monitored,
         "config": cfg.to_dict(),
         "environment": environment.capture(env.device, [rank["host"] for rank in ranks]),
@@ -770,6 +771,9 @@ def _finish(s: Setup, status: str, reason: str | None = None) -> dict:
         plots.write_plots(
             report.read_events(s.run_dir / report.EVENTS), samples, s.run_dir / report.PLOTS
         )
+        # Checkpoints are for going on, and cost hundreds of MB each; only once results.json
+        # is written (save_model=true keeps the trained weights).
+        shutil.rmtree(checkpoint.folder(s.run_dir), ignore_errors=True)
     return results
 
 
