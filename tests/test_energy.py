@@ -345,7 +345,10 @@ def test_two_gpus_with_counters_sum_to_the_job(fake_nvml):
     second, _ = gpu_rank(fake_nvml, UUID, host="n2")  # a device of the same counter, 2nd node
     assert first["energy"]["windows"] == [(10.0, 20.0, "train"), (20.0, 22.0, "eval"),
                                           (22.0, 30.0, "train")]  # fmt: skip
-    job = job_energy([first, second], [], "cuda", trained_images=5400, train_seconds=18, segments=1)
+    job = job_energy(
+        [first, second], [], "cuda", trained_images=5400, train_seconds=18, segments=1,
+        expected_devices=2,
+    )  # fmt: skip
     assert job["energy_train_j"] == pytest.approx(2 * 18 * 300)
     assert job["energy_eval_j"] == pytest.approx(2 * 2 * 100)
     assert job["images_per_joule"] == pytest.approx(5400 / (2 * 18 * 300))
@@ -357,7 +360,7 @@ def test_two_gpus_with_counters_sum_to_the_job(fake_nvml):
 def test_one_device_of_two_without_readings_leaves_the_job_total_null(fake_nvml):
     counted, _ = gpu_rank(fake_nvml, UUID)
     without, _ = gpu_rank(fake_nvml, K8, host="n2")
-    job = job_energy([counted, without], [], "cuda", 5400, 18, 1)
+    job = job_energy([counted, without], [], "cuda", 5400, 18, 1, 2)
     assert job["energy_train_j"] is None and job["images_per_joule"] is None  # never a part
     assert job["energy_eval_j"] is None and job["power_train_w"] is None
     assert "n2: no NVML energy counter on GPU-" in job["energy_note"]
@@ -373,12 +376,12 @@ def test_a_device_without_a_counter_falls_back_to_its_integrated_power(fake_nvml
         {"time": t, "host": "n2", "devices": [{"uuid": f"GPU-{K8}", "power_w": 250.0}]}
         for t in range(0, 40, 5)
     ]
-    job = job_energy([counted, without], samples, "cuda", 5400, 18, 1)
+    job = job_energy([counted, without], samples, "cuda", 5400, 18, 1, 2)
     assert job["energy_train_j"] == pytest.approx(18 * 300 + 18 * 250)
     assert job["energy_eval_j"] == pytest.approx(2 * 100 + 2 * 250)
     assert job["energy_source"] == f"NVML energy counter; {INTEGRATED}"
     # ... but not for a resumed run, whose samples cover its last segment only.
-    resumed = job_energy([counted, without], samples, "cuda", 5400, 18, 2)
+    resumed = job_energy([counted, without], samples, "cuda", 5400, 18, 2, 2)
     assert resumed["energy_train_j"] is None and "last segment" in resumed["energy_note"]
 
 
@@ -416,7 +419,9 @@ def test_a_cpu_device_counts_its_hosts_packages_once(tmp_path):
     for index in (0, 1):
         write_domain(tmp_path, f"intel-rapl:{index}", f"package-{index}", 0, 2**32)
     ranks = [cpu_rank(tmp_path, 0), cpu_rank(tmp_path, 1)]  # two ranks on one host
-    job = job_energy(ranks, [], "cpu", trained_images=800, train_seconds=10, segments=1)
+    job = job_energy(
+        ranks, [], "cpu", trained_images=800, train_seconds=10, segments=1, expected_devices=1
+    )
     assert len(job["energy"]["devices"]) == 1  # the host's packages, not once per rank
     assert job["energy_train_j"] == pytest.approx(2 * 40 * 10)
     assert job["energy_eval_j"] == pytest.approx(2 * 40 * 2)
@@ -426,7 +431,7 @@ def test_a_cpu_device_counts_its_hosts_packages_once(tmp_path):
 
 def test_a_cpu_without_rapl_says_why_and_gives_no_figure(tmp_path):
     ranks = [cpu_rank(tmp_path / "absent", 0)]
-    job = job_energy(ranks, [], "cpu", 800, 10, 1)
+    job = job_energy(ranks, [], "cpu", 800, 10, 1, 1)
     assert job["energy_train_j"] is None and job["images_per_joule"] is None
     assert job["energy_note"].startswith("n1: no RAPL package domain under")
 
@@ -474,3 +479,11 @@ def test_a_resumed_rank_goes_on_from_its_checkpointed_energy(fake_nvml):
     resumed.mark("train")
     assert resumed.summary()["device"]["train_j"] == pytest.approx(18 * 300)
     assert first["energy"]["device"]["train_j"] == pytest.approx(18 * 300)
+
+
+def test_a_failed_runs_single_view_is_not_the_jobs_energy(fake_nvml):
+    """A failed run gathers rank 0 alone: one device's joules are not the job's."""
+    counted, _ = gpu_rank(fake_nvml, UUID)
+    job = job_energy([counted], [], "cuda", 5400, 18, 1, expected_devices=2)
+    assert job["energy_train_j"] is None and "the run failed" in job["energy_note"]
+    assert job["energy"]["devices"][0]["train_j"] == pytest.approx(18 * 300)

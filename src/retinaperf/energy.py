@@ -363,6 +363,7 @@ def job_energy(
     trained_images: int,
     train_seconds: float,
     segments: int,
+    expected_devices: int,
 ) -> dict:
     """The job's energy from every rank's `{"host", "uuid", "energy": RunEnergy.summary()}` and
     the monitor's samples: per device (GPUs: their counters, else their integrated power samples;
@@ -371,11 +372,17 @@ def job_energy(
     is null, never 0 or a part, when a device has no figure; `energy_note` says why.
 
     `train_seconds` is the training time without evaluation; `segments` the run's segments (the
-    monitor's samples cover only the last, so power is integrated only for a run of one)."""
+    monitor's samples cover only the last, so power is integrated only for a run of one);
+    `expected_devices` the job's devices (GPUs: ranks; a CPU: nodes): a failed run gathers only
+    rank 0's view, and the devices it lacks have no figure."""
     if device_type == "cpu":
         devices = [_host_device(rank) for rank in ranks if rank["energy"]["reads_host"]]
     else:
         devices = [_gpu_device(rank, samples, segments) for rank in ranks]
+    devices += [
+        _missing(f"device {index}", "not read: the run failed before the ranks' figures met")
+        for index in range(len(devices), expected_devices)
+    ]
     hosts = [
         {"host": rank["host"], **_sum(rank["energy"]["host"])}
         for rank in ranks

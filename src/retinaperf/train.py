@@ -712,6 +712,7 @@ def _finish(s: Setup, status: str, reason: str | None = None) -> dict:
         summary["trained_images"],
         summary["train_time"] - summary["eval_time"],
         len(segments),
+        env.nodes if env.device.type == "cpu" else env.world_size,
     )
     results = {
         "status": status,
