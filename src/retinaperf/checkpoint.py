@@ -11,19 +11,17 @@ is kept, the sampler skips the batches already trained.
 
 Everything in it is tensors, numbers and strings, so it loads with `weights_only=True` and a file
 that carries pickled code is refused. Rank 0 writes `<run dir>/checkpoints/step-<step>.pt`
-atomically (temporary file, fsync, rename, fsync of the folder) and keeps the newest `keep`; every
-rank reads it (on several nodes the run directory must be on storage they share). The `Writer`
-does that on a background thread from a host copy of the state, so that training goes on while
-the bytes reach the disk.
+atomically (`report.atomic_file`: temporary file, fsync, rename, fsync of the folder) and keeps
+the newest `keep`; every rank reads it (on several nodes the run directory must be on storage
+they share). The `Writer` does that on a background thread from a host copy of the state, so that
+training goes on while the bytes reach the disk.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import weights
+from . import report, weights
 from .errors import UserError
 
 FOLDER = "checkpoints"
@@ -76,18 +74,8 @@ def save(run_dir: Path, state: dict[str, Any], step: int, keep: int) -> Path:
     `keep`. On failure (a full disk) nothing half-written is left and older checkpoints stay."""
     target = folder(run_dir) / f"step-{step:08d}.pt"
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the name says they are
-        os.replace(partial, target)
-    except BaseException:
-        if os.path.exists(partial):
-            os.unlink(partial)
-        raise
-    _fsync_folder(target.parent)  # ... and the rename too
+    with report.atomic_file(target, "wb", durable=True) as f:
+        torch.save(state, f)
     for old in saved(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return target
@@ -155,14 +143,6 @@ class Writer:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-
-
-def _fsync_folder(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load(path: Path, workload: dict[str, Any], world_size: int) -> dict[str, Any]:

@@ -6,6 +6,7 @@ results.json and never recomputes a number its own way.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -13,6 +14,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -136,16 +138,36 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    """Write `text` to `path` through `atomic_file`: readers never see half a file."""
+    with atomic_file(path) as f:
+        f.write(text)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "w", durable: bool = False) -> Iterator[IO]:
+    """A temporary file beside `path` (its name in `.name`), renamed onto `path` when the block
+    ends and removed if it raises, so that nothing half-written ever has the name. `durable`:
+    the bytes and the rename are on disk (fsync) before this returns, as a checkpoint's must be
+    before a crash."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    if durable:
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def _jsonable(value: Any) -> Any:

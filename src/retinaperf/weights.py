@@ -8,11 +8,9 @@ checked: it is used with a warning, and its sha256 is recorded in the results ei
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import re
 import shutil
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -23,6 +21,7 @@ from typing import Any
 
 import torch
 
+from . import report
 from .errors import UserError
 
 HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
@@ -134,12 +133,15 @@ def _verify(path: Path, name: str, shown: str | None = None) -> None:
 
 def _download(url: str, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+        # Verified before it takes the name: a bad download never stands in the cache.
+        with (
+            report.atomic_file(target, "wb") as out,
+            urllib.request.urlopen(url, timeout=60) as response,
+        ):
             shutil.copyfileobj(response, out, CHUNK)
-        _verify(Path(partial), target.name, shown=f"{target.name} downloaded from {url}")
-        os.replace(partial, target)
+            out.flush()
+            _verify(Path(out.name), target.name, shown=f"{target.name} downloaded from {url}")
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", None) or err
         raise UserError(
@@ -147,7 +149,4 @@ def _download(url: str, target: Path) -> Path:
             f"where there is network and put it at {target}, or pass "
             f"--backbone-weights /path/to/{target.name}"
         ) from None
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
     return target
