@@ -389,12 +389,7 @@ def job_energy(
         if rank["energy"]["host"] and device_type != "cpu"
     ]
     missing = [d for d in devices if d["train_j"] is None]
-    train = None if missing else sum(d["train_j"] for d in devices)
-    evaluation = (
-        None
-        if missing or any(d["eval_j"] is None for d in devices)
-        else sum(d["eval_j"] for d in devices)
-    )
+    train, evaluation = _total(devices, "train_j"), _total(devices, "eval_j")
     return {
         "energy_train_j": train,
         "energy_eval_j": evaluation,
@@ -449,16 +444,18 @@ def _host_device(rank: dict) -> dict:
 
 
 def _sum(packages: list[dict]) -> dict:
-    def total(key: str) -> float | None:
-        values = [p[key] for p in packages]
-        return None if any(v is None for v in values) else sum(values)
-
     return {
         "source": packages[0]["source"],
-        "train_j": total("train_j"),
-        "eval_j": total("eval_j"),
+        "train_j": _total(packages, "train_j"),
+        "eval_j": _total(packages, "eval_j"),
         "complete": all(p["complete"] for p in packages),
     }
+
+
+def _total(rows: list[dict], key: str) -> float | None:
+    """The sum of `key` over rows; None, not a part, when one of them has none."""
+    values = [row[key] for row in rows]
+    return None if any(value is None for value in values) else sum(values)
 
 
 def _missing(host: str, reason: str | None, label: str | None = None) -> dict:
