@@ -23,7 +23,8 @@ class Comparison:
     baseline_value: float
     ours: str
     ours_value: float
-    unit: str  # of the two values: "s" (lower is better) or a rate such as "images/s"
+    unit: str  # of the two values: "s" or a count such as "operators" (lower is better), or a
+    # rate such as "images/s" (higher is better)
     ratio: float  # > 1: ours is better
     goal: float
     notes: str = ""
@@ -72,7 +73,7 @@ def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
 def format_value(value: float, unit: str) -> str:
     if unit == "s":
         return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
-    return f"{value:.3g} {unit}"
+    return f"{value:.4g} {unit}"
 
 
 def table(comparisons: list[dict]) -> str:

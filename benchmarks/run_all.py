@@ -30,6 +30,7 @@ LATEST = HERE / "results" / "latest.json"
 README = HERE.parent / "README.md"
 # name -> module; in the order of the table. Each module has `benchmark() -> list[Comparison]`.
 BENCHMARKS = {
+    "host": "bench_host",
     "loss": "bench_loss",
     "postprocess": "bench_postprocess",
     "step": "bench_step",

@@ -205,6 +205,20 @@ def test_focal_loss_in_chunks(model, monkeypatch):
     )
 
 
+@pytest.mark.parametrize("cases", [hard_targets, far_box_targets])
+def test_accelerator_path_equals_torchvision(model, cases, monkeypatch):
+    """What an accelerator runs: the padded batch matched at once, the logits in few chunks."""
+    monkeypatch.setattr(loss, "match_per_image", lambda device: False)
+    monkeypatch.setattr(loss, "CPU_CHUNK", loss.DEVICE_CHUNK)
+    targets = cases()
+    anchors = make_anchors(model, len(targets))
+    outputs = head_outputs(len(targets), len(anchors[0]), torch.Generator().manual_seed(9))
+    assert_same_losses(
+        losses_and_grads(model, "batched", targets, outputs, anchors),
+        losses_and_grads(model, "torchvision", targets, outputs, anchors),
+    )
+
+
 def test_extreme_logits_stay_finite_and_equal(model):
     """Logits out to ±40: softplus and sigmoid at their limits, as in a diverging run."""
     targets = hard_targets()

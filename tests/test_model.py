@@ -14,11 +14,13 @@ from torch import nn
 from torchvision.models import ResNet50_Weights
 from torchvision.models._api import WeightsEnum
 from torchvision.models.detection import retinanet_resnet50_fpn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import FrozenBatchNorm2d
 
 from retinaperf.config import ModelConfig
 from retinaperf.errors import UserError
-from retinaperf.model import build_model
+from retinaperf.model import FrozenNorm, ReusedAnchors, build_model
 
 SMALL = ModelConfig(min_size=64, max_size=64)
 
@@ -60,8 +62,9 @@ def shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def norm_types(model: nn.Module) -> dict[str, type]:
+    """Each normalisation layer's kind (FrozenNorm is a FrozenBatchNorm2d with a cache)."""
     return {
-        name: type(m)
+        name: FrozenBatchNorm2d if isinstance(m, FrozenBatchNorm2d) else type(m)
         for name, m in model.named_modules()
         if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d, nn.GroupNorm))
     }
@@ -166,3 +169,108 @@ def test_wrong_state_dict_is_a_user_error(resnet_state, change):
         build_model(SMALL, state)
     assert named in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_reuse_constants_false_is_torchvisions_own_modules(resnet_state):
+    model = build_model(ModelConfig(min_size=64, max_size=64, reuse_constants=False), resnet_state)
+    norms = {type(m) for m in model.modules() if isinstance(m, FrozenBatchNorm2d)}
+    assert norms == {FrozenBatchNorm2d}
+    assert type(model.anchor_generator) is AnchorGenerator
+    assert isinstance(build_model(SMALL, resnet_state).anchor_generator, ReusedAnchors)
+
+
+def frozen_pair(channels: int = 8) -> tuple[FrozenNorm, FrozenBatchNorm2d]:
+    g = torch.Generator().manual_seed(3)
+    reference = FrozenBatchNorm2d(channels)
+    for buffer in reference.buffers():
+        buffer.copy_(torch.rand(buffer.shape, generator=g) + 0.25)
+    ours = FrozenNorm(channels)
+    ours.load_state_dict(reference.state_dict())
+    return ours, reference
+
+
+def test_frozen_norm_is_torchvisions_bit_for_bit_and_follows_its_buffers():
+    ours, reference = frozen_pair()
+    x = torch.randn(2, 8, 5, 7, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(ours(x), reference(x))
+    assert torch.equal(ours(x), reference(x))  # from the cache
+    # Every way the buffers change is seen: a state dict loaded, a buffer written in place,
+    # the module cast.
+    changed = {k: v * 1.5 for k, v in reference.state_dict().items()}
+    reference.load_state_dict(changed)
+    ours.load_state_dict(changed)
+    assert torch.equal(ours(x), reference(x))
+    reference.running_var.add_(1.0)
+    ours.running_var.add_(1.0)
+    assert torch.equal(ours(x), reference(x))
+    ours, reference = ours.double(), reference.double()
+    assert ours(x.double()).dtype == torch.float64
+    assert torch.equal(ours(x.double()), reference(x.double()))
+
+
+def test_frozen_norm_cached_in_inference_mode_serves_training():
+    ours, reference = frozen_pair()
+    x = torch.randn(2, 8, 5, 7, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        ours(x)  # fills the cache in inference mode, as an evaluation does
+    leaf = x.clone().requires_grad_()
+    ours(leaf).square().sum().backward()  # fails if the cache holds inference tensors
+    expected = x.clone().requires_grad_()
+    reference(expected).square().sum().backward()
+    assert torch.equal(leaf.grad, expected.grad)
+
+
+def test_reused_anchors_equal_torchvisions_for_every_shape():
+    reference = AnchorGenerator(((32,), (64,)), ((0.5, 1.0, 2.0),) * 2)
+    ours = ReusedAnchors(reference.sizes, reference.aspect_ratios)
+    ours.SHAPES = 2
+    for height, width in [(64, 96), (96, 64), (64, 96), (128, 128), (64, 96)]:
+        images = ImageList(torch.zeros(3, 3, height, width), [(height, width)] * 3)
+        features = [torch.zeros(3, 4, height // s, width // s) for s in (8, 16)]
+        got, expected = ours(images, features), reference(images, features)
+        assert len(got) == len(expected) == 3
+        for a, b in zip(got, expected, strict=True):
+            assert torch.equal(a, b)
+        assert len(ours._cache) <= 2  # bounded: the oldest shape goes
+
+
+def test_fast_paths_give_torchvisions_training_step():
+    """Every fast path at once (batched transform, reused constants, batched loss) against every
+    reference switch: the same losses and gradients on a batch of mixed image sizes."""
+    g = torch.Generator().manual_seed(6)
+    # A ResNet-50 as initialised, with frozen statistics that are not the identity (the random
+    # fixture's blow the activations up to inf).
+    torch.manual_seed(0)
+    resnet_state = torchvision.models.resnet50().state_dict()
+    for key, value in resnet_state.items():
+        if key.endswith(("running_mean", "running_var")):
+            value.copy_(torch.rand(value.shape, generator=g) * 0.5 + 0.5 * key.endswith("var"))
+    sizes = [(48, 64), (40, 64), (48, 64), (64, 48)]
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
+    targets = [
+        {
+            "boxes": torch.tensor([[2.0, 3, 30, 40], [20, 5, 60, 30]]),
+            "labels": torch.tensor([3, 7]),
+        },
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+        {"boxes": torch.tensor([[10.0, 10, 20, 22]]), "labels": torch.tensor([90])},
+        {"boxes": torch.tensor([[1.0, 1, 47, 63]]), "labels": torch.tensor([1])},
+    ]
+    reference = {"transform": "torchvision", "loss": "torchvision", "reuse_constants": False}
+    results = []
+    for settings in ({}, reference):
+        model = build_model(ModelConfig(min_size=64, max_size=96, **settings), resnet_state)
+        model.train()
+        for _ in range(2):  # the second step runs from the caches
+            model.zero_grad()
+            losses = model(images, targets)
+            sum(losses.values()).backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((losses, grads))
+    (losses, grads), (ref_losses, ref_grads) = results
+    for key, value in losses.items():
+        torch.testing.assert_close(value, ref_losses[key], rtol=1e-5, atol=0)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        ref = ref_grads[name]
+        torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())

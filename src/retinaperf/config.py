@@ -24,6 +24,7 @@ PRECISIONS = ("auto", "fp32", "fp32-strict", "tf32", "amp", "bf16", "fp16")
 IMPLEMENTATIONS = ("batched", "torchvision")
 SWITCHES = ("auto", "on", "off")
 SYNTH_PROFILES = ("shapes", "coco")
+COMPILE_MODES = ("default", "reduce-overhead")
 
 # `run --synthetic`: a preset's recipe on generated COCO-like data, for speed alone. A layer above
 # the preset and below --set: the user can still change any of these.
@@ -108,21 +109,45 @@ class ModelConfig:
     postprocess: str = "batched"
     """How detections are selected from the head's outputs: `batched` (every image at once,
     boxes decoded in float32) or `torchvision` (torchvision's per-image code, the reference)."""
+    transform: str = "batched"
+    """How input images are normalised, resized and batched: `batched` (once per distinct image
+    size, boxes scaled by one table) or `torchvision` (image by image, the reference). The same
+    numbers either way."""
+    reuse_constants: bool = True
+    """Compute frozen batch norm's scale and shift once (they are frozen) and anchors once per
+    batch shape, instead of at every step as torchvision does (false). The same numbers."""
     channels_last: str = "auto"
     """Channels-last memory format for the network and its input: on, off, or auto (on for CUDA,
     where convolutions run faster in it; off elsewhere)."""
     compile: bool = False
     """Run backbone, FPN, head and loss through torch.compile (the first steps compile)."""
+    compile_mode: str = "default"
+    """torch.compile's mode for `compile=true`: `default`, or `reduce-overhead`: the compiled
+    parts also replay as CUDA graphs, one recorded per batch shape (CUDA only; the 800/1333
+    resize padded to 32 px bounds the shapes to under a hundred), so that the host launches a
+    part's hundreds of kernels at once."""
 
     def __post_init__(self) -> None:
         _check(self.min_size >= 32, "min_size", self.min_size, "use 32 or more")
-        for key in ("loss", "postprocess"):
+        for key in ("loss", "postprocess", "transform"):
             value = getattr(self, key)
             _check(value in IMPLEMENTATIONS, key, value, f"use {IMPLEMENTATIONS}")
         _check(
             self.channels_last in SWITCHES, "channels_last", self.channels_last, f"use {SWITCHES}"
         )
         _check(self.max_size >= self.min_size, "max_size", self.max_size, "use at least min_size")
+        _check(
+            self.compile_mode in COMPILE_MODES,
+            "compile_mode",
+            self.compile_mode,
+            f"use {COMPILE_MODES}",
+        )
+        _check(
+            self.compile or self.compile_mode == "default",
+            "compile_mode",
+            self.compile_mode,
+            "a mode of torch.compile needs compile=true as well",
+        )
         _check(self.backbone_weights.strip() != "", "backbone_weights", "", "give a source")
 
     @property
@@ -170,6 +195,11 @@ class TrainConfig:
     """Steps between logged steps (loss, lr, images/s)."""
     deterministic: bool = False
     """Use deterministic kernels (slower); for equivalence tests."""
+    cudnn_benchmark: str = "auto"
+    """cuDNN times its convolution algorithms for each new input shape and keeps the fastest:
+    on, off, or auto: off, as torchvision's detection references (COCO's batches come in tens of
+    shapes, each timed anew), until the GPU check measures otherwise. Off with
+    deterministic=true."""
     timing_warmup_steps: int = 10
     """Steps left out of p_core_steady (kernel selection, allocator growth, caches warming);
     p_core counts every step. Not the lr warm-up."""
@@ -196,6 +226,12 @@ class TrainConfig:
         ):
             _check(getattr(self, key) >= 0, key, getattr(self, key), "use 0 or more")
         _check(self.precision in PRECISIONS, "precision", self.precision, f"use {PRECISIONS}")
+        _check(
+            self.cudnn_benchmark in SWITCHES,
+            "cudnn_benchmark",
+            self.cudnn_benchmark,
+            f"use {SWITCHES}",
+        )
         _check(0 <= self.target_map <= 1, "target_map", self.target_map, "use a value in [0, 1]")
         _check(
             list(self.lr_steps) == sorted(self.lr_steps),

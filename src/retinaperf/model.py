@@ -7,52 +7,101 @@ random init (`none`), ordinary batch norm and every layer trainable. `random` bu
 structure with random values: the same work per step as the real recipe, without its download.
 91 classes: COCO category ids are used as labels directly.
 
-`RetinaPerfNet` is torchvision's RetinaNet with two of its methods computed for the whole batch at
-once: the loss (`loss.py`: no host synchronisation) and the selection of detections
-(`postprocess.py`: one pass over each level's logits, float32 box decoding; top-k and NMS per
-image). The same numbers; `loss=torchvision` / `postprocess=torchvision` give torchvision's own
-code back.
+`RetinaPerfNet` is torchvision's RetinaNet with three of its steps computed for the whole batch
+at once: the input transform (`transform.py`: once per distinct image size), the loss (`loss.py`:
+no host synchronisation) and the selection of detections (`postprocess.py`: one pass over each
+level's logits, float32 box decoding; top-k and NMS per image); and with what does not change
+between steps computed once (`reuse_constants`: frozen batch norm's scale and shift, anchors per
+batch shape). The same numbers; `transform=torchvision`, `loss=torchvision`,
+`postprocess=torchvision` and `reuse_constants=false` give torchvision's own code back.
+
+Each of these cuts the operators the host dispatches per step (see benchmarks/bench_host.py): an
+accelerator computes a step in tens of milliseconds, and a host that needs longer to enqueue it
+leaves the accelerator waiting.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from . import loss, postprocess
 from .config import ModelConfig
 from .errors import UserError
+from .transform import Uint8Transform
 
 NUM_CLASSES = 91  # COCO category ids run 1..90; 0 is background.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class Uint8Transform(GeneralizedRCNNTransform):
-    """The model's own resize and normalisation, taking uint8 images as they come off the loader.
+class FrozenNorm(FrozenBatchNorm2d):
+    """torchvision's FrozenBatchNorm2d, its scale and shift computed once rather than per call.
 
-    Converting here, on the device, keeps decoding workers and host-to-device copies on bytes.
-    The batched images take the network's memory format, so that no convolution converts them.
+    torchvision recomputes `scale = w * rsqrt(var + eps)` and `shift = b - mean * scale` from
+    the four buffers at every call: 11 dispatched operators per layer, 53 layers. They are
+    frozen, so this keeps both, by the same operations (the same values), and applies
+    `x * scale + shift`: 2 operators. The buffers can still change (a state dict loaded, the
+    model moved or cast, DDP's broadcast from rank 0): each of those changes a buffer's version
+    counter or storage, which the cache's key holds, so the next call computes them again.
     """
 
-    memory_format: torch.memory_format = torch.contiguous_format
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            return super().forward(x)  # compiled, the formula fuses into the kernels anyway
+        scale, shift = self._scale_shift()
+        return x * scale + shift
 
-    def normalize(self, image: Tensor) -> Tensor:
-        if not image.is_floating_point():
-            image = image.float().div_(255)
-        return super().normalize(image)
+    def _scale_shift(self) -> tuple[Tensor, Tensor]:
+        buffers = (self.weight, self.bias, self.running_mean, self.running_var)
+        key = tuple((b._version, b.data_ptr(), b.device, b.dtype) for b in buffers)
+        cached = self.__dict__.get("_cache")
+        if cached is None or cached[0] != key:
+            # Made outside autograd and inference mode: usable in training and evaluation alike.
+            with torch.inference_mode(False), torch.no_grad():
+                w, b, rm, rv = (t.reshape(1, -1, 1, 1) for t in buffers)
+                scale = w * (rv + self.eps).rsqrt()
+                cached = (key, scale, b - rm * scale)
+            self.__dict__["_cache"] = cached
+        return cached[1], cached[2]
 
-    def batch_images(self, images: list[Tensor], size_divisible: int = 32) -> Tensor:
-        return (
-            super()
-            .batch_images(images, size_divisible)
-            .contiguous(memory_format=self.memory_format)
+
+class ReusedAnchors(AnchorGenerator):
+    """torchvision's AnchorGenerator, whose anchors are computed once per batch shape.
+
+    An image's anchors depend only on the padded batch's size and the feature maps' sizes (every
+    image of a batch gets the same ones); torchvision computes them at every call, about 120
+    operators. This keeps the most recent `SHAPES` results, keyed by those sizes, the dtype and
+    the device, and hands every image the same tensor (nothing writes into anchors).
+    """
+
+    SHAPES = 64  # an epoch of COCO sees tens of padded batch shapes; ~3 MB each at 800x1344
+
+    def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
+        key = (
+            tuple(image_list.tensors.shape[-2:]),
+            tuple(tuple(f.shape[-2:]) for f in feature_maps),
+            feature_maps[0].dtype,
+            feature_maps[0].device,
         )
+        cache: OrderedDict = self.__dict__.setdefault("_cache", OrderedDict())
+        if key in cache:
+            cache.move_to_end(key)
+        else:
+            with torch.inference_mode(False), torch.no_grad():
+                one = ImageList(image_list.tensors[:1], image_list.image_sizes[:1])
+                cache[key] = super().forward(one, feature_maps)[0]
+            if len(cache) > self.SHAPES:
+                cache.popitem(last=False)
+        return [cache[key]] * len(image_list.image_sizes)
 
 
 class RetinaPerfNet(RetinaNet):
@@ -65,13 +114,21 @@ class RetinaPerfNet(RetinaNet):
         self.transform = Uint8Transform(
             config.min_size, config.max_size, list(IMAGENET_MEAN), list(IMAGENET_STD)
         )
+        self.transform.batched = config.transform == "batched"
+        if config.reuse_constants:
+            reused = ReusedAnchors(self.anchor_generator.sizes, self.anchor_generator.aspect_ratios)
+            self.anchor_generator = reused
         self.loss_impl = config.loss
         self.postprocess_impl = config.postprocess
         self.loss_fn = loss.retinanet_loss  # replaced by its compiled form under `compile`
+        self.cuda_graphs = False  # whether the compiled parts replay as CUDA graphs
 
     def forward(
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        if self.cuda_graphs and self.training:
+            # A new training step: the CUDA graphs' previous outputs may be overwritten.
+            torch.compiler.cudagraph_mark_step_begin()
         if not (self.training and self.loss_impl == "batched"):
             return super().forward(images, targets)
         # torchvision's training path without its input checks, one of which synchronises with
@@ -88,15 +145,17 @@ class RetinaPerfNet(RetinaNet):
         self.to(memory_format=torch.channels_last)
         self.transform.memory_format = torch.channels_last
 
-    def compile_parts(self) -> None:
+    def compile_parts(self, mode: str = "default") -> None:
         """Backbone with FPN, head and loss through torch.compile, in place (state-dict keys keep
         their names); the Python glue between them stays eager. Every size is a dynamic
         dimension from the first compilation on: COCO batches vary in image size, batch size and
         box count, and a graph per size would compile again and again. Training and evaluation
-        compile once each (the modules' mode is part of the graph)."""
-        self.backbone.compile(dynamic=True)
-        self.head.compile(dynamic=True)
-        self.loss_fn = torch.compile(loss.retinanet_loss, dynamic=True)
+        compile once each (the modules' mode is part of the graph). `reduce-overhead` also
+        replays each part as a CUDA graph, recorded once per batch shape."""
+        self.backbone.compile(dynamic=True, mode=mode)
+        self.head.compile(dynamic=True, mode=mode)
+        self.loss_fn = torch.compile(loss.retinanet_loss, dynamic=True, mode=mode)
+        self.cuda_graphs = mode == "reduce-overhead"
 
     def compute_loss(
         self,
@@ -144,7 +203,9 @@ def build_model(
     backbone = resnet_fpn_backbone(
         backbone_name="resnet50",
         weights=None,
-        norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d,
+        norm_layer=(FrozenNorm if config.reuse_constants else FrozenBatchNorm2d)
+        if pretrained
+        else nn.BatchNorm2d,
         trainable_layers=3 if pretrained else 5,
         returned_layers=[2, 3, 4],  # P3-P5; P2 would make too many anchors (RetinaNet paper)
         extra_blocks=LastLevelP6P7(256, 256),

@@ -246,7 +246,10 @@ class Precision:
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
         dtype = self.policy.autocast_dtype
-        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+        if dtype is None:  # no autocast object: some device types (meta) have no autocast
+            yield
+            return
+        with torch.autocast(self.device.type, dtype=dtype):
             yield
 
     def backward_and_step(
