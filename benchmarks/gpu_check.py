@@ -1,7 +1,9 @@
 """One command that checks a CUDA GPU: the tests marked `gpu`, then the throughput mode of the
 A100-1x1 preset (its batch, lr and 800x1333 resize, on generated COCO-like data) in several
-precisions, and in bf16 with torchvision's loss and post-processing (the reference), without
-channels-last and with torch.compile: what each choice of the step is worth there. Writes
+precisions, and in bf16 with torchvision's code for every part of the step (the reference),
+without channels-last, with cuDNN's benchmark mode, with a profiler window (top operators, how
+much of the window the device was busy), with torch.compile and with torch.compile replaying
+CUDA graphs: what each choice of the step is worth there. Writes
 docs/results/<date>-<device>-gpu-check/: each run's directory, the tests' log and a README.md
 with the generated summary table and the command that produced it.
 
@@ -36,14 +38,24 @@ from retinaperf import report  # noqa: E402
 from retinaperf.config import PRECISIONS as KNOWN_PRECISIONS  # noqa: E402
 
 PRESET = "A100-1x1"
+PROFILED = "40:45"  # the steps bf16-profile records: after the warm-up, before the end
 # name -> settings of each run, in the order they run. fp32-strict last: the slowest, so a check
 # cut short by its time limit loses the least.
 RUNS = {
     "fp32": ("precision=fp32",),
     "bf16": ("precision=bf16",),
-    "bf16-torchvision": ("precision=bf16", "loss=torchvision", "postprocess=torchvision"),
+    "bf16-torchvision": (
+        "precision=bf16",
+        "transform=torchvision",
+        "reuse_constants=false",
+        "loss=torchvision",
+        "postprocess=torchvision",
+    ),
     "bf16-nchw": ("precision=bf16", "channels_last=off"),
+    "bf16-cudnn-benchmark": ("precision=bf16", "cudnn_benchmark=on"),
+    "bf16-profile": ("precision=bf16", f"profile_steps={PROFILED}"),
     "bf16-compile": ("precision=bf16", "compile=true"),
+    "bf16-cudagraphs": ("precision=bf16", "compile=true", "compile_mode=reduce-overhead"),
     "amp": ("precision=amp",),
     "fp32-strict": ("precision=fp32-strict",),
 }
@@ -135,6 +147,9 @@ EXTRA_COLUMNS = (
     "p_core_steady",
     "TFLOP/s",
     "MFU",
+    "GPU util",
+    "device busy",
+    "batch shapes",
     "float32 math",
     "mem",
     "img/J",
@@ -147,21 +162,37 @@ def _extra_row(results: dict) -> dict[str, str]:
     steady = m["p_core_steady"]
     impl = m["implementation"]
     per_joule = m["images_per_joule"]
+    utilisation = [d["util_mean"] for d in (results["monitor"] or {}).get("devices", [])]
+    utilisation = [u for u in utilisation if u is not None]
+    busy = _device_busy(Path(results["run_dir"]))
+    compiled = impl["compile_mode"] or "off"
     return {
         "run": Path(results["run_dir"]).name,
         "precision": m["precision"],
-        "step": f"loss {impl['loss']}, postprocess {impl['postprocess']}, channels-last "
-        f"{'on' if impl['channels_last'] else 'off'}, compile {'on' if impl['compile'] else 'off'}",
+        "step": f"transform {impl['transform']}, reuse constants "
+        f"{'on' if impl['reuse_constants'] else 'off'}, loss {impl['loss']}, postprocess "
+        f"{impl['postprocess']}, channels-last {'on' if impl['channels_last'] else 'off'}, "
+        f"cudnn.benchmark {'on' if m['math']['cudnn_benchmark'] else 'off'}, compile {compiled}",
         "p_core": report.significant(m["p_core"]),
         "p_core_steady": "–" if steady is None else report.significant(steady),
         "TFLOP/s": report.significant(m["achieved_tflops"]),
         "MFU": "–" if m["mfu"] is None else f"{100 * m['mfu']:.1f}% of {m['peak_math']}",
+        # NVML's utilisation: the share of sample periods in which a kernel ran (monitor mean)
+        "GPU util": f"{max(utilisation):.1f}%" if utilisation else "–",
+        "device busy": "–" if busy is None else f"{100 * busy:.1f}% of steps {PROFILED}",
+        "batch shapes": str(m["batch_shapes"]),
         "float32 math": f"conv {m['math']['effective_conv']}, matmul "
         f"{m['math']['effective_matmul']}",
         "mem": m["mem"],
         "img/J": "–" if per_joule is None else report.significant(per_joule),
         "energy": m["energy_source"] or m["energy_note"],
     }
+
+
+def _device_busy(run_dir: Path) -> float | None:
+    """The profiled window's device busy share, from the run's event log (profiled runs only)."""
+    profiles = [e for e in report.read_events(run_dir / report.EVENTS) if e["event"] == "profile"]
+    return profiles[-1].get("device_busy") if profiles else None
 
 
 def _run_command(

@@ -38,14 +38,22 @@ def test_without_cuda_it_prints_what_it_would_run_and_exits_0(tmp_path):
         "bf16",
         "bf16-torchvision",
         "bf16-nchw",
+        "bf16-cudnn-benchmark",
+        "bf16-profile",
         "bf16-compile",
+        "bf16-cudagraphs",
         "amp",
         "fp32-strict",
     ]
     assert all("max_steps=100" in r for r in runs)
     reference = runs[names.index("bf16-torchvision")]
-    assert "loss=torchvision" in reference and "postprocess=torchvision" in reference
+    for setting in ("transform", "loss", "postprocess"):
+        assert f"{setting}=torchvision" in reference
+    assert "reuse_constants=false" in reference
+    assert "cudnn_benchmark=on" in runs[names.index("bf16-cudnn-benchmark")]
+    assert "profile_steps=" in runs[names.index("bf16-profile")]
     assert "compile=true" in runs[names.index("bf16-compile")]
+    assert "compile_mode=reduce-overhead" in runs[names.index("bf16-cudagraphs")]
     assert not (tmp_path / "results").exists()  # a dry run writes nothing
 
 
@@ -85,7 +93,10 @@ def test_the_whole_check_on_the_cpu_writes_runs_and_a_generated_summary(tmp_path
     assert "tests marked gpu:" in readme and "failed: nothing" in readme
     rows = [line for line in readme.splitlines() if line.startswith("| ") and "bs=2" in line]
     assert [row.split("|")[2].strip() for row in rows] == ["fp32", "bf16"]
-    assert "| bf16-torchvision | bf16 | loss torchvision, postprocess torchvision" in readme
+    assert (
+        "| bf16-torchvision | bf16 | transform torchvision, reuse constants off, loss torchvision, "
+        "postprocess torchvision" in readme
+    )
     assert "conv ieee, matmul ieee" in readme
 
 

@@ -120,6 +120,83 @@ def test_core_window_is_bracketed_by_device_synchronizes():
     assert kinds == ["sync", "read", "sync", "read"]
 
 
+class FakeDevice:
+    """A device timeline the test moves by hand, and timing events that it stamps when it
+    reaches them; records every host wait."""
+
+    def __init__(self) -> None:
+        self.queued = 0.0  # device time of the work enqueued so far
+        self.reached = 0.0  # device time the device has reached
+        self.waits: list[str] = []
+
+    def enqueue(self, seconds: float) -> None:
+        self.queued += seconds
+
+    def run_until(self, time: float) -> None:
+        self.reached = time
+
+    def event(self) -> "FakeEvent":
+        return FakeEvent(self)
+
+
+class FakeEvent:
+    def __init__(self, device: FakeDevice) -> None:
+        self.device = device
+        self.stamp: float | None = None
+
+    def record(self) -> None:
+        self.stamp = self.device.queued
+
+    def query(self) -> bool:
+        return self.device.reached >= self.stamp
+
+    def synchronize(self) -> None:
+        self.device.waits.append("event")
+        self.device.reached = max(self.device.reached, self.stamp)
+
+    def elapsed_time(self, end: "FakeEvent") -> float:
+        assert self.query() and end.query(), "read before the device reached both events"
+        return (end.stamp - self.stamp) * 1000
+
+
+def test_accelerator_core_windows_are_device_events_read_without_waiting():
+    """On an accelerator the step never waits for the device: each step's core time is the
+    device's time between its two events, added once the device has passed them, the rest at
+    the end. The wait for data between steps (device idle) counts in no window."""
+    clock, device = FakeClock(0.0), FakeDevice()
+    meter = Meter(
+        command_start=0.0,
+        device=torch.device("cuda"),
+        clock=clock,
+        synchronize=lambda d: device.waits.append("synchronize"),
+        timing_warmup_steps=1,
+        events=device.event,
+    )
+    meter.train_started()
+    device_seconds = [3.0, 2.0, 2.5, 1.5]
+    for seconds in device_seconds:
+        device.enqueue(0.25)  # the data's copy: before the start event
+        with meter.core_step(images=4):
+            device.enqueue(seconds)
+        device.enqueue(0.5)  # idle: waiting for the next batch
+        clock.advance(0.1)  # the host runs ahead of the device
+    assert device.waits == []  # no synchronize, no event waited on
+    assert meter.steps == 4 and meter.images == 16
+    assert meter.core_seconds == 0.0  # the device has reached none of the end events
+
+    device.run_until(0.25 + 3.0 + 0.5 + 0.25 + 2.0)  # through step 2's end event
+    with meter.core_step(images=4):  # reading happens as steps go, without waiting
+        device.enqueue(1.0)
+    assert device.waits == []
+    assert meter.core_seconds == pytest.approx(5.0)
+
+    m = summarize(meter, single(), target_map=0.0)  # the end: waits for the rest
+    assert device.waits == ["event"] * 3
+    assert m["core_time"] == pytest.approx(sum(device_seconds) + 1.0)
+    assert m["p_core"] == pytest.approx(20 / 10.0)
+    assert m["p_core_steady"] == pytest.approx(16 / 7.0)  # step 1 is the warm-up
+
+
 def test_interval_rate_counts_images_since_last_call():
     clock = FakeClock(0.0)
     meter = Meter(command_start=0.0, device=CPU, clock=clock, synchronize=clock.sync)

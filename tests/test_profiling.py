@@ -6,13 +6,21 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 from retinaperf.errors import UserError
-from retinaperf.profiling import TOP_OPS, TOP_ROWS, TRACE, StepProfiler, parse_step_window
+from retinaperf.profiling import (
+    TOP_OPS,
+    TOP_ROWS,
+    TRACE,
+    StepProfiler,
+    device_busy,
+    parse_step_window,
+)
 
 CPU = torch.device("cpu")
 
@@ -157,3 +165,21 @@ def test_the_parser_imports_without_torch() -> None:
         "assert parse_step_window('2:4') == (2, 4); assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class Span:
+    """A profiler event's device type and time range (microseconds)."""
+
+    def __init__(self, start: float, end: float, on_device: bool = True) -> None:
+        from torch.autograd import DeviceType
+
+        self.device_type = DeviceType.CUDA if on_device else DeviceType.CPU
+        self.time_range = SimpleNamespace(start=start, end=end)
+
+
+def test_device_busy_is_the_covered_share_of_the_device_timeline() -> None:
+    # Device activity 0-10, 5-12 (overlapping: two streams), 20-30; host events do not count.
+    events = [Span(20, 30), Span(0, 10), Span(5, 12), Span(-50, 100, on_device=False)]
+    assert device_busy(events) == pytest.approx((12 + 10) / 30)
+    assert device_busy([Span(3, 8)]) == 1.0
+    assert device_busy([Span(0, 40, on_device=False)]) is None

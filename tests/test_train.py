@@ -195,13 +195,22 @@ def test_run_writes_results_events_and_report(tiny_run_args, tiny_dataset, tmp_p
     assert results["config"]["train"]["max_steps"] == 3
     assert results["environment"]["packages"]["torch"] == torch.__version__.split("+")[0]
     assert m["implementation"] == {
+        "transform": "batched",
+        "reuse_constants": True,
         "loss": "batched",
         "postprocess": "batched",
         "channels_last": False,  # auto, on a CPU
         "compile": False,
+        "compile_mode": None,
         "optimizer": "SGD (fused)",
         "ddp": None,
     }
+    # The padded shapes of the steps' batches: 2 images, 3 channels, sides padded to 32.
+    shapes = results["batch_shapes"]
+    assert m["batch_shapes"] == len(shapes) >= 1
+    assert len({tuple(s) for s in shapes}) == len(shapes)
+    for batch, channels, height, width in shapes:
+        assert (batch, channels) == (2, 3) and height % 32 == width % 32 == 0
 
     events = read_events(out / "events.jsonl")
     kinds = [e["event"] for e in events]
@@ -249,7 +258,10 @@ def test_run_writes_results_events_and_report(tiny_run_args, tiny_dataset, tmp_p
         in report
     )
     assert f"bs=2,lr={m['lr']:g}" in report and m["mem"] in report
-    assert "- step: loss batched, post-processing batched, channels-last off" in report
+    assert (
+        "- step: transform batched, constants reused, loss batched, post-processing batched, "
+        "channels-last off" in report
+    )
 
 
 def test_run_stops_at_the_first_evaluation_reaching_the_target(

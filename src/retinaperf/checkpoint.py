@@ -36,7 +36,7 @@ from . import report, weights
 from .errors import UserError
 
 FOLDER = "checkpoints"
-FORMAT = 1
+FORMAT = 2  # 2: the meter keeps the batch shapes
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 
 

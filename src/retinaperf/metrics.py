@@ -1,16 +1,25 @@
 """All timing, counting and memory of a run, and the SPEC §3 metrics computed from them.
 
 The training loop tells the `Meter` what happened (a core step with its images, an evaluation
-with its stats); nothing else touches its counters. Every window that covers device work starts
-and ends with a device synchronize, so asynchronous kernels are counted where they ran.
+with its stats); nothing else touches its counters.
 
-Windows (host clock, seconds):
+Windows (seconds):
     command start ... train start | step: [wait for data, copy] [core] ... | eval | ... | end
     e2e_time   = results written - command start
     train_time = end of the last evaluation - train start
     eval_time  = sum of evaluation windows
     core time  = sum of core windows (forward + loss + backward + optimizer step)
     steady core time = the same without the first `timing_warmup_steps` steps
+
+How device work is timed:
+- Evaluations and checkpoints: the host clock between two device synchronizes.
+- Core windows on an accelerator: two timing events recorded on the device's stream around each
+  step, so that the host never waits for the device in the step: it enqueues step k+1 while the
+  device still runs step k. Each step's time is the device's time from its start event (reached
+  once the step's host-to-device copy is done) to its end event (its optimizer step done); the
+  pairs are read once the device has passed them, without waiting, and the rest at the end
+  (`settle`). The wait for data falls between windows, where the device idles.
+- Core windows on the CPU, whose operations complete before they return: the host clock.
 
 A resumed run (see checkpoint.py) carries the totals of the segments before it (`state_dict` /
 `load_state_dict`): counts and times add up over the segments, and the time between segments
@@ -24,8 +33,10 @@ import dataclasses
 import os
 import resource
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -52,6 +63,9 @@ class Meter:
     synchronize: Callable[[torch.device], None] = synchronize
     timing_warmup_steps: int = 0
     """Steps left out of the steady core time and images (p_core_steady)."""
+    events: Callable[[], Any] | None = None
+    """Makes a timing event on the device's current stream (`device_events`); None: core windows
+    on the host clock between synchronizes (the CPU)."""
     train_start: float | None = None
     train_end: float | None = None
     images: int = 0
@@ -69,6 +83,10 @@ class Meter:
     _interval_start: float = 0.0
     _interval_images: int = 0
     _last_eval_seconds: float = 0.0
+    batch_shapes: set[tuple[int, ...]] = field(default_factory=set)
+    """The distinct padded batch shapes the training steps saw."""
+    _pending: deque = field(default_factory=deque)
+    """Core windows whose events the device may not have reached: (start, end, steady)."""
 
     def train_started(self) -> None:
         """Call after the barrier that has every rank ready."""
@@ -86,18 +104,48 @@ class Meter:
     @contextlib.contextmanager
     def core_step(self, images: int) -> Iterator[None]:
         """Times forward + loss + backward + optimizer step of one step of `images` local images."""
-        self.synchronize(self.device)  # the host-to-device copy stays outside the window
-        start = self.clock()
-        yield
-        self.synchronize(self.device)  # the step's kernels are queued, not done: wait for them
-        seconds = self.clock() - start
-        self.core_seconds += seconds
+        steady = self.steps + 1 > self.timing_warmup_steps
+        if self.events is None:
+            self.synchronize(self.device)  # the host-to-device copy stays outside the window
+            start = self.clock()
+            yield
+            self.synchronize(self.device)  # the step's kernels are queued, not done: wait
+            self._add_core(self.clock() - start, steady)
+        else:
+            # Recorded on the stream: the device stamps them as it reaches them, the host goes on.
+            start = self.events()
+            start.record()
+            yield
+            end = self.events()
+            end.record()
+            self._pending.append((start, end, steady))
+            self.settle(wait=False)
         self.images += images
         self.steps += 1
-        if self.steps > self.timing_warmup_steps:
-            self.steady_core_seconds += seconds
+        if steady:
             self.steady_images += images
         self._interval_images += images
+
+    def saw_batch(self, shape: tuple[int, ...]) -> None:
+        """A training step's padded batch shape (N, C, H, W)."""
+        self.batch_shapes.add(tuple(shape))
+
+    def settle(self, wait: bool = True) -> None:
+        """Add the device times of the core windows the device has finished; with `wait`, wait
+        for the device to finish them all (before the totals are read)."""
+        while self._pending:
+            start, end, steady = self._pending[0]
+            if wait:
+                end.synchronize()
+            elif not end.query():
+                return
+            self._add_core(start.elapsed_time(end) / 1000, steady)  # elapsed_time is in ms
+            self._pending.popleft()
+
+    def _add_core(self, seconds: float, steady: bool) -> None:
+        self.core_seconds += seconds
+        if steady:
+            self.steady_core_seconds += seconds
 
     @contextlib.contextmanager
     def evaluation(self) -> Iterator[None]:
@@ -134,6 +182,7 @@ class Meter:
     def state_dict(self) -> dict:
         """The running totals as of now, for a checkpoint."""
         assert self.train_start is not None
+        self.settle()
         now = self.clock()
         return {
             "images": self.images,
@@ -144,6 +193,7 @@ class Meter:
             "eval_seconds": self.eval_seconds,
             "checkpoint_seconds": self.checkpoint_seconds,
             "evals": [dataclasses.asdict(record) for record in self.evals],
+            "batch_shapes": sorted(self.batch_shapes),
             "train_seconds": self.prior_train_seconds + now - self.train_start,
             "init_seconds": self.prior_init_seconds + self.train_start - self.command_start,
             "e2e_seconds": self.prior_e2e_seconds + now - self.command_start,
@@ -162,6 +212,7 @@ class Meter:
         ):
             setattr(self, name, state[name])
         self.evals = [EvalRecord(**record) for record in state["evals"]]
+        self.batch_shapes = {tuple(shape) for shape in state["batch_shapes"]}
         self.prior_train_seconds = state["train_seconds"]
         self.prior_init_seconds = state["init_seconds"]
         self.prior_e2e_seconds = state["e2e_seconds"]
@@ -176,6 +227,14 @@ class Meter:
         rate = self._interval_images / max(now - self._interval_start, 1e-9)
         self._interval_start, self._interval_images = now, 0
         return rate
+
+
+def device_events(device: torch.device) -> Callable[[], Any] | None:
+    """A maker of timing events on `device`'s current stream, for the Meter's core windows; None
+    for the CPU, whose host clock is exact."""
+    if device.type == "cpu":
+        return None
+    return lambda: torch.Event(device=device, enable_timing=True)
 
 
 def memory_peak(device: torch.device) -> dict[str, float | str]:
@@ -204,6 +263,7 @@ def summarize(meter: Meter, env: DistEnv, target_map: float, reduce: bool = True
     time maxed. With `reduce` every rank must call this (it runs collectives); without it (a
     failing run, whose other ranks may be gone) this rank's view stands for the job: every rank
     trains the same images per step."""
+    meter.settle()
     if reduce:
         images, steps, steady_images = env.all_reduce(
             [meter.images, meter.steps, meter.steady_images], "sum"

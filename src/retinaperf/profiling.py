@@ -22,7 +22,10 @@ recorded so far):
                                  `<logdir>/<run>/<worker>.pt.trace.json`; here the worker is rank0).
     profile/top_ops.txt          the 15 operators with the most self device time (self CPU time
                                  when only the CPU is profiled), also printed and in the event
-                                 log's `profile` event.
+                                 log's `profile` event, with `device_busy`: the share of the
+                                 window's device timeline (first kernel's start to last kernel's
+                                 end) in which some kernel or copy ran; the rest the device
+                                 waited (for the host to enqueue work, or for data).
 
 Profiling slows the steps it records, and writing the trace takes seconds of training time: the
 throughputs of a profiled run are not benchmark numbers.
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -163,6 +167,7 @@ class StepProfiler:
         prof.export_chrome_trace(str(trace))
         sort_by = "self_device_time_total" if self._by_device else "self_cpu_time_total"
         top_ops = _top_ops(prof.key_averages(), sort_by, self._by_device)
+        busy = device_busy(prof.events()) if self._by_device else None
         first, last = self._first, self._last
         table = _format_table(top_ops, self._device.type.upper() if self._by_device else None)
         heading = (
@@ -170,6 +175,8 @@ class StepProfiler:
             f"trace {trace}; top {len(top_ops)} operators by self "
             f"{'device' if self._by_device else 'CPU'} time"
         )
+        if busy is not None:
+            heading += f"; the device was busy {100 * busy:.1f}% of the window"
         (self._out_dir / TOP_OPS).write_text(f"{heading}\n{table}\n", encoding="utf-8")
         tqdm.write(f"{heading}\n{table}")
         self._emit(
@@ -178,12 +185,36 @@ class StepProfiler:
             trace=TRACE,
             sort_by=sort_by,
             top_ops=top_ops,
+            device_busy=busy,
             export_seconds=time.perf_counter() - started,
         )
 
     def _emit(self, **fields: Any) -> None:
         if self._events is not None:
             self._events.emit("profile", requested=[self._first, self._final], **fields)
+
+
+def device_busy(events: Iterable[Any]) -> float | None:
+    """The share of the device's timeline, from its first activity's start to its last one's
+    end, covered by some activity (kernels, copies: the profiler's events not on the CPU; those
+    of several streams merged where they overlap). None without device activity."""
+    from torch.autograd import DeviceType
+
+    spans = sorted(
+        (e.time_range.start, e.time_range.end) for e in events if e.device_type != DeviceType.CPU
+    )
+    if not spans:
+        return None
+    covered, (open_start, open_end) = 0.0, spans[0]
+    for start, end in spans[1:]:
+        if start > open_end:
+            covered += open_end - open_start
+            open_start, open_end = start, end
+        else:
+            open_end = max(open_end, end)
+    covered += open_end - open_start
+    whole = open_end - spans[0][0]  # the last group ends last: groups are disjoint, in order
+    return covered / whole if whole > 0 else None
 
 
 def _top_ops(averages: EventList, sort_by: str, by_device: bool) -> list[dict]:

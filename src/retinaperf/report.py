@@ -427,10 +427,14 @@ def _implementation_lines(m: dict) -> list[str]:
         else f"DDP broadcast_buffers={ddp['broadcast_buffers']}, "
         f"gradient_as_bucket_view={ddp['gradient_as_bucket_view']}"
     )
+    # Results from before issue 15 ran torchvision's transform and recomputed the constants.
+    reused = impl.get("reuse_constants", False)
+    compiled = f"on ({impl['compile_mode']})" if impl.get("compile_mode") else "off"
     return [
-        f"- step: loss {impl['loss']}, post-processing {impl['postprocess']}, channels-last "
-        f"{'on' if impl['channels_last'] else 'off'}, torch.compile "
-        f"{'on' if impl['compile'] else 'off'}, {impl['optimizer']}, {wrapped}"
+        f"- step: transform {impl.get('transform', 'torchvision')}, constants "
+        f"{'reused' if reused else 'recomputed'}, loss {impl['loss']}, post-processing "
+        f"{impl['postprocess']}, channels-last {'on' if impl['channels_last'] else 'off'}, "
+        f"torch.compile {compiled if impl['compile'] else 'off'}, {impl['optimizer']}, {wrapped}"
     ]
 
 

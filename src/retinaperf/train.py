@@ -90,6 +90,13 @@ def use_channels_last(setting: str, device: torch.device) -> bool:
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
+def use_cudnn_benchmark(cfg: TrainConfig, device: torch.device) -> bool:
+    """`cudnn_benchmark` resolved: never with deterministic kernels (its choice may differ from
+    run to run) nor off CUDA; `auto` is off, as in torchvision's detection references, where
+    each new input shape (tens per epoch of COCO) is timed anew."""
+    return device.type == "cuda" and not cfg.deterministic and cfg.cudnn_benchmark == "on"
+
+
 def build_optimizer(
     params: list[nn.Parameter], cfg: TrainConfig, device: torch.device
 ) -> torch.optim.Optimizer:
@@ -237,9 +244,7 @@ def _set_up(
     torch.manual_seed(config.train.seed)
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True)
-    # cuDNN times its algorithms for each new input shape once and keeps the fastest; not when
-    # the run asks for reproducible kernels.
-    torch.backends.cudnn.benchmark = env.device.type == "cuda" and not config.train.deterministic
+    torch.backends.cudnn.benchmark = use_cudnn_benchmark(config.train, env.device)
     cache_dir = _cache_dir(config)
     loaders = _build_data(config, env, cache_dir)
     backbone = _load_weights(config, env, cache_dir)
@@ -250,7 +255,15 @@ def _set_up(
     model = trained_in.prepare(model)
     optimizer = build_optimizer(trained_in.optimizer_params(model), config.train, env.device)
     meter = metrics.Meter(
-        command_start, env.device, timing_warmup_steps=config.train.timing_warmup_steps
+        command_start,
+        env.device,
+        timing_warmup_steps=config.train.timing_warmup_steps,
+        events=metrics.device_events(env.device),
+    )
+    # The padded batch shapes of the training steps (cuDNN's benchmark mode and CUDA graphs
+    # work per shape): the model's transform makes them.
+    model.transform.register_forward_hook(
+        lambda module, args, out: meter.saw_batch(out[0].tensors.shape) if module.training else None
     )
     watch = LossWatch(env.device)
     # Each rank reads its own device's counter; one rank per node reads the CPU packages.
@@ -262,7 +275,7 @@ def _set_up(
     # model (so that no gradient hook fires).
     flops = _count_flops(model, loaders, env, trained_in) if env.is_main else None
     if config.model.compile:
-        model.compile_parts()
+        model.compile_parts(config.model.compile_mode)
     trained, ddp = _wrap_ddp(model, env)
     facts = {
         **loaders.facts,
@@ -276,6 +289,9 @@ def _set_up(
             "postprocess": config.model.postprocess,
             "channels_last": channels_last,
             "compile": config.model.compile,
+            "compile_mode": config.model.compile_mode if config.model.compile else None,
+            "transform": config.model.transform,
+            "reuse_constants": config.model.reuse_constants,
             "optimizer": _optimizer_kind(optimizer),
             "ddp": ddp,
         },
@@ -420,9 +436,15 @@ def _build_data(config: RunConfig, env: DistEnv, cache_dir: Path) -> Loaders:
     """Index both splits (with SPEC §1's filtering) and build this rank's loaders."""
     root, label = _dataset_root(config, env, cache_dir)
     data.check_root(root)
-    train_records, _ = data.load_split(root, "train", drop_empty=True)
-    val_records, val_annotations = data.load_split(root, "val", drop_empty=False)
-    gt = evaluate.load_ground_truth(val_annotations) if env.is_main else None
+    train_records = _train_records(root, env, cache_dir)
+    # Rank 0 scores the evaluations: it reads val2017 whole, once, for its records and the ground
+    # truth. The others need the records alone; the file is small, so they read it uncached.
+    if env.is_main:
+        val_records, val_annotations = data.load_split(root, "val", drop_empty=False)
+        gt = evaluate.load_ground_truth(val_annotations)
+    else:
+        val_records = data.index_split(root, "val", drop_empty=False, cache_dir=None)
+        gt = None
     train_sampler = data.GroupedBatchSampler(
         data.aspect_ratio_groups(train_records, config.data.aspect_ratio_group_factor),
         config.train.batch_size,
@@ -449,6 +471,20 @@ def _build_data(config: RunConfig, env: DistEnv, cache_dir: Path) -> Loaders:
             "val_images": len(val_records),
         },
     )
+
+
+def _train_records(root: Path, env: DistEnv, cache_dir: Path) -> list[data.ImageRecord]:
+    """train2017's records, from its index (see `coco_index`). As for the dataset and the
+    weights, one process per node reads the annotation file, or finds its index in the cache, and
+    scans the image folder; the others wait for it, then load the index it cached."""
+    if env.local_rank == 0:
+        records = data.index_split(root, "train", drop_empty=True, cache_dir=cache_dir)
+    env.barrier()
+    if env.local_rank != 0:
+        records = data.index_split(
+            root, "train", drop_empty=True, cache_dir=cache_dir, check_files=False
+        )
+    return records
 
 
 def _train(s: Setup) -> None:
@@ -693,6 +729,7 @@ def _finish(s: Setup, status: str, reason: str | None = None) -> dict:
         "memory": metrics.memory_peak(env.device),
         "samples": s.monitor.stop() if s.monitor else [],
         "energy": s.energy.summary(),
+        "batch_shapes": sorted(s.meter.batch_shapes),
     }
     ranks = env.gather(mine) if reduce else [mine]
     summary = metrics.summarize(s.meter, env, cfg.train.target_map, reduce=reduce)
@@ -705,6 +742,7 @@ def _finish(s: Setup, status: str, reason: str | None = None) -> dict:
     memory = metrics.memory([rank["memory"] for rank in ranks], driver)
     device_name = environment.device_name(env.device)
     segments = _segments(s, status, s.meter.steps)
+    batch_shapes = sorted({tuple(shape) for rank in ranks for shape in rank["batch_shapes"]})
     spent = energy.job_energy(
         ranks,
         samples,
@@ -731,6 +769,7 @@ def _finish(s: Setup, status: str, reason: str | None = None) -> dict:
             "seed": cfg.train.seed,
             "device_name": device_name,
             "skipped_steps": int(s.precision.skipped_steps().item()),
+            "batch_shapes": len(batch_shapes),
             "segments": len(segments),
             "time_between_segments": sum(seg["time_lost_s"] or 0.0 for seg in segments),
             "checkpoint_failures": s.writer.failures,
@@ -744,6 +783,7 @@ def _finish(s: Setup, status: str, reason: str | None = None) -> dict:
             ),
         },
         "segments": segments,
+        "batch_shapes": [list(shape) for shape in batch_shapes],
         "energy": spent["energy"],
         # A completed run has nothing left to resume: its checkpoints go (see below).
         "checkpoint": str(s.writer.newest) if s.writer.newest and status != "completed" else None,
