@@ -12,7 +12,7 @@ import pytest
 import torch
 from torchvision.models.detection import retinanet_resnet50_fpn
 
-from retinaperf import checkpoint, cli, energy, evaluate, train
+from retinaperf import checkpoint, cli, data, energy, evaluate, metrics, train
 from retinaperf.config import ModelConfig, TrainConfig
 from retinaperf.model import RetinaPerfNet, build_model
 from retinaperf.precision import Precision
@@ -462,3 +462,36 @@ def test_a_cpu_run_reports_its_packages_energy_or_says_why_not(
     assert m["energy_train_j"] is None and m["images_per_joule"] is None
     assert "no RAPL package domain under" in m["energy_note"]
     assert "- energy: no figure:" in (out / "report.md").read_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision_name", ["fp32", "bf16"])
+def test_cuda_step_and_its_timing_never_wait_for_the_device(precision_name):
+    """The step as a run builds it on CUDA (pretrained structure, channels-last, fused SGD, the
+    meter's event timing), with every synchronising call an error once its caches are warm."""
+    cuda = torch.device("cuda")
+    config = ModelConfig(min_size=256, max_size=400, backbone_weights="random")
+    model = build_model(config, None).to(cuda)
+    model.use_channels_last()
+    chosen = Precision(precision_name, cuda)
+    model = chosen.prepare(model).train()
+    optimizer = build_optimizer(chosen.optimizer_params(model), TrainConfig(lr=0.01), cuda)
+    meter = metrics.Meter(0.0, cuda, events=metrics.device_events(cuda))
+    meter.train_started()
+    images, targets = _images_and_targets(torch.Generator().manual_seed(2))
+    images, targets = data.to_device(images * 3, targets * 3, cuda)  # two sizes, interleaved
+
+    def step() -> dict[str, torch.Tensor]:
+        with meter.core_step(len(images)):
+            return train_step(model, images, targets, optimizer, chosen)
+
+    step()  # fills the caches (mean and std, anchors, frozen norms), which copy once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [step() for _ in range(3)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.isfinite(v).all() for step_losses in losses for v in step_losses.values())
+    meter.settle()
+    assert meter.steps == 4 and meter.core_seconds > 0

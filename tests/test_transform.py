@@ -100,3 +100,25 @@ def test_multi_scale_training_draws_a_size_per_image_as_torchvision() -> None:
     expected, _ = reference([image.float() / 255 for image in images], targets)
     assert got.image_sizes == expected.image_sizes
     assert torch.equal(got.tensors, expected.tensors)
+
+
+@pytest.mark.gpu
+def test_batched_transform_is_torchvisions_on_cuda() -> None:
+    """The same on CUDA (its bilinear kernel over a stacked group; boxes through pinned memory),
+    without a synchronising call once the mean and std are on the device."""
+    ours, reference = transforms()
+    images, targets = batch(MIXED)
+    cuda_images = [image.cuda() for image in images]
+    cuda_targets = [{**t, "boxes": t["boxes"].cuda()} for t in targets]
+    ours(cuda_images, cuda_targets)  # copies the mean and std once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got, got_targets = ours(cuda_images, cuda_targets)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    expected, expected_targets = reference([image.float() / 255 for image in cuda_images], targets)
+    assert got.image_sizes == expected.image_sizes
+    assert torch.equal(got.tensors, expected.tensors)
+    for a, b in zip(got_targets, expected_targets, strict=True):
+        assert torch.equal(a["boxes"].cpu(), b["boxes"])
