@@ -35,6 +35,7 @@ BENCHMARKS = {
     "postprocess": "bench_postprocess",
     "step": "bench_step",
     "data": "bench_data",
+    "index": "bench_index",
     "scoring": "bench_scoring",
     "run": "bench_run",
 }

@@ -8,7 +8,7 @@ from __future__ import annotations
 import bisect
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
+from retinaperf.coco_index import CATEGORY_IDS
 from retinaperf.data import (
-    CATEGORY_IDS,
     CocoDetection,
     GroupedBatchSampler,
     ImageRecord,
@@ -26,6 +26,7 @@ from retinaperf.data import (
     check_batch,
     check_root,
     eval_batches,
+    index_split,
     load_split,
 )
 from retinaperf.errors import UserError
@@ -98,42 +99,60 @@ def set_file_name(root: Path, split: str, image_id: int, file_name: str) -> None
     path.write_text(json.dumps(coco))
 
 
-def kept(root: Path, split: str = "train", drop_empty: bool = False) -> dict[int, ImageRecord]:
-    records, _ = load_split(root, split, drop_empty=drop_empty)
-    return {r.image_id: r for r in records}
+Load = Callable[..., list[ImageRecord]]
+
+
+@pytest.fixture(params=["json", "index"])
+def load(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Load:
+    """A split's records, read as the run reads them: `load_split` reads the file whole (rank 0
+    reads val2017 so), `index_split` through the cached index (train2017, and val2017 on the other
+    ranks). Both must keep the same boxes and refuse the same files with the same messages.
+    Called as load(root, split, drop_empty=...)."""
+    if request.param == "json":
+        return lambda root, split, drop_empty: load_split(root, split, drop_empty=drop_empty)[0]
+    cache = tmp_path_factory.mktemp("cache")
+    return lambda root, split, drop_empty: index_split(
+        root, split, drop_empty=drop_empty, cache_dir=cache
+    )
+
+
+def kept(
+    load: Load, root: Path, split: str = "train", drop_empty: bool = False
+) -> dict[int, ImageRecord]:
+    return {r.image_id: r for r in load(root, split, drop_empty=drop_empty)}
 
 
 # --- filtering and conversion -----------------------------------------------------------------
 
 
-def test_xywh_becomes_xyxy(tmp_path):
+def test_xywh_becomes_xyxy(load, tmp_path):
     root = make_root(
         tmp_path,
         [image(1, 40, 30)],
         [box(1, 1, [2, 3, 10, 5]), box(2, 1, [1.5, 2.25, 3.5, 4.75], category=9)],
     )
-    record = kept(root)[1]
+    record = kept(load, root)[1]
     assert record.boxes.dtype == np.float32
     assert record.boxes.tolist() == [[2, 3, 12, 8], [1.5, 2.25, 5, 7]]
     assert record.labels.tolist() == [5, 9]
     assert (record.width, record.height, record.file_name) == (40, 30, "0001.jpg")
 
 
-def test_crowd_boxes_are_dropped_from_targets(tmp_path):
+def test_crowd_boxes_are_dropped_from_targets(load, tmp_path):
     root = make_root(
         tmp_path,
         [image(1, 40, 30)],
         [box(1, 1, [0, 0, 20, 20], category=9, crowd=1), box(2, 1, [2, 3, 10, 5], category=11)],
     )
-    record = kept(root)[1]
+    record = kept(load, root)[1]
     assert record.boxes.tolist() == [[2, 3, 12, 8]]
     assert record.labels.tolist() == [11]
 
 
 @pytest.mark.parametrize("bbox", [[5, 5, 0, 4], [5, 5, 4, 0], [5, 5, 0, 0]])
-def test_boxes_without_area_are_dropped(tmp_path, bbox):
+def test_boxes_without_area_are_dropped(load, tmp_path, bbox):
     root = make_root(tmp_path, [image(1, 40, 30)], [box(1, 1, bbox), box(2, 1, [1, 1, 2, 2], 9)])
-    record = kept(root)[1]
+    record = kept(load, root)[1]
     assert record.boxes.tolist() == [[1, 1, 3, 3]]
     assert record.labels.tolist() == [9]
 
@@ -146,20 +165,20 @@ def test_boxes_without_area_are_dropped(tmp_path, bbox):
         ([-1, -1, 50, 40], [0, 0, 40, 30]),  # larger than the image
     ],
 )
-def test_box_partly_outside_is_clamped(tmp_path, bbox, expected):
+def test_box_partly_outside_is_clamped(load, tmp_path, bbox, expected):
     root = make_root(tmp_path, [image(1, 40, 30)], [box(1, 1, bbox)])
-    assert kept(root)[1].boxes.tolist() == [expected]
+    assert kept(load, root)[1].boxes.tolist() == [expected]
 
 
 @pytest.mark.parametrize(
     "bbox", [[50, 5, 10, 10], [-20, 5, 10, 10], [5, 30, 10, 10], [5, -15, 10, 10]]
 )
-def test_box_entirely_outside_is_dropped(tmp_path, bbox):
+def test_box_entirely_outside_is_dropped(load, tmp_path, bbox):
     root = make_root(tmp_path, [image(1, 40, 30)], [box(1, 1, bbox), box(2, 1, [1, 1, 2, 2])])
-    assert kept(root)[1].boxes.tolist() == [[1, 1, 3, 3]]
+    assert kept(load, root)[1].boxes.tolist() == [[1, 1, 3, 3]]
 
 
-def test_train_drops_images_left_without_box_and_val_keeps_all(tmp_path):
+def test_train_drops_images_left_without_box_and_val_keeps_all(load, tmp_path):
     images = [image(i, 40, 30) for i in (1, 2, 3, 4, 5)]
     annotations = [
         box(1, 1, [2, 3, 10, 5]),  # 1: keeps a box
@@ -169,9 +188,9 @@ def test_train_drops_images_left_without_box_and_val_keeps_all(tmp_path):
         box(4, 5, [45, 5, 10, 10]),  # 5: only a box outside the image
     ]
     root = make_root(tmp_path, images, annotations)
-    train = kept(root, "train", drop_empty=True)
+    train = kept(load, root, "train", drop_empty=True)
     assert sorted(train) == [1]
-    val = kept(root, "val", drop_empty=False)
+    val = kept(load, root, "val", drop_empty=False)
     assert sorted(val) == [1, 2, 3, 4, 5]
     assert val[3].boxes.shape == (0, 4) and val[3].labels.shape == (0,)
     assert val[2].boxes.shape == (0, 4)
@@ -185,10 +204,10 @@ def test_load_split_returns_the_annotation_file_content(tmp_path):
     assert [im["id"] for im in coco["images"]] == [1, 2]
 
 
-def test_split_with_no_usable_image_is_refused(tmp_path):
+def test_split_with_no_usable_image_is_refused(load, tmp_path):
     root = make_root(tmp_path, [image(1, 40, 30)], [box(1, 1, [0, 0, 9, 9], crowd=1)])
     with pytest.raises(UserError, match=r"instances_train2017\.json"):
-        load_split(root, "train", drop_empty=True)
+        load(root, "train", drop_empty=True)
 
 
 # --- decoding and flips -----------------------------------------------------------------------
@@ -441,27 +460,27 @@ def test_data_dir_without_image_folder_is_refused_naming_it(tmp_path):
         check_root(tmp_path)
 
 
-def test_malformed_json_is_refused_naming_the_file(tmp_path):
+def test_malformed_json_is_refused_naming_the_file(load, tmp_path):
     make_root(tmp_path, [image(1, 40, 30)], [box(1, 1, [2, 3, 10, 5])])
     path = tmp_path / "annotations" / "instances_train2017.json"
     path.write_text(path.read_text()[:-20])
     with pytest.raises(UserError, match=r"instances_train2017\.json"):
-        load_split(tmp_path, "train", drop_empty=True)
+        load(tmp_path, "train", drop_empty=True)
 
 
 @pytest.mark.parametrize("content", [{"annotations": [], "categories": []}, [1, 2]])
-def test_json_without_images_is_refused_naming_the_file(tmp_path, content):
+def test_json_without_images_is_refused_naming_the_file(load, tmp_path, content):
     make_root(tmp_path, [image(1, 40, 30)], [box(1, 1, [2, 3, 10, 5])])
     (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(content))
     with pytest.raises(UserError) as err:
-        load_split(tmp_path, "val", drop_empty=False)
+        load(tmp_path, "val", drop_empty=False)
     assert "instances_val2017.json" in str(err.value)
 
 
-def test_annotation_for_unknown_image_is_refused_naming_it(tmp_path):
+def test_annotation_for_unknown_image_is_refused_naming_it(load, tmp_path):
     make_root(tmp_path, [image(1, 40, 30)], [box(1, 1, [2, 3, 10, 5]), box(2, 99, [1, 1, 2, 2])])
     with pytest.raises(UserError) as err:
-        load_split(tmp_path, "train", drop_empty=True)
+        load(tmp_path, "train", drop_empty=True)
     assert "99" in str(err.value)
     assert "instances_train2017.json" in str(err.value)
 
@@ -475,16 +494,16 @@ def test_annotation_for_unknown_image_is_refused_naming_it(tmp_path):
         ({"id": 1, "image_id": 1, "bbox": [1, 2, 3, 4, 5], "category_id": 5}, "bbox"),
     ],
 )
-def test_annotation_lacking_a_field_is_refused_naming_it(tmp_path, annotation, word):
+def test_annotation_lacking_a_field_is_refused_naming_it(load, tmp_path, annotation, word):
     make_root(tmp_path, [image(1, 40, 30)], [box(1, 1, [2, 3, 10, 5]), annotation])
     with pytest.raises(UserError) as err:
-        load_split(tmp_path, "train", drop_empty=True)
+        load(tmp_path, "train", drop_empty=True)
     assert word in str(err.value)
     assert "instances_train2017.json" in str(err.value)
 
 
 @pytest.mark.parametrize("how", ["deleted", "dangling-link", "in-subfolder"])
-def test_listed_image_missing_on_disk_is_refused_naming_it(tmp_path, how):
+def test_listed_image_missing_on_disk_is_refused_naming_it(load, tmp_path, how):
     make_root(tmp_path, [image(1, 40, 30), image(2, 40, 30)], [box(1, 1, [2, 3, 10, 5])])
     missing = tmp_path / "val2017" / "0002.jpg"
     missing.unlink()
@@ -494,7 +513,7 @@ def test_listed_image_missing_on_disk_is_refused_naming_it(tmp_path, how):
         (tmp_path / "val2017" / "sub").mkdir()
         set_file_name(tmp_path, "val", 2, "sub/0002.jpg")
     with pytest.raises(UserError, match=r"missing from .*0002\.jpg"):
-        load_split(tmp_path, "val", drop_empty=False)
+        load(tmp_path, "val", drop_empty=False)
 
 
 def test_corrupt_jpeg_gives_load_failure_and_check_batch_names_it(tmp_path):
@@ -547,11 +566,11 @@ def test_jpeg_of_wrong_size_gives_load_failure(tmp_path):
     "bbox", [[5, 5, -3, 4], [5, 5, 4, -0.5], [5, 5, -1, -1]], ids=["width", "height", "both"]
 )
 @pytest.mark.parametrize("crowd", [0, 1], ids=["plain", "crowd"])
-def test_box_of_negative_size_is_refused_naming_it(tmp_path, bbox, crowd):
+def test_box_of_negative_size_is_refused_naming_it(load, tmp_path, bbox, crowd):
     annotations = [box(1, 1, [2, 3, 10, 5]), box(7, 1, bbox, crowd=crowd)]
     make_root(tmp_path, [image(1, 40, 30)], annotations)
     with pytest.raises(UserError) as err:
-        load_split(tmp_path, "val", drop_empty=False)
+        load(tmp_path, "val", drop_empty=False)
     message = str(err.value)
     assert "instances_val2017.json" in message
     assert "annotation 7 has a negative width or height" in message
@@ -559,32 +578,32 @@ def test_box_of_negative_size_is_refused_naming_it(tmp_path, bbox, crowd):
 
 
 @pytest.mark.parametrize("crowd", [0, 1], ids=["plain", "crowd"])
-def test_category_not_in_categories_is_refused_naming_it(tmp_path, crowd):
+def test_category_not_in_categories_is_refused_naming_it(load, tmp_path, crowd):
     annotations = [box(1, 1, [2, 3, 10, 5]), box(4, 1, [1, 1, 2, 2], category=7, crowd=crowd)]
     make_root(tmp_path, [image(1, 40, 30)], annotations)
     with pytest.raises(UserError) as err:
-        load_split(tmp_path, "train", drop_empty=True)
+        load(tmp_path, "train", drop_empty=True)
     message = str(err.value)
     assert "instances_train2017.json" in message
     assert "annotation 4 has category_id 7, which is not in 'categories'" in message
 
 
 @pytest.mark.parametrize("category", [0, 91, -1])
-def test_category_outside_the_models_classes_is_refused(tmp_path, category):
+def test_category_outside_the_models_classes_is_refused(load, tmp_path, category):
     assert len(CATEGORY_IDS) + 1 == NUM_CLASSES  # ids 1..90 and the background
     annotations = [box(1, 1, [2, 3, 10, 5]), box(4, 1, [1, 1, 2, 2], category=category)]
     make_root(tmp_path, [image(1, 40, 30)], annotations, categories=(5, category))
     with pytest.raises(UserError) as err:
-        load_split(tmp_path, "train", drop_empty=True)
+        load(tmp_path, "train", drop_empty=True)
     message = str(err.value)
     assert "instances_train2017.json" in message
     assert f"annotation 4 has category_id {category}, outside 1..90" in message
 
 
-def test_categories_at_both_ends_of_the_range_load(tmp_path):
+def test_categories_at_both_ends_of_the_range_load(load, tmp_path):
     annotations = [box(1, 1, [2, 3, 10, 5], category=1), box(2, 1, [1, 1, 2, 2], category=90)]
     make_root(tmp_path, [image(1, 40, 30)], annotations, categories=(1, 90))
-    assert kept(tmp_path)[1].labels.tolist() == [1, 90]
+    assert kept(load, tmp_path)[1].labels.tolist() == [1, 90]
 
 
 # --- image files must stay in their folder ----------------------------------------------------
@@ -629,7 +648,7 @@ def _leaving_file_name(root: Path, case: str) -> str:
         "linked-subfolder",
     ],
 )
-def test_file_name_leading_out_of_the_image_folder_is_refused(tmp_path, case):
+def test_file_name_leading_out_of_the_image_folder_is_refused(load, tmp_path, case):
     root = make_root(
         tmp_path / "coco",
         [image(1, 40, 30), image(2, 40, 30)],
@@ -638,7 +657,7 @@ def test_file_name_leading_out_of_the_image_folder_is_refused(tmp_path, case):
     name = _leaving_file_name(root, case)
     set_file_name(root, "train", 2, name)
     with pytest.raises(UserError) as err:
-        load_split(root, "train", drop_empty=True)
+        load(root, "train", drop_empty=True)
     message = str(err.value)
     assert "\n" not in message
     assert "instances_train2017.json" in message
@@ -646,7 +665,7 @@ def test_file_name_leading_out_of_the_image_folder_is_refused(tmp_path, case):
     assert f"file names must name files inside {root / 'train2017'}" in message
     if "link" in case:
         assert f"leads to {(root / 'outside.jpg').resolve()}, outside" in message
-    load_split(root, "val", drop_empty=False)  # val's names are its own, still plain
+    load(root, "val", drop_empty=False)  # val's names are its own, still plain
 
 
 def _move_and_link(folder: Path, elsewhere: Path) -> None:
@@ -656,17 +675,17 @@ def _move_and_link(folder: Path, elsewhere: Path) -> None:
     folder.symlink_to(elsewhere, target_is_directory=True)
 
 
-def test_image_folder_linked_elsewhere_loads(tmp_path):
+def test_image_folder_linked_elsewhere_loads(load, tmp_path):
     root = make_root(tmp_path / "coco", [image(1, 40, 30), image(2, 32, 48)], [])
     _move_and_link(root / "val2017", tmp_path / "big-disk" / "val2017")
-    records, _ = load_split(root, "val", drop_empty=False)
+    records = load(root, "val", drop_empty=False)
     assert [r.file_name for r in records] == ["0001.jpg", "0002.jpg"]
     img, _ = CocoDetection(root, "val", records, hflip_prob=0.0, seed=0)[(0, 1)]
     assert tuple(img.shape) == (3, 48, 32)
 
 
 @pytest.mark.parametrize("folder_linked", [False, True], ids=["folder", "linked-folder"])
-def test_links_and_subfolders_inside_the_image_folder_load(tmp_path, folder_linked):
+def test_links_and_subfolders_inside_the_image_folder_load(load, tmp_path, folder_linked):
     images = [image(1, 40, 30), image(2, 40, 30), image(3, 32, 48), image(4, 32, 48)]
     root = make_root(tmp_path / "coco", images, [])
     folder = root / "val2017"
@@ -681,7 +700,7 @@ def test_links_and_subfolders_inside_the_image_folder_load(tmp_path, folder_link
     (folder / "0004.jpg").symlink_to(folder / "same" / "0003.jpg")
     if folder_linked:
         _move_and_link(folder, tmp_path / "big-disk" / "val2017")
-    records, _ = load_split(root, "val", drop_empty=False)
+    records = load(root, "val", drop_empty=False)
     assert [r.file_name for r in records] == ["0001.jpg", "0002.jpg", "sub/0003.jpg", "0004.jpg"]
     dataset = CocoDetection(root, "val", records, hflip_prob=0.0, seed=0)
     shapes = [tuple(dataset[(0, i)][0].shape) for i in range(4)]

@@ -11,25 +11,22 @@ inside the model (see `model.py`), so workers and host-to-device copies move 4x 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import signals
+from . import coco_index, signals
 from .errors import UserError
 
 SPLITS = ("train", "val")
-# COCO category ids are the model's labels as they are (model.NUM_CLASSES = 91, 0 the
-# background): an annotation's category must be one of 1..90.
-CATEGORY_IDS = range(1, 91)
 
 
 @dataclass(frozen=True)
@@ -80,10 +77,10 @@ def read_annotations(path: Path) -> dict:
     """The instances JSON, with a clear error for a missing, unreadable or malformed file."""
     try:
         with open(path, "rb") as f:
-            data = json.load(f)
+            data = msgspec.json.decode(f.read())
     except FileNotFoundError:
         raise UserError(f"data: {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except msgspec.DecodeError as err:
         raise UserError(f"data: {path} is not valid JSON ({err}): re-extract the file") from None
     if not isinstance(data, dict):
         raise UserError(f"data: {path} is not a COCO instances file: it holds no JSON object")
@@ -95,91 +92,87 @@ def read_annotations(path: Path) -> dict:
 
 def load_split(root: Path, split: str, *, drop_empty: bool) -> tuple[list[ImageRecord], dict]:
     """The images of a split with their kept boxes (images left without a box dropped if asked),
-    and the annotation file's content (the ground truth of evaluation).
+    and the annotation file's content (the ground truth of evaluation), from one reading.
 
     Every annotation, crowd or not, must name a listed image and category and have a box of no
-    negative size; every image's file must lie in the split's image folder."""
+    negative size; every image's file must lie in the split's image folder (see `coco_index`)."""
     path = annotation_file(root, split)
-    data = read_annotations(path)
-    try:
-        images = {
-            int(im["id"]): (str(im["file_name"]), int(im["width"]), int(im["height"]))
-            for im in data["images"]
-        }
-        categories = {int(c["id"]) for c in data["categories"]}
-        per_image: dict[int, list[tuple[list[float], int]]] = {i: [] for i in images}
-        for ann in data["annotations"]:
-            image_id = int(ann["image_id"])
-            if image_id not in per_image:
-                raise UserError(
-                    f"data: {path}: annotation {ann.get('id')} refers to image {image_id}, "
-                    "which is not in 'images'"
-                )
-            box = [float(v) for v in ann["bbox"]]
-            if len(box) != 4:
-                raise ValueError("'bbox' (4 numbers: x, y, width, height)")
-            category = int(ann["category_id"])
-            _check_annotation(path, ann, box, category, categories)
-            # Checked like the others (a broken box is a broken file either way), but crowd
-            # boxes are never training targets (SPEC §1).
-            if ann.get("iscrowd", 0):
-                continue
-            per_image[image_id].append((box, category))
-    except (KeyError, TypeError, ValueError) as err:
-        raise UserError(
-            f"data: {path}: an image, annotation or category lacks a valid {err}"
-        ) from None
+    content = read_annotations(path)
+    index = coco_index.from_content(content, path)
+    return _split_records(root, split, index, drop_empty=drop_empty), content
 
-    _check_image_files(
-        image_dir(root, split), path, {i: name for i, (name, _, _) in images.items()}
-    )
-    records = []
-    for image_id, (file_name, width, height) in images.items():
-        boxes, labels = _kept_boxes(per_image[image_id], width, height)
-        if drop_empty and len(boxes) == 0:
-            continue
-        records.append(ImageRecord(image_id, file_name, width, height, boxes, labels))
+
+def index_split(
+    root: Path,
+    split: str,
+    *,
+    drop_empty: bool,
+    cache_dir: Path | None,
+    check_files: bool = True,
+) -> list[ImageRecord]:
+    """The images of a split as `load_split` gives them, without the file's content: from the
+    index cached under `cache_dir` when it matches the annotation file, else read (and cached,
+    unless `cache_dir` is None). `check_files=False` skips the scan of the image folder, for a
+    process whose node has just scanned it."""
+    path = annotation_file(root, split)
+    index = coco_index.build(path) if cache_dir is None else coco_index.cached(path, cache_dir)
+    return _split_records(root, split, index, drop_empty=drop_empty, check_files=check_files)
+
+
+def _split_records(
+    root: Path,
+    split: str,
+    index: coco_index.CocoIndex,
+    *,
+    drop_empty: bool,
+    check_files: bool = True,
+) -> list[ImageRecord]:
+    """The records of a split's index (SPEC §1's filtering, see the module docstring), after
+    checking that its image files are in the split's folder."""
+    path = annotation_file(root, split)
+    if check_files:
+        _check_image_files(
+            image_dir(root, split),
+            path,
+            dict(zip(index.image_ids.tolist(), index.file_names, strict=True)),
+        )
+    records = _records(index, drop_empty)
     if not records:
         raise UserError(f"data: {path} has no usable image (every image lacks a usable box)")
-    return records, data
+    return records
 
 
-def _check_annotation(
-    path: Path, ann: dict, box: list[float], category: int, categories: set[int]
-) -> None:
-    # A box of zero width or height is allowed (COCO has some; it is dropped from the targets),
-    # a negative one is not: no clamping makes sense of it.
-    if box[2] < 0 or box[3] < 0:
-        raise UserError(
-            f"data: {path}: annotation {ann.get('id')} has a negative width or height "
-            f"(bbox {ann['bbox']}): fix or remove it"
-        )
-    if category not in categories:
-        raise UserError(
-            f"data: {path}: annotation {ann.get('id')} has category_id {category}, which is not "
-            "in 'categories': fix the annotation or add its category"
-        )
-    if category not in CATEGORY_IDS:
-        raise UserError(
-            f"data: {path}: annotation {ann.get('id')} has category_id {category}, outside "
-            f"{CATEGORY_IDS[0]}..{CATEGORY_IDS[-1]}, the ids the model's 91 classes hold "
-            "(COCO's): number the categories as COCO does"
-        )
-
-
-def _kept_boxes(
-    annotations: list[tuple[list[float], int]], width: int, height: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """COCO xywh -> xyxy clamped to the image; boxes with no area are dropped."""
-    if not annotations:
-        return np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
-    xywh = np.array([box for box, _ in annotations], np.float32).reshape(-1, 4)
-    labels = np.array([label for _, label in annotations], np.int64)
+def _records(index: coco_index.CocoIndex, drop_empty: bool) -> list[ImageRecord]:
+    """COCO xywh -> xyxy clamped to the image; crowd boxes and boxes with no area dropped. Each
+    image's boxes keep the file's order; the records share two read-only arrays."""
+    xywh, owner = index.ann_boxes, index.ann_images
     boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-    boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
-    boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
-    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    return boxes[keep], labels[keep]
+    # Each box clamped to its own image's size (float32, the boxes' type).
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, index.widths.astype(np.float32)[owner, None])
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, index.heights.astype(np.float32)[owner, None])
+    keep = ~index.ann_crowd & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    kept = np.flatnonzero(keep)
+    kept = kept[np.argsort(owner[kept], kind="stable")]  # grouped by image, in file order
+    boxes, labels = boxes[kept], index.ann_categories[kept].astype(np.int64)
+    boxes.flags.writeable = labels.flags.writeable = False
+    ends = np.cumsum(np.bincount(owner[kept], minlength=len(index.image_ids))).tolist()
+    records = []
+    for i, (image_id, name, width, height) in enumerate(
+        zip(
+            index.image_ids.tolist(),
+            index.file_names,
+            index.widths.tolist(),
+            index.heights.tolist(),
+            strict=True,
+        )
+    ):
+        start, end = ends[i - 1] if i else 0, ends[i]
+        if drop_empty and start == end:
+            continue
+        records.append(
+            ImageRecord(image_id, name, width, height, boxes[start:end], labels[start:end])
+        )
+    return records
 
 
 def _check_image_files(folder: Path, annotations: Path, names: dict[int, str]) -> None:
