@@ -178,13 +178,12 @@ def _annotations(
 # before `_build_data` and its peak at the end of it (what indexing alone added).
 DRIVER = textwrap.dedent(
     """
-    import json, os, resource, sys, time
+    import json, os, sys, time
     from retinaperf import cli  # first: its clock is the command's start, before torch
     import psutil
     from retinaperf import metrics, train
 
-    def peak():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    peak = metrics.peak_resident_bytes  # not ru_maxrss, which keeps the parent's at the fork
 
     found = {}
     build_data = train._build_data
@@ -238,13 +237,16 @@ def run_until_training(root: Path, out: Path, cache: Path) -> dict:
 
 OLD_PATH = textwrap.dedent(
     """
-    import json, resource, sys, time
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    import json, sys, time
+    def peak_resident_bytes():  # metrics.peak_resident_bytes, without importing torch
+        with open("/proc/self/status") as status:
+            return next(int(l.split()[1]) * 1024 for l in status if l.startswith("VmHWM:"))
+    before = peak_resident_bytes()
     start = time.perf_counter()
     with open(sys.argv[1], "rb") as f:
         json.load(f)
     seconds = time.perf_counter() - start
-    print(seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+    print(seconds, peak_resident_bytes() - before)
     """
 )
 

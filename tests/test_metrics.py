@@ -1,5 +1,9 @@
 """The SPEC §3 arithmetic, driven by a fake clock so every window has a known length."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -315,3 +319,23 @@ def test_cpu_memory_is_peak_resident_set_over_ram():
     assert reading["total"] == pytest.approx(
         _proc_kib("/proc/meminfo", "MemTotal") / 1024**2, rel=0.01
     )
+
+
+def test_a_process_started_by_a_large_one_reports_its_own_peak():
+    """getrusage's ru_maxrss survives exec on Linux: a run launched by a process that holds
+    gigabytes (a launcher, a benchmark) would report at least the parent's resident set."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux's /proc")
+    block = torch.ones(2 * 1024**3 // 4)  # 2 GiB, touched: resident in this process
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from retinaperf import metrics; print(metrics.peak_resident_bytes())",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    del block
+    assert int(child.stdout) < 1.5 * 1024**3  # torch's import, not the parent's 2 GiB

@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import os
 import resource
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -237,6 +238,23 @@ def device_events(device: torch.device) -> Callable[[], Any] | None:
     return lambda: torch.Event(device=device, enable_timing=True)
 
 
+def peak_resident_bytes() -> int:
+    """This process's peak resident set: Linux's VmHWM, else getrusage's ru_maxrss.
+
+    ru_maxrss survives exec on Linux: a process started by a large one (a launcher, a benchmark
+    holding gigabytes) reports at least the parent's resident set at the fork. VmHWM is the
+    high-water mark of this program's own memory."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return usage if sys.platform == "darwin" else usage * 1024  # macOS: bytes; Linux: KiB
+
+
 def memory_peak(device: torch.device) -> dict[str, float | str]:
     """This process's peak memory and the device's capacity, GiB.
 
@@ -245,7 +263,7 @@ def memory_peak(device: torch.device) -> dict[str, float | str]:
     over the machine's RAM.
     """
     if device.type == "cpu":
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        peak = peak_resident_bytes()
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return {"used": peak / GIB, "total": total / GIB, "source": "peak resident set / RAM"}
     _free, total = torch.accelerator.get_memory_info(device)
