@@ -82,43 +82,53 @@ def our_step(batch: tuple[list, list], precision_name: str) -> Callable[[], None
     return lambda: train_step(model, images, copy.deepcopy(targets), optimizer, chosen)
 
 
-def alternating_best(first: Callable[[], None], second: Callable[[], None], rounds: int) -> tuple:
-    """The best time of each, in rounds that alternate the two (after one warm-up step each), so
-    that both meet the same moments of a shared machine's load."""
-    best = [math.inf, math.inf]
-    for fn in (first, second):
-        fn()
+def alternating_best(steps: list[Callable[[], None]], rounds: int) -> list[float]:
+    """The best time of each step, in rounds that take them in turn (after one warm-up call
+    each), so that all meet the same moments of a shared machine's load."""
+    best = [math.inf] * len(steps)
+    for step in steps:
+        step()
     for _ in range(rounds):
-        for i, fn in enumerate((first, second)):
-            best[i] = min(best[i], best_time(fn, 1, warmup=0))
-    return best[0], best[1]
+        for i, step in enumerate(steps):
+            best[i] = min(best[i], best_time(step, 1, warmup=0))
+    return best
 
 
 def benchmark(steps: int = 3) -> list[Comparison]:
     batch = make_batch()
     workload = f"training step, batch {BATCH} at {SIZE}×{SIZE}, random init, CPU"
-    plain, fp32 = alternating_best(plain_loop_step(batch), our_step(batch, "fp32"), steps)
+    auto, reason = precision.choose("auto", CPU)
+    # auto is fp32 on some CPUs: then there is nothing to compare it with
+    timed = [plain_loop_step(batch), our_step(batch, "fp32")]
+    if auto != "fp32":
+        timed.append(our_step(batch, auto))
+    plain, fp32, *ours_auto = alternating_best(timed, steps)
+    rounds = f"best of {steps} rounds that take the steps in turn"
     comparisons = [
         speedup(
-            "step", workload + ", fp32", "plain torchvision loop", plain, "retinaperf", fp32, 1.0
+            "step",
+            workload + ", fp32",
+            "plain torchvision loop",
+            plain,
+            "retinaperf",
+            fp32,
+            1.0,
+            notes=rounds,
         )
     ]
-    auto, reason = precision.choose("auto", CPU)
-    if auto == "fp32":  # nothing to compare: auto is fp32 on this CPU
-        return comparisons
-    fp32, ours_auto = alternating_best(our_step(batch, "fp32"), our_step(batch, auto), steps)
-    comparisons.append(
-        speedup(
-            "auto precision",
-            workload,
-            "retinaperf fp32",
-            fp32,
-            f"retinaperf auto ({auto})",
-            ours_auto,
-            1.0,
-            notes=f"auto chose {auto} ({reason}); best of {steps} alternating rounds",
+    if ours_auto:
+        comparisons.append(
+            speedup(
+                "auto precision",
+                workload,
+                "retinaperf fp32",
+                fp32,
+                f"retinaperf auto ({auto})",
+                ours_auto[0],
+                1.0,
+                notes=f"auto chose {auto} ({reason}); {rounds}",
+            )
         )
-    )
     return comparisons
 
 
