@@ -183,7 +183,11 @@ def test_matching_in_anchor_chunks(model, monkeypatch):
 
 
 @pytest.mark.parametrize("cases", [hard_targets, far_box_targets])
-def test_losses_and_gradients_equal_torchvision(model, cases):
+@pytest.mark.parametrize("path", ["cpu", "accelerator"])
+def test_losses_and_gradients_equal_torchvision(model, cases, path, monkeypatch):
+    if path == "accelerator":  # what an accelerator runs: the padded batch, logits in few chunks
+        monkeypatch.setattr(loss, "match_per_image", lambda device: False)
+        monkeypatch.setattr(loss, "CPU_CHUNK", loss.DEVICE_CHUNK)
     targets = cases()
     anchors = make_anchors(model, len(targets))
     outputs = head_outputs(len(targets), len(anchors[0]), torch.Generator().manual_seed(3))
@@ -199,20 +203,6 @@ def test_focal_loss_in_chunks(model, monkeypatch):
     targets = hard_targets()
     anchors = make_anchors(model, len(targets))
     outputs = head_outputs(len(targets), len(anchors[0]), torch.Generator().manual_seed(4))
-    assert_same_losses(
-        losses_and_grads(model, "batched", targets, outputs, anchors),
-        losses_and_grads(model, "torchvision", targets, outputs, anchors),
-    )
-
-
-@pytest.mark.parametrize("cases", [hard_targets, far_box_targets])
-def test_accelerator_path_equals_torchvision(model, cases, monkeypatch):
-    """What an accelerator runs: the padded batch matched at once, the logits in few chunks."""
-    monkeypatch.setattr(loss, "match_per_image", lambda device: False)
-    monkeypatch.setattr(loss, "CPU_CHUNK", loss.DEVICE_CHUNK)
-    targets = cases()
-    anchors = make_anchors(model, len(targets))
-    outputs = head_outputs(len(targets), len(anchors[0]), torch.Generator().manual_seed(9))
     assert_same_losses(
         losses_and_grads(model, "batched", targets, outputs, anchors),
         losses_and_grads(model, "torchvision", targets, outputs, anchors),
