@@ -17,8 +17,9 @@ Baseline: the step as it was before issue 15, reconstructed: torchvision's input
 its per-call frozen batch norm and anchors (`transform=torchvision`, `reuse_constants=false`),
 and the batched loss matching image by image in chunks of 2**24 elements (torchvision's own loss
 cannot run here: it reads device values). Its targets are padded as now, one copy for the batch:
-before, three pads per image cost ~50 operators more (4,607 in all, measured on 2026-11-30). Goals: at most 1,500 operators for forward + loss +
-backward (the goal ratio is the baseline's count / 1,500), and a third of the baseline's host time.
+before, three pads per image cost ~50 operators more (4,607 in all, measured on 2026-11-30).
+Goals: at most 1,500 operators for forward + loss + backward (the goal ratio is the baseline's
+count / 1,500), and a third of the baseline's host time.
 
     .venv/bin/python benchmarks/bench_host.py [--repeats 5]
 """
