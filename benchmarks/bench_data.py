@@ -23,7 +23,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from common import Comparison, print_comparisons
-from retinaperf.data import CocoDetection, load_split
+from retinaperf.data.coco import CocoDetection, load_split
 
 PHOTOS = Path(__file__).parent / "photos"
 THREADS = torch.get_num_threads()

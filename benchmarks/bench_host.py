@@ -36,11 +36,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from common import Comparison, best_time, print_comparisons, speedup
-from retinaperf import loss
 from retinaperf.config import ModelConfig
-from retinaperf.model import build_model
-from retinaperf.precision import Precision
-from retinaperf.train import train_step
+from retinaperf.model import loss
+from retinaperf.model.network import build_model
+from retinaperf.model.precision import Precision
+from retinaperf.run.trainer import train_step
 
 META = torch.device("meta")
 BATCH, BOXES = 16, 7

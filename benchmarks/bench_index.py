@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from common import Comparison, print_comparisons
-from retinaperf import synth
+from retinaperf.data import synth
 
 SEED = 0
 TRAIN_IMAGES, TRAIN_ANNOTATIONS = 118_287, 860_001  # COCO2017 train
@@ -181,12 +181,14 @@ DRIVER = textwrap.dedent(
     import json, os, sys, time
     from retinaperf import cli  # first: its clock is the command's start, before torch
     import psutil
-    from retinaperf import metrics, train
+    from retinaperf.measure import memory
+    from retinaperf.measure import meter
+    from retinaperf.run import trainer
 
-    peak = metrics.peak_resident_bytes  # not ru_maxrss, which keeps the parent's at the fork
+    peak = memory.peak_resident_bytes  # not ru_maxrss, which keeps the parent's at the fork
 
     found = {}
-    build_data = train._build_data
+    build_data = trainer._build_data
 
     def measured(*args, **kwargs):
         found["rss_before_data"] = psutil.Process().memory_info().rss
@@ -204,8 +206,8 @@ DRIVER = textwrap.dedent(
             json.dump(found, f)
         os._exit(0)
 
-    train._build_data = measured
-    started, metrics.Meter.train_started = metrics.Meter.train_started, stop
+    trainer._build_data = measured
+    started, meter.Meter.train_started = meter.Meter.train_started, stop
     sys.exit(cli.main(sys.argv[1:]))
     """
 )
@@ -238,7 +240,7 @@ def run_until_training(root: Path, out: Path, cache: Path) -> dict:
 OLD_PATH = textwrap.dedent(
     """
     import json, sys, time
-    def peak_resident_bytes():  # metrics.peak_resident_bytes, without importing torch
+    def peak_resident_bytes():  # memory.peak_resident_bytes, without importing torch
         with open("/proc/self/status") as status:
             return next(int(l.split()[1]) * 1024 for l in status if l.startswith("VmHWM:"))
     before = peak_resident_bytes()

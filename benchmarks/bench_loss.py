@@ -25,7 +25,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead, _default_anchorgen
 
 from common import Comparison, best_time, print_comparisons, speedup
-from retinaperf.loss import retinanet_loss
+from retinaperf.model.loss import retinanet_loss
 
 IMAGE = (800, 1333)  # the recipe's resize of a 4:3 COCO photo
 PADDED = (800, 1344)  # batched to a multiple of 32

@@ -24,7 +24,7 @@ from torchvision.models.detection.retinanet import RetinaNet
 
 from common import Comparison, best_time, print_comparisons, speedup
 from retinaperf.config import ModelConfig
-from retinaperf.model import NUM_CLASSES, build_model
+from retinaperf.model.network import NUM_CLASSES, build_model
 
 PADDED = (800, 1344)  # an 800×1333 batch after GeneralizedRCNNTransform's padding to 32
 

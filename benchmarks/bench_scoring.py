@@ -36,7 +36,7 @@ from pycocotools.cocoeval import COCOeval
 
 from common import Comparison, best_time, print_comparisons, speedup
 from retinaperf.distributed import DistEnv
-from retinaperf.evaluate import STAT_NAMES, CocoEvaluator, load_ground_truth
+from retinaperf.measure.scoring import STAT_NAMES, CocoEvaluator, load_ground_truth
 
 # COCO's 80 category ids: 1..90 without the 10 that were never annotated.
 COCO_CATEGORY_IDS = tuple(

@@ -23,11 +23,11 @@ import torch
 from torchvision.models.detection import retinanet_resnet50_fpn
 
 from common import Comparison, best_time, print_comparisons, speedup
-from retinaperf import precision
 from retinaperf.config import ModelConfig, TrainConfig
-from retinaperf.model import build_model
-from retinaperf.precision import Precision
-from retinaperf.train import build_optimizer, train_step, use_channels_last
+from retinaperf.model import precision
+from retinaperf.model.network import build_model
+from retinaperf.model.precision import Precision
+from retinaperf.run.trainer import build_optimizer, train_step, use_channels_last
 
 SIZE, BATCH = 512, 4
 CPU = torch.device("cpu")

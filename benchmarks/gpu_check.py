@@ -34,8 +34,10 @@ sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
-from retinaperf import report  # noqa: E402
 from retinaperf.config import PRECISIONS as KNOWN_PRECISIONS  # noqa: E402
+from retinaperf.io import write_text_atomic  # noqa: E402
+from retinaperf.report import tables  # noqa: E402
+from retinaperf.report.events import EVENTS, read_events  # noqa: E402
 
 PRESET = "A100-1x1"
 PROFILED = "40:45"  # the steps bf16-profile records: after the warm-up, before the end
@@ -102,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{run_name}: exit status {done.returncode} ({time.perf_counter() - started:.0f} s)")
         if done.returncode != 0:
             failed.append(f"run {run_name}")
-    finished = [out_dir / p for p in runs if (out_dir / p / report.RESULTS).is_file()]
-    text = summary(name, [report.load_results(d) for d in finished], verdict, failed, argv)
-    report.write_text_atomic(out_dir / "README.md", text)
+    finished = [out_dir / p for p in runs if (out_dir / p / tables.RESULTS).is_file()]
+    text = summary(name, [tables.load_results(d) for d in finished], verdict, failed, argv)
+    write_text_atomic(out_dir / "README.md", text)
     print(text)
     print(f"gpu_check: {time.perf_counter() - started:.0f} s in all; {out_dir / 'README.md'}")
     return 1 if failed else 0
@@ -132,9 +134,9 @@ def summary(
             f"Throughput mode of preset {PRESET} (`retinaperf run --preset {PRESET} --synthetic`),"
             f" {steps} steps per run:",
             "",
-            report.render_comparison(report.compare(runs), "md"),
+            tables.render_comparison(tables.compare(runs), "md"),
             "",
-            report.format_table([_extra_row(r) for r in runs], EXTRA_COLUMNS),
+            tables.format_table([_extra_row(r) for r in runs], EXTRA_COLUMNS),
         ]
     return "\n".join(lines) + "\n"
 
@@ -173,9 +175,9 @@ def _extra_row(results: dict) -> dict[str, str]:
         f"{'on' if impl['reuse_constants'] else 'off'}, loss {impl['loss']}, postprocess "
         f"{impl['postprocess']}, channels-last {'on' if impl['channels_last'] else 'off'}, "
         f"cudnn.benchmark {'on' if m['math']['cudnn_benchmark'] else 'off'}, compile {compiled}",
-        "p_core": report.significant(m["p_core"]),
-        "p_core_steady": "–" if steady is None else report.significant(steady),
-        "TFLOP/s": report.significant(m["achieved_tflops"]),
+        "p_core": tables.significant(m["p_core"]),
+        "p_core_steady": "–" if steady is None else tables.significant(steady),
+        "TFLOP/s": tables.significant(m["achieved_tflops"]),
         "MFU": "–" if m["mfu"] is None else f"{100 * m['mfu']:.1f}% of {m['peak_math']}",
         # NVML's utilisation: the share of sample periods in which a kernel ran (monitor mean)
         "GPU util": f"{max(utilisation):.1f}%" if utilisation else "–",
@@ -184,14 +186,14 @@ def _extra_row(results: dict) -> dict[str, str]:
         "float32 math": f"conv {m['math']['effective_conv']}, matmul "
         f"{m['math']['effective_matmul']}",
         "mem": m["mem"],
-        "img/J": "–" if per_joule is None else report.significant(per_joule),
+        "img/J": "–" if per_joule is None else tables.significant(per_joule),
         "energy": m["energy_source"] or m["energy_note"],
     }
 
 
 def _device_busy(run_dir: Path) -> float | None:
     """The profiled window's device busy share, from the run's event log (profiled runs only)."""
-    profiles = [e for e in report.read_events(run_dir / report.EVENTS) if e["event"] == "profile"]
+    profiles = [e for e in read_events(run_dir / EVENTS) if e["event"] == "profile"]
     return profiles[-1].get("device_busy") if profiles else None
 
 

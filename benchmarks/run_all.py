@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from common import Comparison, print_comparisons, readme_section, replace_readme_section
-from retinaperf import environment
-from retinaperf.report import write_text_atomic
+from retinaperf.io import write_text_atomic
+from retinaperf.measure import environment
 
 HERE = Path(__file__).parent
 LATEST = HERE / "results" / "latest.json"

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from retinaperf.synth import SynthSpec, generate
+from retinaperf.data.synth import SynthSpec, generate
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from retinaperf import checkpoint, cli, config, evaluate, train
+from retinaperf import cli, config
 from retinaperf.errors import UserError
+from retinaperf.run import checkpoint, evaluation, trainer
 
 # Two epochs of 5 steps (the 20 of 24 images that have boxes, batch 4), every step logged,
 # deterministic kernels.
@@ -77,7 +78,7 @@ def test_a_run_stopped_by_sigterm_and_resumed_equals_the_uninterrupted_run(
     where, call, stopped_at, uninterrupted, tiny_dataset, tiny_run_args, tmp_path, monkeypatch
 ):
     out = tmp_path / "run"
-    module = train if where == "train_step" else evaluate
+    module = trainer if where == "train_step" else evaluation
     with monkeypatch.context() as patch:
         signal_at(patch, module, where, call)
         assert run_cli(tiny_run_args(tiny_dataset, out, **SETTINGS)) == 128 + signal.SIGTERM
@@ -125,7 +126,7 @@ def test_checkpoints_are_kept_newest_first_hold_the_state_and_go_when_the_run_co
     # A timed checkpoint at every step, 3 kept; stopped during the last step.
     settings = {**SETTINGS, "checkpoint_minutes": 1e-6, "keep_checkpoints": 3}
     with monkeypatch.context() as patch:
-        signal_at(patch, train, "train_step", 10)
+        signal_at(patch, trainer, "train_step", 10)
         assert run_cli(tiny_run_args(tiny_dataset, out, **settings)) == 128 + signal.SIGTERM
     kept = [p.name for p in checkpoint.saved(out)]
     assert kept == ["step-00000008.pt", "step-00000009.pt", "step-00000010.pt"]
@@ -147,7 +148,7 @@ def test_checkpoints_are_kept_newest_first_hold_the_state_and_go_when_the_run_co
 def stopped_run(tiny_dataset, tiny_run_args, out: Path, monkeypatch) -> Path:
     """A run stopped by SIGTERM after its second step."""
     with monkeypatch.context() as patch:
-        signal_at(patch, train, "train_step", 2)
+        signal_at(patch, trainer, "train_step", 2)
         settings = {**SETTINGS, "epochs": 1}
         assert run_cli(tiny_run_args(tiny_dataset, out, **settings)) == 128 + signal.SIGTERM
     return out
@@ -221,7 +222,7 @@ def test_a_full_disk_while_checkpointing_leaves_nothing_half_written(
 
     with monkeypatch.context() as patch:
         patch.setattr(checkpoint.torch, "save", fills_the_disk)
-        signal_at(patch, train, "train_step", 8)
+        signal_at(patch, trainer, "train_step", 8)
         assert run_cli(tiny_run_args(tiny_dataset, out, **SETTINGS)) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
     assert "cannot write step 8" in err and "No space left on device" in err

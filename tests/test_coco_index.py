@@ -17,16 +17,17 @@ import numpy as np
 import pytest
 import torch
 
-from retinaperf import coco_index, data, train
-from retinaperf.data import ImageRecord, index_split, load_split
+from retinaperf.data import coco, coco_index
+from retinaperf.data.coco import ImageRecord, index_split, load_split
+from retinaperf.data.synth import SynthSpec, generate
 from retinaperf.distributed import DistEnv
 from retinaperf.errors import UserError
-from retinaperf.synth import SynthSpec, generate
+from retinaperf.run import trainer
 
 
 def reference_records(root: Path, split: str, drop_empty: bool) -> list[ImageRecord]:
     """The records of a valid split as the loader before the index made them."""
-    with open(data.annotation_file(root, split), "rb") as f:
+    with open(coco.annotation_file(root, split), "rb") as f:
         content = json.load(f)
     images = {
         int(im["id"]): (str(im["file_name"]), int(im["width"]), int(im["height"]))
@@ -140,7 +141,7 @@ def write_split(
     for im in images:
         (folder / im["file_name"]).touch()
     (root / "annotations").mkdir(exist_ok=True)
-    path = data.annotation_file(root, split)
+    path = coco.annotation_file(root, split)
     content = {
         "info": {"description": "test"},
         "images": images,
@@ -319,7 +320,7 @@ def test_annotations_that_are_not_a_list_are_refused(tmp_path):
 
 @pytest.fixture
 def train_file(tmp_path) -> Path:
-    return data.annotation_file(write_random_root(tmp_path / "coco", 0), "train")
+    return coco.annotation_file(write_random_root(tmp_path / "coco", 0), "train")
 
 
 def assert_same_index(a: coco_index.CocoIndex, b: coco_index.CocoIndex) -> None:
@@ -497,14 +498,14 @@ def env(local_rank: int) -> DistEnv:
 def test_local_rank_0_builds_and_scans_the_others_load_the_cache(tmp_path, builds, monkeypatch):
     root = write_random_root(tmp_path / "coco", 3)
     scans = []
-    check = data._check_image_files
+    check = coco._check_image_files
     monkeypatch.setattr(
-        data, "_check_image_files", lambda *args: (scans.append(args[0]), check(*args))
+        coco, "_check_image_files", lambda *args: (scans.append(args[0]), check(*args))
     )
-    first = train._train_records(root, env(0), tmp_path / "cache")
-    assert builds == [data.annotation_file(root, "train")]
-    assert scans == [data.image_dir(root, "train")]
-    other = train._train_records(root, env(1), tmp_path / "cache")
+    first = trainer._train_records(root, env(0), tmp_path / "cache")
+    assert builds == [coco.annotation_file(root, "train")]
+    assert scans == [coco.image_dir(root, "train")]
+    other = trainer._train_records(root, env(1), tmp_path / "cache")
     assert len(builds) == 1 and len(scans) == 1  # from the cache, no second scan
     assert_same_records(other, first)
     assert_same_records(first, reference_records(root, "train", drop_empty=True))

@@ -16,21 +16,19 @@ import pytest
 import torch
 from PIL import Image
 
-from retinaperf.coco_index import CATEGORY_IDS
-from retinaperf.data import (
+from retinaperf.data.coco import (
     CocoDetection,
-    GroupedBatchSampler,
     ImageRecord,
     LoadFailure,
-    aspect_ratio_groups,
     check_batch,
     check_root,
-    eval_batches,
     index_split,
     load_split,
 )
+from retinaperf.data.coco_index import CATEGORY_IDS
+from retinaperf.data.sampling import GroupedBatchSampler, aspect_ratio_groups, eval_batches
 from retinaperf.errors import UserError
-from retinaperf.model import NUM_CLASSES
+from retinaperf.model.network import NUM_CLASSES
 
 LEFT, RIGHT = (250, 10, 10), (10, 10, 250)  # red left half, blue right half
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 import torchvision
 
-from retinaperf.report import read_events
-from retinaperf.synth import SynthSpec, generate
+from retinaperf.data.synth import SynthSpec, generate
+from retinaperf.report.events import read_events
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 HERE = Path(__file__).parent

@@ -10,7 +10,7 @@ import pytest
 import torch
 from nvml_fake import NvmlFake
 
-from retinaperf.energy import (
+from retinaperf.measure.energy import (
     INTEGRATED,
     PhaseEnergy,
     RunEnergy,
@@ -441,7 +441,7 @@ def test_the_gpus_counter_counts_the_energy_of_real_work():
     """On a GPU (the GPU check): its NVML counter reads, and work raises it by a plausible power."""
     import time
 
-    from retinaperf.metrics import device_uuid
+    from retinaperf.measure.memory import device_uuid
 
     device = torch.device("cuda", 0)
     counter, reason = nvml_counter(device_uuid(device))

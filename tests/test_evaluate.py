@@ -25,7 +25,7 @@ from pycocotools.cocoeval import COCOeval
 from retinaperf.cli import main
 from retinaperf.distributed import DistEnv
 from retinaperf.errors import UserError
-from retinaperf.evaluate import (
+from retinaperf.measure.scoring import (
     CocoEvaluator,
     detections_to_array,
     evaluate_files,

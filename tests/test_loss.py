@@ -16,10 +16,10 @@ from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
-from retinaperf import loss
 from retinaperf.config import ModelConfig
-from retinaperf.loss import match_anchors, match_batch, pad_targets, retinanet_loss
-from retinaperf.model import NUM_CLASSES, RetinaPerfNet, build_model
+from retinaperf.model import loss
+from retinaperf.model.loss import match_anchors, match_batch, pad_targets, retinanet_loss
+from retinaperf.model.network import NUM_CLASSES, RetinaPerfNet, build_model
 
 SIZE = 128  # anchors of a 128×128 image: 9 × (16² + 8² + 4² + 2² + 1) = 3069
 MATCHER = Matcher(0.5, 0.4, allow_low_quality_matches=True)

@@ -8,15 +8,8 @@ import pytest
 import torch
 
 from retinaperf.distributed import DistEnv
-from retinaperf.metrics import (
-    DRIVER_VIEW,
-    Meter,
-    device_uuid,
-    driver_peak,
-    memory,
-    memory_peak,
-    summarize,
-)
+from retinaperf.measure.memory import DRIVER_VIEW, device_uuid, driver_peak, memory, memory_peak
+from retinaperf.measure.meter import Meter, summarize
 
 CPU = torch.device("cpu")
 
@@ -331,7 +324,7 @@ def test_a_process_started_by_a_large_one_reports_its_own_peak():
         [
             sys.executable,
             "-c",
-            "from retinaperf import metrics; print(metrics.peak_resident_bytes())",
+            "from retinaperf.measure import memory; print(memory.peak_resident_bytes())",
         ],
         capture_output=True,
         text=True,

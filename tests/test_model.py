@@ -20,7 +20,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from retinaperf.config import ModelConfig
 from retinaperf.errors import UserError
-from retinaperf.model import FrozenNorm, ReusedAnchors, build_model
+from retinaperf.model.network import FrozenNorm, ReusedAnchors, build_model
 
 SMALL = ModelConfig(min_size=64, max_size=64)
 

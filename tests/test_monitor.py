@@ -13,7 +13,7 @@ import pynvml
 import pytest
 from nvml_fake import NvmlFake
 
-from retinaperf.monitor import (
+from retinaperf.measure.monitor import (
     HostSampler,
     Monitor,
     NvmlSampler,
@@ -446,7 +446,7 @@ def test_nvml_readings_agree_with_torch_on_the_jobs_gpu():
     sees an allocation torch makes."""
     import torch
 
-    from retinaperf.metrics import device_uuid
+    from retinaperf.measure.memory import device_uuid
 
     device = torch.device("cuda", 0)
     torch.ones(1, device=device)  # the CUDA context exists before the first reading

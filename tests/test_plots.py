@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageChops
 
-from retinaperf.plots import (
+from retinaperf.report.plots import (
     DPI,
     SIZE,
     TALL_SIZE,
@@ -22,7 +22,7 @@ from retinaperf.plots import (
 
 
 def step_events(losses: list[float], lrs: list[float] | None = None) -> list[dict]:
-    """One step event per loss, 10 steps apart, as train.py logs them."""
+    """One step event per loss, 10 steps apart, as the trainer logs them."""
     lrs = lrs or [0.01] * len(losses)
     return [
         {
@@ -281,7 +281,7 @@ def test_host_lines_are_the_sampled_numbers() -> None:
 def test_does_not_import_pyplot(tmp_path: Path) -> None:
     """A training process that writes plots keeps pyplot (and its global figure state) unloaded."""
     code = (
-        "import sys; from pathlib import Path; from retinaperf.plots import write_plots; "
+        "import sys; from pathlib import Path; from retinaperf.report.plots import write_plots; "
         "write_plots([{'event': 'step', 'step': 1, 'loss': 1.0}], None, Path(sys.argv[1])); "
         "assert 'matplotlib.pyplot' not in sys.modules"
     )

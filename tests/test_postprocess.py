@@ -21,10 +21,10 @@ from torch import Tensor
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNet
 
-from retinaperf import postprocess
 from retinaperf.config import ModelConfig
-from retinaperf.model import NUM_CLASSES, RetinaPerfNet, build_model
-from retinaperf.postprocess import (
+from retinaperf.model import postprocess
+from retinaperf.model.network import NUM_CLASSES, RetinaPerfNet, build_model
+from retinaperf.model.postprocess import (
     _MAX_CUT,
     _cuts,
     _group_maxima,

@@ -12,21 +12,15 @@ import pytest
 import torch
 from torch import nn
 
+from retinaperf.config import parse_step_window
 from retinaperf.errors import UserError
-from retinaperf.profiling import (
-    TOP_OPS,
-    TOP_ROWS,
-    TRACE,
-    StepProfiler,
-    device_busy,
-    parse_step_window,
-)
+from retinaperf.measure.profiling import TOP_OPS, TOP_ROWS, TRACE, StepProfiler, device_busy
 
 CPU = torch.device("cpu")
 
 
 class Events:
-    """Collects what the profiler emits, as report.EventLog would write it."""
+    """Collects what the profiler emits, as the EventLog would write it."""
 
     def __init__(self) -> None:
         self.records: list[tuple[str, dict]] = []
@@ -161,7 +155,7 @@ def test_a_run_that_ends_before_the_window_says_so(
 def test_the_parser_imports_without_torch() -> None:
     # config.py validates profile_steps with it, and the CLI imports config before torch.
     code = (
-        "import sys; from retinaperf.profiling import parse_step_window; "
+        "import sys; from retinaperf.config import parse_step_window; "
         "assert parse_step_window('2:4') == (2, 4); assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -10,16 +10,15 @@ import pytest
 
 from retinaperf import cli
 from retinaperf.errors import UserError
-from retinaperf.report import (
+from retinaperf.io import write_json_atomic
+from retinaperf.report.events import EventLog, TensorBoardSink
+from retinaperf.report.tables import (
     ADDED_COLUMNS_NOTE,
-    EventLog,
-    TensorBoardSink,
     compare,
     format_cells,
     load_results,
     render_comparison,
     seed_reference,
-    write_json_atomic,
 )
 
 
@@ -187,7 +186,7 @@ def test_tensorboard_gets_the_event_log_numbers(tmp_path):
 
 
 def test_report_plots_draws_each_runs_plots_from_its_logs(runs, capsys):
-    from retinaperf.report import write_jsonl
+    from retinaperf.io import write_jsonl
 
     folder = runs[0]
     write_jsonl(

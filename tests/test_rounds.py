@@ -7,8 +7,8 @@ import math
 import pytest
 
 from retinaperf import cli
-from retinaperf.report import write_json_atomic
-from retinaperf.rounds import SUMMARY, configuration_key, groups, render_spread, spread
+from retinaperf.io import write_json_atomic
+from retinaperf.run.rounds import SUMMARY, configuration_key, groups, render_spread, spread
 
 
 def results(p_core: float, precision: str = "fp32", **metrics) -> dict:

@@ -6,13 +6,13 @@ import signal
 import subprocess
 import sys
 
-from retinaperf.signals import SIGNALS, ignore_in_worker
+from retinaperf.run.signals import SIGNALS, ignore_in_worker
 
 
 def test_a_second_signal_exits_at_once():
     code = (
         "import os, signal, time\n"
-        "from retinaperf.signals import StopRequest\n"
+        "from retinaperf.run.signals import StopRequest\n"
         "with StopRequest(repeat_window_s=0.0) as stop:\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    time.sleep(0.1)\n"
@@ -29,7 +29,7 @@ def test_a_second_signal_exits_at_once():
 def test_a_repeat_within_the_window_is_the_same_request():
     code = (
         "import os, signal, time\n"
-        "from retinaperf.signals import StopRequest\n"
+        "from retinaperf.run.signals import StopRequest\n"
         "with StopRequest(repeat_window_s=60.0) as stop:\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    os.kill(os.getpid(), signal.SIGTERM)  # torchrun forwarding the same one\n"
@@ -52,7 +52,7 @@ def test_data_loader_workers_leave_the_signals_to_the_training_process():
 
 CHILD = (
     "import sys, time\n"
-    "from retinaperf.signals import StopRequest\n"
+    "from retinaperf.run.signals import StopRequest\n"
     "with StopRequest() as stop:\n"
     "    print('ready', flush=True)\n"
     "    while not stop.requested:\n"
@@ -64,7 +64,7 @@ CHILD = (
 def test_a_launcher_hands_sigterm_to_its_run_and_leaves_sigint_to_the_terminal():
     parent = (
         "import sys\n"
-        "from retinaperf.signals import run_child\n"
+        "from retinaperf.run.signals import run_child\n"
         f"sys.exit(run_child([sys.executable, '-c', {CHILD!r}]))\n"
     )
     job = subprocess.Popen(

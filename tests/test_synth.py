@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retinaperf import cli, data, synth
+from retinaperf import cli
+from retinaperf.data import coco, synth
+from retinaperf.data.synth import SynthSpec, cached, generate
 from retinaperf.errors import UserError
-from retinaperf.synth import SynthSpec, cached, generate
 
 SPEC = SynthSpec(seed=0, train_images=150, val_images=30, image_size=48)
 SPLITS = ("train", "val")
@@ -350,9 +351,9 @@ def test_coco_profile_jpeg_sizes_are_in_coco_range(coco_sample):
 
 
 def test_load_split_reads_a_coco_profile_dataset(coco_sample):
-    records, _ = data.load_split(coco_sample, "val", drop_empty=False)
+    records, _ = coco.load_split(coco_sample, "val", drop_empty=False)
     assert len(records) == COCO_SPEC.val_images
-    train, _ = data.load_split(coco_sample, "train", drop_empty=True)
+    train, _ = coco.load_split(coco_sample, "train", drop_empty=True)
     assert 0.95 * COCO_SPEC.train_images <= len(train) <= COCO_SPEC.train_images
     for record in records + train:
         boxes = record.boxes

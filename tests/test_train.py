@@ -12,12 +12,16 @@ import pytest
 import torch
 from torchvision.models.detection import retinanet_resnet50_fpn
 
-from retinaperf import checkpoint, cli, data, energy, evaluate, metrics, train
+from retinaperf import cli
 from retinaperf.config import ModelConfig, TrainConfig
-from retinaperf.model import RetinaPerfNet, build_model
-from retinaperf.precision import Precision
-from retinaperf.report import read_events
-from retinaperf.train import build_optimizer, lr_factor, train_step, use_channels_last
+from retinaperf.data import coco
+from retinaperf.measure import energy, scoring
+from retinaperf.measure.meter import Meter, device_events
+from retinaperf.model.network import RetinaPerfNet, build_model
+from retinaperf.model.precision import Precision
+from retinaperf.report.events import read_events
+from retinaperf.run import checkpoint, trainer
+from retinaperf.run.trainer import build_optimizer, lr_factor, train_step, use_channels_last
 
 CPU = torch.device("cpu")
 SPEC = {"warmup_factor": 1e-3, "lr_steps": (16, 22), "gamma": 0.1}
@@ -221,7 +225,7 @@ def test_run_writes_results_events_and_report(tiny_run_args, tiny_dataset, tmp_p
         assert e["loss"] == pytest.approx(e["classification"] + e["bbox_regression"])
         assert e["images_per_s"] > 0 and e["lr"] > 0
     (ev,) = [e for e in events if e["event"] == "eval"]
-    assert set(evaluate.STAT_NAMES) <= set(ev) and ev["mAP"] == ev["AP"] == m["mAP"]
+    assert set(scoring.STAT_NAMES) <= set(ev) and ev["mAP"] == ev["AP"] == m["mAP"]
     end = events[-1]
     assert end["p_core"] == m["p_core"] and end["e2e_time"] == m["e2e_time"]
 
@@ -271,9 +275,9 @@ def test_run_stops_at_the_first_evaluation_reaching_the_target(
 
     def fake_score(gt, detections):
         ap = next(scores)
-        return {name: ap for name in evaluate.STAT_NAMES}
+        return {name: ap for name in scoring.STAT_NAMES}
 
-    monkeypatch.setattr(evaluate, "score", fake_score)
+    monkeypatch.setattr(scoring, "score", fake_score)
     out = tmp_path / "run"
     args = tiny_run_args(tiny_dataset, out, epochs=3, max_steps=0, target_map=0.5, batch_size=8)
     assert run_cli(args) == 0
@@ -290,7 +294,7 @@ def test_run_without_reaching_the_target_runs_every_epoch(
     tiny_run_args, tiny_dataset, tmp_path, monkeypatch
 ):
     monkeypatch.setattr(
-        evaluate, "score", lambda gt, dets: {name: 0.2 for name in evaluate.STAT_NAMES}
+        scoring, "score", lambda gt, dets: {name: 0.2 for name in scoring.STAT_NAMES}
     )
     out = tmp_path / "run"
     args = tiny_run_args(tiny_dataset, out, epochs=2, max_steps=0, batch_size=8)
@@ -362,7 +366,7 @@ def test_a_loss_that_stays_nan_under_amp_fails_the_run_keeping_the_last_good_che
 ):
     """From step 3 on the loss is NaN: the scaler skips every update (counted), and the third
     non-finite step in a row stops the run as failed, naming the step, the loss parts and lr."""
-    original_loss, original_step, steps = RetinaPerfNet.compute_loss, train.train_step, []
+    original_loss, original_step, steps = RetinaPerfNet.compute_loss, trainer.train_step, []
 
     def poisoned_loss(self, *args, **kwargs):
         losses = original_loss(self, *args, **kwargs)
@@ -375,7 +379,7 @@ def test_a_loss_that_stays_nan_under_amp_fails_the_run_keeping_the_last_good_che
         return original_step(*args, **kwargs)
 
     monkeypatch.setattr(RetinaPerfNet, "compute_loss", poisoned_loss)
-    monkeypatch.setattr(train, "train_step", counted_step)
+    monkeypatch.setattr(trainer, "train_step", counted_step)
     out = tmp_path / "run"
     settings = {"precision": "amp", "max_bad_steps": 3, "max_steps": 10, "monitor_interval": 0}
     # A timed checkpoint after every step, while the loss is finite.
@@ -399,7 +403,7 @@ def test_a_loss_that_stays_nan_under_amp_fails_the_run_keeping_the_last_good_che
 def test_out_of_memory_fails_the_run_with_the_batch_and_image_size(
     tiny_run_args, tiny_dataset, tmp_path, monkeypatch, capsys
 ):
-    original, steps = train.train_step, []
+    original, steps = trainer.train_step, []
 
     def runs_out(*args, **kwargs):
         steps.append(1)
@@ -407,7 +411,7 @@ def test_out_of_memory_fails_the_run_with_the_batch_and_image_size(
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_step", runs_out)
+    monkeypatch.setattr(trainer, "train_step", runs_out)
     out = tmp_path / "run"
     assert run_cli(tiny_run_args(tiny_dataset, out, max_steps=3, monitor_interval=0)) == 1
     err = capsys.readouterr().err
@@ -476,10 +480,10 @@ def test_cuda_step_and_its_timing_never_wait_for_the_device(precision_name):
     chosen = Precision(precision_name, cuda)
     model = chosen.prepare(model).train()
     optimizer = build_optimizer(chosen.optimizer_params(model), TrainConfig(lr=0.01), cuda)
-    meter = metrics.Meter(0.0, cuda, events=metrics.device_events(cuda))
+    meter = Meter(0.0, cuda, events=device_events(cuda))
     meter.train_started()
     images, targets = _images_and_targets(torch.Generator().manual_seed(2))
-    images, targets = data.to_device(images * 3, targets * 3, cuda)  # two sizes, interleaved
+    images, targets = coco.to_device(images * 3, targets * 3, cuda)  # two sizes, interleaved
 
     def step() -> dict[str, torch.Tensor]:
         with meter.core_step(len(images)):

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from retinaperf.model import IMAGENET_MEAN, IMAGENET_STD
-from retinaperf.transform import Uint8Transform
+from retinaperf.model.network import IMAGENET_MEAN, IMAGENET_STD
+from retinaperf.model.transform import Uint8Transform
 
 MIN_SIZE, MAX_SIZE = 96, 160
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from retinaperf.config import ModelConfig
-from retinaperf.model import build_model
-from retinaperf.utilization import peak_tflops, train_flops_per_image, utilization
+from retinaperf.measure.utilization import peak_tflops, train_flops_per_image, utilization
+from retinaperf.model.network import build_model
 
 
 class Tiny(nn.Module):

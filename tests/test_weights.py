@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from retinaperf.errors import UserError
-from retinaperf.weights import LoadedWeights, expected_prefix, fetch, load, load_tensors
+from retinaperf.model.weights import LoadedWeights, expected_prefix, fetch, load, load_tensors
 
 
 @pytest.fixture(autouse=True)

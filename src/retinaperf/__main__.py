@@ -1,5 +1,5 @@
 """`python -m retinaperf ...` (what torchrun runs: `torchrun ... -m retinaperf run ...`)."""
 
-from .cli import main
+from retinaperf.cli import main
 
 raise SystemExit(main())

@@ -12,7 +12,7 @@ import sys  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from .errors import UserError  # noqa: E402
+from retinaperf.errors import UserError  # noqa: E402
 
 EXIT_USER_ERROR = 1
 START_ENV = "RETINAPERF_COMMAND_START"  # wall-clock start, set by `run --nproc-per-node`
@@ -119,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import config, train
-    from .report import format_table, table_row
+    from retinaperf import config
+    from retinaperf.report.tables import format_table, table_row
+    from retinaperf.run import trainer
 
     flags = {
         "data_dir": args.data_dir,
@@ -134,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
     # Resolving first reports a bad setting once, before any process is started.
     overrides = config.parse_overrides(pairs)
     if args.resume is not None:
-        resolved = config.load_saved(Path(args.resume) / train.CONFIG, overrides)
+        resolved = config.load_saved(Path(args.resume) / trainer.CONFIG, overrides)
         resolved.output_dir = args.resume  # where it is now, whatever it was called then
     else:
         resolved = config.resolve(args.preset or "smoke", overrides, args.synthetic)
@@ -146,7 +147,7 @@ def _run(args: argparse.Namespace) -> int:
             # must find the same directory.
             pairs.append(f"output_dir=runs/{time.strftime('%Y%m%d-%H%M%S')}")
         return _launch(args.nproc_per_node, _child_args(args, pairs))
-    run = train.run
+    run = trainer.run
     if "TORCHELASTIC_ERROR_FILE" in os.environ:
         # Under torchrun: record this worker's error where torchrun's failure summary reads it,
         # so the summary says which rank failed and why.
@@ -207,7 +208,7 @@ def _child_args(args: argparse.Namespace, pairs: list[str]) -> list[str]:
 def _repeat(args: argparse.Namespace, resolved, pairs: list[str]) -> int:
     """`run --repeat N`: N rounds, each a fresh `retinaperf run` (under torchrun with
     --nproc-per-node), then their summary."""
-    from . import rounds
+    from retinaperf.run import rounds
 
     if "LOCAL_RANK" in os.environ:
         raise UserError(
@@ -240,7 +241,7 @@ def _torchrun_command(nproc_per_node: int, child: list[str]) -> list[str]:
 
 def _launch(nproc_per_node: int, child: list[str]) -> int:
     """`run --nproc-per-node N`: the same run under torchrun, N processes on this node."""
-    from . import signals
+    from retinaperf.run import signals
 
     _check_launch(nproc_per_node)
     command = _torchrun_command(nproc_per_node, child)
@@ -259,7 +260,7 @@ def _command_start() -> float:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from .synth import SynthSpec, default_workers, generate
+    from retinaperf.data.synth import SynthSpec, default_workers, generate
 
     spec = SynthSpec(args.seed, args.train_images, args.val_images, args.image_size, args.profile)
     workers = default_workers() if args.workers is None else args.workers
@@ -272,14 +273,14 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_files
+    from retinaperf.measure.scoring import evaluate_files
 
     print(json.dumps(evaluate_files(Path(args.annotations), Path(args.detections))))
     return 0
 
 
 def _presets(args: argparse.Namespace) -> int:
-    from . import config
+    from retinaperf import config
 
     if args.keys:
         for key, kind, doc in config.all_keys():
@@ -291,21 +292,22 @@ def _presets(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from . import report, rounds
+    from retinaperf.report import events, tables
+    from retinaperf.run import rounds
 
-    runs = [report.load_results(Path(run_dir)) for run_dir in args.run_dirs]
-    print(report.render_comparison(report.compare(runs), args.format))
+    runs = [tables.load_results(Path(run_dir)) for run_dir in args.run_dirs]
+    print(tables.render_comparison(tables.compare(runs), args.format))
     spreads = rounds.render_all_spreads(runs) if args.format == "md" else ""
     if spreads:  # runs of one configuration: how much their numbers vary
         print(f"\n{spreads}")
     if args.plots:
-        from .plots import write_plots
+        from retinaperf.report.plots import write_plots
 
         for run_dir in map(Path, args.run_dirs):
             written = write_plots(
-                report.read_events(run_dir / report.EVENTS),
-                report.read_monitor(run_dir),
-                run_dir / report.PLOTS,
+                events.read_events(run_dir / events.EVENTS),
+                events.read_monitor(run_dir),
+                run_dir / tables.PLOTS,
             )
             print(f"plots: {', '.join(str(p) for p in written)}", file=sys.stderr)
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from retinaperf.errors import UserError
 
 BACKBONE_URL = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
 PRECISIONS = ("auto", "fp32", "fp32-strict", "tf32", "amp", "bf16", "fp16")
@@ -239,8 +240,6 @@ class TrainConfig:
             self.lr_steps,
             "list epochs in increasing order",
         )
-        from .profiling import parse_step_window  # checks the form; imports no torch
-
         parse_step_window(self.profile_steps)
 
 
@@ -569,3 +568,22 @@ __all__ = [
     "resolve",
     "workload",
 ]
+
+
+_WINDOW = re.compile(r"([0-9]+):([0-9]+)")
+
+
+def parse_step_window(text: str) -> tuple[int, int] | None:
+    """The steps `profile_steps` asks for: "" is None (no profiling), "A:B" is (A, B), the first
+    and last step to record, 1 <= A <= B; anything else raises UserError."""
+    if text == "":
+        return None
+    match = _WINDOW.fullmatch(text)
+    window = (int(match[1]), int(match[2])) if match else None
+    if window is None or not 1 <= window[0] <= window[1]:
+        raise UserError(
+            f"config: profile_steps={text!r} is not valid: write A:B, the first and last "
+            "optimizer step to record (1 <= A <= B, numbered as the event log numbers steps), "
+            "e.g. 11:15"
+        )
+    return window

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from retinaperf.errors import UserError
 
 
 @dataclass(frozen=True)

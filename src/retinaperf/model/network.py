@@ -33,10 +33,10 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from . import loss, postprocess
-from .config import ModelConfig
-from .errors import UserError
-from .transform import Uint8Transform
+from retinaperf.config import ModelConfig
+from retinaperf.errors import UserError
+from retinaperf.model import loss, postprocess
+from retinaperf.model.transform import Uint8Transform
 
 NUM_CLASSES = 91  # COCO category ids run 1..90; 0 is background.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .config import SYNTH_PROFILES as PROFILES
-from .errors import UserError
+from retinaperf.config import SYNTH_PROFILES as PROFILES
+from retinaperf.errors import UserError
 
 # Bump when the drawing of a profile changes, so cached datasets of an older generator are not
 # reused. GENERATOR_VERSION is the shapes profile's (its name predates the profiles).

@@ -6,25 +6,18 @@ results.json and never recomputes a number its own way.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
-import os
-import tempfile
-import time
-from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any
 
-from .errors import UserError
+from retinaperf.errors import UserError
 
 RESULTS = "results.json"
-EVENTS = "events.jsonl"
 REPORT = "report.md"
-MONITOR = "monitor.jsonl"
 PLOTS = "plots"
 SEED_COLUMNS = (
     "配置", "precision", "fix_hp", "e2e_time", "p_whole", "p_train", "p_core", "mAP", "mem",
@@ -36,146 +29,6 @@ ADDED_COLUMNS_NOTE = (
     f"*{IMAGES_PER_JOULE[:-1]}: not a column of the seed's table: trained images per joule of "
     "the devices' training energy (evaluation left out); – where no device's energy was readable."
 )
-
-
-class EventLog:
-    """Append-only JSON lines, one object per event, flushed as written (a crash keeps the log).
-
-    Only the main rank writes; on other ranks `path` is None and `emit` does nothing. Sinks (e.g.
-    TensorBoard, created on the main rank only) receive every record written: other views of
-    the same numbers.
-    """
-
-    def __init__(
-        self, path: Path | None, command_start: float, sinks: tuple[EventSink, ...] = ()
-    ) -> None:
-        self.command_start = command_start
-        self._file: IO[str] | None = open(path, "a", encoding="utf-8") if path else None
-        self._sinks = sinks
-
-    def emit(self, event: str, **fields: Any) -> None:
-        if self._file is None:
-            return
-        record = {"event": event, "time": round(time.perf_counter() - self.command_start, 6)}
-        record.update(fields)
-        self._file.write(json.dumps(record, default=_jsonable) + "\n")
-        self._file.flush()
-        for sink in self._sinks:
-            sink.write(record)
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        for sink in self._sinks:
-            sink.close()
-        self._sinks = ()
-
-
-class EventSink(Protocol):
-    def write(self, record: dict) -> None: ...
-    def close(self) -> None: ...
-
-
-def require_tensorboard() -> type:
-    """torch's SummaryWriter, or a UserError saying what to install."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UserError(
-            "tensorboard=true needs the tensorboard package: pip install tensorboard"
-        ) from None
-    return SummaryWriter
-
-
-class TensorBoardSink:
-    """TensorBoard scalars of the event log: losses, lr and images/s per logged step, the COCO
-    stats per evaluation, keyed by optimizer step."""
-
-    BOOKKEEPING = frozenset({"event", "time", "epoch", "step", "seconds", "detections"})
-
-    def __init__(self, log_dir: Path) -> None:
-        self._writer = require_tensorboard()(str(log_dir))
-
-    def write(self, record: dict) -> None:
-        group = {"step": "train", "eval": "eval"}.get(record["event"])
-        if group is None:
-            return
-        for key, value in record.items():
-            if key not in self.BOOKKEEPING and isinstance(value, (int, float)):
-                self._writer.add_scalar(f"{group}/{key}", value, global_step=record["step"])
-        self._writer.flush()
-
-    def close(self) -> None:
-        self._writer.close()
-
-
-def read_events(path: Path) -> list[dict]:
-    """The records of a JSON-lines file (the event log or the monitor's samples)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    except FileNotFoundError:
-        raise UserError(f"report: {path} does not exist") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"report: {path} is not JSON lines ({err})") from None
-
-
-def read_monitor(run_dir: Path) -> list[dict] | None:
-    """The monitor's samples of a run, or None when it recorded none."""
-    path = Path(run_dir) / MONITOR
-    return read_events(path) if path.exists() else None
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(record, default=_jsonable) + "\n" for record in records)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """JSON, written atomically (see write_text_atomic)."""
-    write_text_atomic(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through `atomic_file`: readers never see half a file."""
-    with atomic_file(path) as f:
-        f.write(text)
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path, mode: str = "w", durable: bool = False) -> Iterator[IO]:
-    """A temporary file beside `path` (its name in `.name`), renamed onto `path` when the block
-    ends and removed if it raises, so that nothing half-written ever has the name. `durable`:
-    the bytes and the rename are on disk (fsync) before this returns, as a checkpoint's must be
-    before a crash."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    if durable:
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, tuple):
-        return list(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 def significant(value: float, digits: int = 3) -> str:

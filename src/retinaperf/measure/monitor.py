@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import psutil
 import pynvml
 
-GIB = 1024**3  # as metrics.GIB; not imported from there, which would import torch for a constant
+GIB = 1024**3  # as memory.GIB; not imported from there, which would import torch for a constant
 
 
 class Sampler(Protocol):

@@ -23,32 +23,32 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import (
-    checkpoint,
-    data,
-    distributed,
-    energy,
-    environment,
-    evaluate,
-    metrics,
-    monitor,
-    plots,
-    precision,
-    report,
-    signals,
-    synth,
-    utilization,
-    weights,
+from retinaperf import distributed, io
+from retinaperf.config import RunConfig, TrainConfig, parse_step_window, workload
+from retinaperf.data import coco, sampling, synth
+from retinaperf.distributed import DistEnv
+from retinaperf.errors import UserError
+from retinaperf.measure import energy, environment, monitor, scoring, utilization
+from retinaperf.measure.memory import device_uuid, driver_peak, memory_peak
+from retinaperf.measure.memory import memory as job_memory
+from retinaperf.measure.meter import EvalRecord, Meter, device_events, summarize
+from retinaperf.measure.monitor import Monitor
+from retinaperf.measure.profiling import StepProfiler
+from retinaperf.model import precision, weights
+from retinaperf.model.network import build_model
+from retinaperf.model.precision import Precision
+from retinaperf.report import plots, tables
+from retinaperf.report.events import (
+    EVENTS,
+    MONITOR,
+    EventLog,
+    TensorBoardSink,
+    read_events,
+    require_tensorboard,
 )
-from .checkpoint import Position
-from .config import RunConfig, TrainConfig, workload
-from .distributed import DistEnv
-from .errors import UserError
-from .health import LossWatch
-from .model import build_model
-from .monitor import Monitor
-from .precision import Precision
-from .profiling import StepProfiler, parse_step_window
+from retinaperf.run import checkpoint, evaluation, signals
+from retinaperf.run.checkpoint import Position
+from retinaperf.run.health import LossWatch
 
 
 def lr_factor(
@@ -137,9 +137,9 @@ class Loaders:
     """The data side of a run, on this rank."""
 
     train_loader: torch.utils.data.DataLoader
-    train_sampler: data.GroupedBatchSampler
+    train_sampler: sampling.GroupedBatchSampler
     val_loader: torch.utils.data.DataLoader
-    evaluator: evaluate.CocoEvaluator
+    evaluator: scoring.CocoEvaluator
     facts: dict
 
 
@@ -154,11 +154,11 @@ class Setup:
     inference_model: nn.Module
     optimizer: torch.optim.Optimizer
     loaders: Loaders
-    meter: metrics.Meter
+    meter: Meter
     monitor: Monitor | None  # local rank 0 of each node only
     profiler: StepProfiler
     flops_per_image: float | None  # rank 0 only
-    events: report.EventLog
+    events: EventLog
     run_dir: Path
     facts: dict  # dataset and weight facts that go into the results
     stop: signals.StopRequest
@@ -195,7 +195,7 @@ def run(config: RunConfig, command_start: float, resume: bool = False) -> dict:
     newest checkpoint); returns the results written to `<run_dir>/results.json` on rank 0, and
     {"status": ...} on the other ranks."""
     env = distributed.setup(config.device, config.dist_timeout)
-    events = report.EventLog(None, command_start)
+    events = EventLog(None, command_start)
     setup = None
     with signals.StopRequest() as stop:
         try:
@@ -213,8 +213,8 @@ def run(config: RunConfig, command_start: float, resume: bool = False) -> dict:
             raise
         finally:
             if setup is not None:
-                data.shut_down(setup.loaders.train_loader)
-                data.shut_down(setup.loaders.val_loader)
+                coco.shut_down(setup.loaders.train_loader)
+                coco.shut_down(setup.loaders.val_loader)
                 setup.writer.close()
                 setup.energy.close()
                 setup.profiler.close()  # writes what a window cut short recorded
@@ -237,7 +237,7 @@ def _set_up(
     run_dir = _run_dir(config, env, resume)
     continuing = resume or (env.attempt > 0 and (run_dir / CONFIG).exists())
     if config.tensorboard:
-        report.require_tensorboard()
+        require_tensorboard()
     # Rank 0 decides, so that every rank trains in the same precision.
     chosen, reason = env.broadcast(precision.choose(config.train.precision, env.device))
     trained_in = Precision(chosen, env.device, reason)
@@ -254,11 +254,11 @@ def _set_up(
         model.use_channels_last()
     model = trained_in.prepare(model)
     optimizer = build_optimizer(trained_in.optimizer_params(model), config.train, env.device)
-    meter = metrics.Meter(
+    meter = Meter(
         command_start,
         env.device,
         timing_warmup_steps=config.train.timing_warmup_steps,
-        events=metrics.device_events(env.device),
+        events=device_events(env.device),
     )
     # The padded batch shapes of the training steps (cuDNN's benchmark mode and CUDA graphs
     # work per shape): the model's transform makes them.
@@ -268,7 +268,7 @@ def _set_up(
     watch = LossWatch(env.device)
     # Each rank reads its own device's counter; one rank per node reads the CPU packages.
     run_energy = energy.RunEnergy(
-        metrics.device_uuid(env.device), env.local_rank == 0, meter.clock, command_start
+        device_uuid(env.device), env.local_rank == 0, meter.clock, command_start
     )
     resumed = _resume(config, env, run_dir, continuing, model, optimizer, trained_in, meter)
     # Counted before compiling (compiled kernels bypass the FLOP counter) and before DDP wraps the
@@ -299,11 +299,11 @@ def _set_up(
     }
     if env.is_main:
         _claim_run_dir(run_dir, config, model, optimizer, trained_in)
-    events = report.EventLog(None, command_start)  # other ranks write no log
+    events = EventLog(None, command_start)  # other ranks write no log
     if env.is_main:
         tensorboard = config.tensorboard
-        sinks = (report.TensorBoardSink(run_dir / "tensorboard"),) if tensorboard else ()
-        events = report.EventLog(run_dir / report.EVENTS, command_start, sinks)
+        sinks = (TensorBoardSink(run_dir / "tensorboard"),) if tensorboard else ()
+        events = EventLog(run_dir / EVENTS, command_start, sinks)
     events.emit(
         "run_start",
         config=config.to_dict(),
@@ -356,7 +356,7 @@ def _resume(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     trained_in: Precision,
-    meter: metrics.Meter,
+    meter: Meter,
 ) -> Resumed:
     """Load the newest checkpoint of a run that goes on into the model, optimizer, precision
     and meter; the segments of the run, this one last."""
@@ -415,7 +415,7 @@ def _claim_run_dir(
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.check_space(run_dir, weights_bytes + copies * checkpoint.tensor_bytes(updated))
-        report.write_json_atomic(run_dir / CONFIG, config.to_dict())
+        io.write_json_atomic(run_dir / CONFIG, config.to_dict())
     except OSError as err:
         _remove_if_created(run_dir, created)
         raise UserError(
@@ -435,36 +435,38 @@ def _remove_if_created(run_dir: Path, created: bool) -> None:
 def _build_data(config: RunConfig, env: DistEnv, cache_dir: Path) -> Loaders:
     """Index both splits (with SPEC §1's filtering) and build this rank's loaders."""
     root, label = _dataset_root(config, env, cache_dir)
-    data.check_root(root)
+    coco.check_root(root)
     train_records = _train_records(root, env, cache_dir)
     # Rank 0 scores the evaluations: it reads val2017 whole, once, for its records and the ground
     # truth. The others need the records alone; the file is small, so they read it uncached.
     if env.is_main:
-        val_records, val_annotations = data.load_split(root, "val", drop_empty=False)
-        gt = evaluate.load_ground_truth(val_annotations)
+        val_records, val_annotations = coco.load_split(root, "val", drop_empty=False)
+        gt = scoring.load_ground_truth(val_annotations)
     else:
-        val_records = data.index_split(root, "val", drop_empty=False, cache_dir=None)
+        val_records = coco.index_split(root, "val", drop_empty=False, cache_dir=None)
         gt = None
-    train_sampler = data.GroupedBatchSampler(
-        data.aspect_ratio_groups(train_records, config.data.aspect_ratio_group_factor),
+    train_sampler = sampling.GroupedBatchSampler(
+        sampling.aspect_ratio_groups(train_records, config.data.aspect_ratio_group_factor),
         config.train.batch_size,
         config.train.seed,
         env.rank,
         env.world_size,
     )
-    val_batches = data.eval_batches(
+    val_batches = sampling.eval_batches(
         val_records, config.eval.eval_batch_size, env.rank, env.world_size
     )
-    train_set = data.CocoDetection(
+    train_set = coco.CocoDetection(
         root, "train", train_records, config.data.hflip_prob, config.train.seed
     )
-    val_set = data.CocoDetection(root, "val", val_records, hflip_prob=0.0, seed=0)
+    val_set = coco.CocoDetection(root, "val", val_records, hflip_prob=0.0, seed=0)
     workers, pin = config.data.num_workers, env.device.type != "cpu"
     return Loaders(
-        train_loader=data.make_loader(train_set, train_sampler, workers, pin),
+        train_loader=coco.make_loader(
+            train_set, train_sampler, workers, pin, signals.ignore_in_worker
+        ),
         train_sampler=train_sampler,
-        val_loader=data.make_loader(val_set, val_batches, workers, pin),
-        evaluator=evaluate.CocoEvaluator(gt, env),
+        val_loader=coco.make_loader(val_set, val_batches, workers, pin, signals.ignore_in_worker),
+        evaluator=scoring.CocoEvaluator(gt, env),
         facts={
             "dataset": label,
             "train_images": len(train_records),
@@ -473,15 +475,15 @@ def _build_data(config: RunConfig, env: DistEnv, cache_dir: Path) -> Loaders:
     )
 
 
-def _train_records(root: Path, env: DistEnv, cache_dir: Path) -> list[data.ImageRecord]:
+def _train_records(root: Path, env: DistEnv, cache_dir: Path) -> list[coco.ImageRecord]:
     """train2017's records, from its index (see `coco_index`). As for the dataset and the
     weights, one process per node reads the annotation file, or finds its index in the cache, and
     scans the image folder; the others wait for it, then load the index it cached."""
     if env.local_rank == 0:
-        records = data.index_split(root, "train", drop_empty=True, cache_dir=cache_dir)
+        records = coco.index_split(root, "train", drop_empty=True, cache_dir=cache_dir)
     env.barrier()
     if env.local_rank != 0:
-        records = data.index_split(
+        records = coco.index_split(
             root, "train", drop_empty=True, cache_dir=cache_dir, check_files=False
         )
     return records
@@ -539,8 +541,8 @@ def _train_epoch(s: Setup, epoch: int, start: int, warmup_iters: int) -> None:
             )
             for group in s.optimizer.param_groups:
                 group["lr"] = lr
-            images, targets = data.check_batch(batch)
-            images, targets = data.to_device(images, targets, s.env.device)
+            images, targets = coco.check_batch(batch)
+            images, targets = coco.to_device(images, targets, s.env.device)
             step = meter.steps + 1
             s.profiler.before_step(step)
             with meter.core_step(len(images)):
@@ -686,10 +688,10 @@ def _log_step(
     progress.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.1f}", lr=f"{lr:.3g}")
 
 
-def _evaluate(s: Setup, epoch: int) -> metrics.EvalRecord:
+def _evaluate(s: Setup, epoch: int) -> EvalRecord:
     s.energy.mark("train")
     with s.meter.evaluation():
-        stats, detections = evaluate.evaluate_model(
+        stats, detections = evaluation.evaluate_model(
             s.inference_model,
             s.loaders.val_loader,
             s.loaders.evaluator,
@@ -725,21 +727,21 @@ def _finish(s: Setup, status: str, reason: str | None = None) -> dict:
     # One gather of what only each rank knows: its host, device, memory peak, monitor samples.
     mine = {
         "host": environment.hostname(),
-        "uuid": metrics.device_uuid(env.device),
-        "memory": metrics.memory_peak(env.device),
+        "uuid": device_uuid(env.device),
+        "memory": memory_peak(env.device),
         "samples": s.monitor.stop() if s.monitor else [],
         "energy": s.energy.summary(),
         "batch_shapes": sorted(s.meter.batch_shapes),
     }
     ranks = env.gather(mine) if reduce else [mine]
-    summary = metrics.summarize(s.meter, env, cfg.train.target_map, reduce=reduce)
+    summary = summarize(s.meter, env, cfg.train.target_map, reduce=reduce)
     if not env.is_main:
         return {"status": status}
     samples = [sample for rank in ranks for sample in rank["samples"]]
     monitored = monitor.summarize(samples) if samples else None
     uuids = [rank["uuid"] for rank in ranks]
-    driver = metrics.driver_peak(monitored["devices"], uuids) if monitored else None
-    memory = metrics.memory([rank["memory"] for rank in ranks], driver)
+    driver = driver_peak(monitored["devices"], uuids) if monitored else None
+    memory = job_memory([rank["memory"] for rank in ranks], driver)
     device_name = environment.device_name(env.device)
     segments = _segments(s, status, s.meter.steps)
     batch_shapes = sorted({tuple(shape) for rank in ranks for shape in rank["batch_shapes"]})
@@ -793,14 +795,14 @@ def _finish(s: Setup, status: str, reason: str | None = None) -> dict:
         "run_dir": str(s.run_dir),
     }
     if samples:
-        report.write_jsonl(s.run_dir / report.MONITOR, samples)
+        io.write_jsonl(s.run_dir / MONITOR, samples)
     completed = status == "completed"
     if completed and cfg.save_model:
         path = s.run_dir / "model.pt"
         torch.save(s.precision.float32_state_dict(s.inference_model), path)
     # e2e_time ends here, as results.json is written (over every segment of the run).
     results["metrics"]["e2e_time"] = s.meter.e2e_time()
-    report.write_json_atomic(s.run_dir / report.RESULTS, results)
+    io.write_json_atomic(s.run_dir / tables.RESULTS, results)
     s.events.emit(
         "run_end",
         status=status,
@@ -808,10 +810,8 @@ def _finish(s: Setup, status: str, reason: str | None = None) -> dict:
         **{k: v for k, v in results["metrics"].items() if k != "evaluations"},
     )
     if completed:
-        report.write_text_atomic(s.run_dir / report.REPORT, report.render_report(results))
-        plots.write_plots(
-            report.read_events(s.run_dir / report.EVENTS), samples, s.run_dir / report.PLOTS
-        )
+        io.write_text_atomic(s.run_dir / tables.REPORT, tables.render_report(results))
+        plots.write_plots(read_events(s.run_dir / EVENTS), samples, s.run_dir / tables.PLOTS)
         # Checkpoints are for going on, and cost hundreds of MB each; only once results.json
         # is written (save_model=true keeps the trained weights).
         shutil.rmtree(checkpoint.folder(s.run_dir), ignore_errors=True)
@@ -831,8 +831,8 @@ def _count_flops(model: nn.Module, loaders: Loaders, env: DistEnv, trained_in: P
     """Training FLOPs per image on the run's first batch (see utilization.py), once per run."""
     dataset = loaders.train_loader.dataset
     keys = next(iter(loaders.train_sampler))  # epoch 0's first batch: the sampler is pure
-    images, targets = data.check_batch([dataset[key] for key in keys])
-    images, targets = data.to_device(images, targets, env.device)
+    images, targets = coco.check_batch([dataset[key] for key in keys])
+    images, targets = coco.to_device(images, targets, env.device)
     return utilization.train_flops_per_image(model, images, targets, trained_in.autocast)
 
 
@@ -913,10 +913,10 @@ def _run_dir(config: RunConfig, env: DistEnv, resume: bool) -> Path:
             raise UserError(
                 f"--resume: {path} holds no {CONFIG}: give the run directory of a stopped run"
             )
-        previous = path / report.RESULTS
+        previous = path / tables.RESULTS
         if (
             previous.is_file()
-            and report.load_results(path, completed_only=False).get("status", "completed")
+            and tables.load_results(path, completed_only=False).get("status", "completed")
             == "completed"
         ):
             raise UserError(f"--resume: {path} holds a completed run: there is nothing to resume")

@@ -17,18 +17,17 @@ import copy
 import gc
 import json
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from faster_coco_eval import COCO, COCOeval_faster
-from tqdm import tqdm
 
-from .data import check_batch, read_annotations
-from .distributed import DistEnv, synchronize
-from .errors import UserError
+from retinaperf.data.coco import read_annotations
+from retinaperf.distributed import DistEnv, synchronize
+from retinaperf.errors import UserError
 
 STAT_NAMES = (
     "AP",
@@ -215,29 +214,6 @@ class CocoEvaluator:
             everything = np.concatenate(gathered)
             result = (score(self.gt, everything), len(everything))
         return self.env.broadcast(result)
-
-
-@torch.inference_mode()
-def evaluate_model(
-    model: torch.nn.Module,
-    loader: Iterable,
-    evaluator: CocoEvaluator,
-    autocast: Callable[[], AbstractContextManager],
-    show_progress: bool,
-) -> tuple[dict[str, float], int]:
-    """Inference over this rank's share of the validation set, then the 12 stats of every image
-    (and the number of detections); every rank returns the same."""
-    was_training = model.training
-    model.eval()
-    evaluator.reset()
-    for batch in tqdm(loader, desc="eval", unit="batch", disable=not show_progress):
-        images, targets = check_batch(batch)
-        images = [image.to(evaluator.env.device, non_blocking=True) for image in images]
-        with autocast():
-            outputs = model(images)
-        evaluator.add([t["image_id"] for t in targets], outputs)
-    model.train(was_training)
-    return evaluator.score()
 
 
 def evaluate_files(annotations_path: Path, detections_path: Path) -> dict[str, float]:

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from . import report
-from .errors import UserError
+from retinaperf import io
+from retinaperf.errors import UserError
 
 HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
 CHUNK = 1 << 20
@@ -136,7 +136,7 @@ def _download(url: str, target: Path) -> Path:
     try:
         # Verified before it takes the name: a bad download never stands in the cache.
         with (
-            report.atomic_file(target, "wb") as out,
+            io.atomic_file(target, "wb") as out,
             urllib.request.urlopen(url, timeout=60) as response,
         ):
             shutil.copyfileobj(response, out, CHUNK)

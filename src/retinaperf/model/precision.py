@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import UserError
+from retinaperf.errors import UserError
 
 # --- 1. The float32 math flags ------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ is kept, the sampler skips the batches already trained.
 
 Everything in it is tensors, numbers and strings, so it loads with `weights_only=True` and a file
 that carries pickled code is refused. Rank 0 writes `<run dir>/checkpoints/step-<step>.pt`
-atomically (`report.atomic_file`: temporary file, fsync, rename, fsync of the folder) and keeps
+atomically (`io.atomic_file`: temporary file, fsync, rename, fsync of the folder) and keeps
 the newest `keep`; every rank reads it (on several nodes the run directory must be on storage
 they share). The `Writer` does that on a background thread from a host copy of the state, so that
 training goes on while the bytes reach the disk.
@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import report, weights
-from .errors import UserError
+from retinaperf import io
+from retinaperf.errors import UserError
+from retinaperf.model import weights
 
 FOLDER = "checkpoints"
 FORMAT = 2  # 2: the meter keeps the batch shapes
@@ -74,7 +75,7 @@ def save(run_dir: Path, state: dict[str, Any], step: int, keep: int) -> Path:
     `keep`. On failure (a full disk) nothing half-written is left and older checkpoints stay."""
     target = folder(run_dir) / f"step-{step:08d}.pt"
     target.parent.mkdir(parents=True, exist_ok=True)
-    with report.atomic_file(target, "wb", durable=True) as f:
+    with io.atomic_file(target, "wb", durable=True) as f:
         torch.save(state, f)
     for old in saved(run_dir)[:-keep]:
         old.unlink(missing_ok=True)

@@ -30,21 +30,18 @@ recorded so far):
 Profiling slows the steps it records, and writing the trace takes seconds of training time: the
 throughputs of a profiled run are not benchmark numbers.
 
-No torch import at module level: config.py validates `profile_steps` with `parse_step_window`
-and must stay importable before torch is (the CLI reads the clock first).
+No torch import at module level: the profiler is built in every run, and torch is imported where
+a window starts.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tqdm import tqdm
-
-from .errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -58,29 +55,12 @@ STEP_LABEL = "ProfilerStep"  # + "#N": the name torch's profile.step() gives ste
 # Host-side events of key_averages that are no operator: the step labels (whose time is the
 # steps') and kineto's own overhead (the trace's "overhead" category: CUPTI buffer requests).
 _NOT_OPERATORS = (STEP_LABEL, "Activity Buffer Request")
-_WINDOW = re.compile(r"([0-9]+):([0-9]+)")
 
 
 class Events(Protocol):
     """Where the `profile` event goes: report.EventLog."""
 
     def emit(self, event: str, **fields: Any) -> None: ...
-
-
-def parse_step_window(text: str) -> tuple[int, int] | None:
-    """The steps `profile_steps` asks for: "" is None (no profiling), "A:B" is (A, B), the first
-    and last step to record, 1 <= A <= B; anything else raises UserError."""
-    if text == "":
-        return None
-    match = _WINDOW.fullmatch(text)
-    window = (int(match[1]), int(match[2])) if match else None
-    if window is None or not 1 <= window[0] <= window[1]:
-        raise UserError(
-            f"config: profile_steps={text!r} is not valid: write A:B, the first and last "
-            "optimizer step to record (1 <= A <= B, numbered as the event log numbers steps), "
-            "e.g. 11:15"
-        )
-    return window
 
 
 class StepProfiler:
@@ -152,7 +132,7 @@ class StepProfiler:
             self._label = None
 
     def _finish(self, complete: bool) -> None:
-        from .distributed import synchronize
+        from retinaperf.distributed import synchronize
 
         prof, self._prof = self._prof, None
         assert prof is not None

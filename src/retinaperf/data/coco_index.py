@@ -51,8 +51,8 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from .errors import UserError
-from .report import atomic_file
+from retinaperf.errors import UserError
+from retinaperf.io import atomic_file
 
 # COCO category ids are the model's labels as they are (model.NUM_CLASSES = 91, 0 the
 # background): an annotation's category must be one of 1..90.

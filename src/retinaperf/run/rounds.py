@@ -18,8 +18,10 @@ import statistics
 import time
 from pathlib import Path
 
-from . import report, signals
-from .errors import UserError
+from retinaperf import io
+from retinaperf.errors import UserError
+from retinaperf.report import tables
+from retinaperf.run import signals
 
 SUMMARY = "summary.json"
 # What varies between rounds of one configuration; None values (a metric a run lacks) are skipped.
@@ -86,13 +88,13 @@ def render_spread(runs: list[dict]) -> str:
     rows = []
     for name, s in spread(runs).items():
         cv = "–" if s["cv"] is None else f"{100 * s['cv']:.1f}%"
-        cells = {k: report.significant(s[k]) for k in ("mean", "min", "max")}
+        cells = {k: tables.significant(s[k]) for k in ("mean", "min", "max")}
         rows.append({"metric": name, "n": str(s["n"]), **cells, "cv": cv})
     title = (
         f"Spread over {len(runs)} runs of one configuration: preset {config.get('preset')}, "
         f"{m['device_name']} {m['nodes']}x{m['devices_per_node']}, {m['precision']}"
     )
-    table = report.format_table(rows, ("metric", "n", "mean", "min", "max", "cv"))
+    table = tables.format_table(rows, ("metric", "n", "mean", "min", "max", "cv"))
     return f"{title}\n\n{table}\n\ncv: sample standard deviation / mean."
 
 
@@ -124,7 +126,7 @@ def run_rounds(count: int, out_dir: Path, command: list[str], start_variable: st
                 flush=True,
             )
             return code
-    runs = [report.load_results(d) for d in round_dirs]
+    runs = [tables.load_results(d) for d in round_dirs]
     write_summary(out_dir, runs)
     print(render_spread(runs))
     print(f"summary: {out_dir / SUMMARY}")
@@ -142,11 +144,11 @@ def write_summary(out_dir: Path, runs: list[dict]) -> dict:
         "metrics": spread(runs),
         "config": runs[0]["config"],
     }
-    report.write_json_atomic(Path(out_dir) / SUMMARY, summary)
-    table = report.render_comparison(report.compare(runs), "md")
+    io.write_json_atomic(Path(out_dir) / SUMMARY, summary)
+    table = tables.render_comparison(tables.compare(runs), "md")
     text = (
         f"# retinaperf: {len(runs)} rounds of preset {runs[0]['config'].get('preset')}\n\n"
         f"{table}\n\n{render_spread(runs)}\n"
     )
-    report.write_text_atomic(Path(out_dir) / report.REPORT, text)
+    io.write_text_atomic(Path(out_dir) / tables.REPORT, text)
     return summary

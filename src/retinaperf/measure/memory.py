@@ -1,0 +1,101 @@
+"""Memory: this process's peak on its device (the allocator's, or the resident set on a CPU), and
+SPEC §3's `mem` from every rank's peak and the driver's view."""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+
+import torch
+
+GIB = 1024**3
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident set: Linux's VmHWM, else getrusage's ru_maxrss.
+
+    ru_maxrss survives exec on Linux: a process started by a large one (a launcher, a benchmark
+    holding gigabytes) reports at least the parent's resident set at the fork. VmHWM is the
+    high-water mark of this program's own memory."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return usage if sys.platform == "darwin" else usage * 1024  # macOS: bytes; Linux: KiB
+
+
+def memory_peak(device: torch.device) -> dict[str, float | str]:
+    """This process's peak memory and the device's capacity, GiB.
+
+    Accelerators: the caching allocator's peak reserved bytes (what the process holds on the
+    device; allocated tensors are a subset) over the device's total. CPU: the peak resident set
+    over the machine's RAM.
+    """
+    if device.type == "cpu":
+        peak = peak_resident_bytes()
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return {"used": peak / GIB, "total": total / GIB, "source": "peak resident set / RAM"}
+    _free, total = torch.accelerator.get_memory_info(device)
+    return {
+        "used": torch.accelerator.max_memory_reserved(device) / GIB,
+        "allocated": torch.accelerator.max_memory_allocated(device) / GIB,
+        "total": total / GIB,
+        "source": "allocator peak reserved / device total",
+    }
+
+
+def memory(peaks: list[dict], driver: tuple[float, float] | None) -> dict:
+    """SPEC §3's mem from every rank's `memory_peak`, the largest, from both views, labelled.
+
+    `mem` (the table's column) is the driver's view when the monitor read it (NVML: memory used
+    on the device by every context, what nvidia-smi shows, like the seed's table), else the
+    processes' view.
+    """
+    process_used = max(p["used"] for p in peaks)
+    total = peaks[0]["total"]
+    shown_used, shown_total = driver if driver else (process_used, total)
+    return {
+        "mem": f"{shown_used:.1f}/{shown_total:.1f}",
+        "mem_used_gib": shown_used,
+        "mem_total_gib": shown_total,
+        "mem_source": DRIVER_VIEW if driver else peaks[0]["source"],
+        "mem_process": f"{process_used:.1f}/{total:.1f}",
+        "mem_process_source": peaks[0]["source"],
+        "mem_driver": f"{driver[0]:.1f}/{driver[1]:.1f}" if driver else None,
+        "mem_per_rank_gib": [p["used"] for p in peaks],
+    }
+
+
+DRIVER_VIEW = "driver peak used / device total (NVML, as nvidia-smi shows)"
+
+
+def driver_peak(devices: list[dict], uuids: list[str | None]) -> tuple[float, float] | None:
+    """(peak used, total) GiB of the job's busiest device in the monitor's summary, matched by
+    UUID; None when no monitored device is one of the job's."""
+    wanted = {_bare_uuid(u) for u in uuids if u}
+    mine = [d for d in devices if d.get("uuid") and _bare_uuid(d["uuid"]) in wanted]
+    mine = [d for d in mine if d.get("mem_used_peak_gib") is not None]
+    if not mine:
+        return None
+    busiest = max(mine, key=lambda d: d["mem_used_peak_gib"])
+    return busiest["mem_used_peak_gib"], busiest["mem_total_gib"]
+
+
+def _bare_uuid(uuid: str) -> str:
+    # NVML writes "GPU-<uuid>", torch writes "<uuid>"
+    return uuid.lower().removeprefix("gpu-")
+
+
+def device_uuid(device: torch.device) -> str | None:
+    """The device's UUID where its backend reports one (CUDA does), to find it in NVML's list."""
+    backend = getattr(torch, device.type, None)
+    get_properties = getattr(backend, "get_device_properties", None)
+    if device.type == "cpu" or get_properties is None:
+        return None
+    uuid = getattr(get_properties(device), "uuid", None)
+    return str(uuid) if uuid is not None else None
