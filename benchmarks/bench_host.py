@@ -40,7 +40,7 @@ from retinaperf.config import ModelConfig
 from retinaperf.model import loss
 from retinaperf.model.network import build_model
 from retinaperf.model.precision import Precision
-from retinaperf.run.trainer import train_step
+from retinaperf.run.step import train_step
 
 META = torch.device("meta")
 BATCH, BOXES = 16, 7

@@ -175,7 +175,7 @@ def _annotations(
 # Runs `retinaperf run` (its own CLI, with its own clock) and stops it where training would start,
 # writing what it measured to $BENCH_INDEX_OUT: init_time as results.json defines it (the meter's
 # training start less the command's start), the peak resident set then, and the resident set
-# before `_build_data` and its peak at the end of it (what indexing alone added).
+# before `build.build_data` and its peak at the end of it (what indexing alone added).
 DRIVER = textwrap.dedent(
     """
     import json, os, sys, time
@@ -183,12 +183,12 @@ DRIVER = textwrap.dedent(
     import psutil
     from retinaperf.measure import memory
     from retinaperf.measure import meter
-    from retinaperf.run import trainer
+    from retinaperf.run import build
 
     peak = memory.peak_resident_bytes  # not ru_maxrss, which keeps the parent's at the fork
 
     found = {}
-    build_data = trainer._build_data
+    build_data = build.build_data
 
     def measured(*args, **kwargs):
         found["rss_before_data"] = psutil.Process().memory_info().rss
@@ -206,7 +206,7 @@ DRIVER = textwrap.dedent(
             json.dump(found, f)
         os._exit(0)
 
-    trainer._build_data = measured
+    build.build_data = measured
     started, meter.Meter.train_started = meter.Meter.train_started, stop
     sys.exit(cli.main(sys.argv[1:]))
     """

@@ -27,7 +27,7 @@ from retinaperf.config import ModelConfig, TrainConfig
 from retinaperf.model import precision
 from retinaperf.model.network import build_model
 from retinaperf.model.precision import Precision
-from retinaperf.run.trainer import build_optimizer, train_step, use_channels_last
+from retinaperf.run.step import build_optimizer, train_step, use_channels_last
 
 SIZE, BATCH = 512, 4
 CPU = torch.device("cpu")

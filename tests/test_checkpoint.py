@@ -4,15 +4,15 @@ for bit; what is refused on the way (another configuration, pickled code, no dis
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from runs import run_cli, signal_at
 
-from retinaperf import cli, config
+from retinaperf import config
 from retinaperf.errors import UserError
-from retinaperf.run import checkpoint, evaluation, trainer
+from retinaperf.run import checkpoint, evaluation, step
 
 # Two epochs of 5 steps (the 20 of 24 images that have boxes, batch 4), every step logged,
 # deterministic kernels.
@@ -25,12 +25,6 @@ SETTINGS = {
     "save_model": "true",
     "monitor_interval": 0,
 }
-
-
-def run_cli(args: list[str]) -> int:
-    """`retinaperf ARGS` in this process, its clock started now as a new command's would be."""
-    cli.COMMAND_START = time.perf_counter()
-    return cli.main(args)
 
 
 def step_losses(run_dir: Path) -> dict[int, tuple[float, float]]:
@@ -54,19 +48,6 @@ def uninterrupted(tiny_dataset, tiny_run_args, tmp_path_factory) -> Path:
     return out
 
 
-def signal_at(monkeypatch, module, name: str, call: int) -> None:
-    """Send this process SIGTERM during the `call`-th call of module.name (1-based)."""
-    original, calls = getattr(module, name), []
-
-    def wrapped(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == call:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, wrapped)
-
-
 @pytest.mark.parametrize(
     ("where", "call", "stopped_at"),
     [
@@ -78,10 +59,13 @@ def test_a_run_stopped_by_sigterm_and_resumed_equals_the_uninterrupted_run(
     where, call, stopped_at, uninterrupted, tiny_dataset, tiny_run_args, tmp_path, monkeypatch
 ):
     out = tmp_path / "run"
-    module = trainer if where == "train_step" else evaluation
-    with monkeypatch.context() as patch:
-        signal_at(patch, module, where, call)
-        assert run_cli(tiny_run_args(tiny_dataset, out, **SETTINGS)) == 128 + signal.SIGTERM
+    injected = (
+        {"step_fn": signal_at(step.train_step, call)}
+        if where == "train_step"
+        else {"evaluate_fn": signal_at(evaluation.evaluate_model, call)}
+    )
+    args = tiny_run_args(tiny_dataset, out, **SETTINGS)
+    assert run_cli(args, **injected) == 128 + signal.SIGTERM
     stopped = results(out)
     assert stopped["status"] == "interrupted" and "SIGTERM" in stopped["reason"]
     assert stopped["metrics"]["steps"] == stopped_at
@@ -125,9 +109,8 @@ def test_checkpoints_are_kept_newest_first_hold_the_state_and_go_when_the_run_co
     out = tmp_path / "run"
     # A timed checkpoint at every step, 3 kept; stopped during the last step.
     settings = {**SETTINGS, "checkpoint_minutes": 1e-6, "keep_checkpoints": 3}
-    with monkeypatch.context() as patch:
-        signal_at(patch, trainer, "train_step", 10)
-        assert run_cli(tiny_run_args(tiny_dataset, out, **settings)) == 128 + signal.SIGTERM
+    args = tiny_run_args(tiny_dataset, out, **settings)
+    assert run_cli(args, step_fn=signal_at(step.train_step, 10)) == 128 + signal.SIGTERM
     kept = [p.name for p in checkpoint.saved(out)]
     assert kept == ["step-00000008.pt", "step-00000009.pt", "step-00000010.pt"]
     assert not [p for p in checkpoint.folder(out).iterdir() if p.name.startswith(".")]
@@ -145,19 +128,17 @@ def test_checkpoints_are_kept_newest_first_hold_the_state_and_go_when_the_run_co
     assert not checkpoint.folder(out).exists() and done["checkpoint"] is None
 
 
-def stopped_run(tiny_dataset, tiny_run_args, out: Path, monkeypatch) -> Path:
+def stopped_run(tiny_dataset, tiny_run_args, out: Path) -> Path:
     """A run stopped by SIGTERM after its second step."""
-    with monkeypatch.context() as patch:
-        signal_at(patch, trainer, "train_step", 2)
-        settings = {**SETTINGS, "epochs": 1}
-        assert run_cli(tiny_run_args(tiny_dataset, out, **settings)) == 128 + signal.SIGTERM
+    args = tiny_run_args(tiny_dataset, out, **{**SETTINGS, "epochs": 1})
+    assert run_cli(args, step_fn=signal_at(step.train_step, 2)) == 128 + signal.SIGTERM
     return out
 
 
 def test_resume_refuses_a_setting_that_changes_the_workload(
     tiny_dataset, tiny_run_args, tmp_path, monkeypatch, capsys
 ):
-    out = stopped_run(tiny_dataset, tiny_run_args, tmp_path / "run", monkeypatch)
+    out = stopped_run(tiny_dataset, tiny_run_args, tmp_path / "run")
     capsys.readouterr()
     assert run_cli(["run", "--resume", str(out), "--set", "lr=0.5"]) == 1
     assert "--set lr would change the workload" in capsys.readouterr().err
@@ -173,7 +154,7 @@ def test_resume_refuses_a_setting_that_changes_the_workload(
 def test_a_checkpoint_of_another_configuration_is_refused(
     tiny_dataset, tiny_run_args, tmp_path, monkeypatch, capsys
 ):
-    out = stopped_run(tiny_dataset, tiny_run_args, tmp_path / "run", monkeypatch)
+    out = stopped_run(tiny_dataset, tiny_run_args, tmp_path / "run")
     saved = json.loads((out / "config.json").read_text())
     saved["train"]["lr"] = 0.5  # as if the checkpoint had come from another run
     (out / "config.json").write_text(json.dumps(saved))
@@ -196,7 +177,7 @@ class Planted:
 def test_a_checkpoint_carrying_code_is_refused_without_running_it(
     tiny_dataset, tiny_run_args, tmp_path, monkeypatch, capsys
 ):
-    out = stopped_run(tiny_dataset, tiny_run_args, tmp_path / "run", monkeypatch)
+    out = stopped_run(tiny_dataset, tiny_run_args, tmp_path / "run")
     marker = tmp_path / "ran"
     torch.save({"format": 1, "payload": Planted(marker)}, checkpoint.folder(out) / "step-9.pt")
     capsys.readouterr()
@@ -222,8 +203,8 @@ def test_a_full_disk_while_checkpointing_leaves_nothing_half_written(
 
     with monkeypatch.context() as patch:
         patch.setattr(checkpoint.torch, "save", fills_the_disk)
-        signal_at(patch, trainer, "train_step", 8)
-        assert run_cli(tiny_run_args(tiny_dataset, out, **SETTINGS)) == 128 + signal.SIGTERM
+        args = tiny_run_args(tiny_dataset, out, **SETTINGS)
+        assert run_cli(args, step_fn=signal_at(step.train_step, 8)) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
     assert "cannot write step 8" in err and "No space left on device" in err
     assert "the newest checkpoint is still step-00000005.pt" in err

@@ -22,7 +22,7 @@ from retinaperf.data.coco import ImageRecord, index_split, load_split
 from retinaperf.data.synth import SynthSpec, generate
 from retinaperf.distributed import DistEnv
 from retinaperf.errors import UserError
-from retinaperf.run import trainer
+from retinaperf.run import build
 
 
 def reference_records(root: Path, split: str, drop_empty: bool) -> list[ImageRecord]:
@@ -502,10 +502,10 @@ def test_local_rank_0_builds_and_scans_the_others_load_the_cache(tmp_path, build
     monkeypatch.setattr(
         coco, "_check_image_files", lambda *args: (scans.append(args[0]), check(*args))
     )
-    first = trainer._train_records(root, env(0), tmp_path / "cache")
+    first = build.train_index(root, env(0), tmp_path / "cache")
     assert builds == [coco.annotation_file(root, "train")]
     assert scans == [coco.image_dir(root, "train")]
-    other = trainer._train_records(root, env(1), tmp_path / "cache")
+    other = build.train_index(root, env(1), tmp_path / "cache")
     assert len(builds) == 1 and len(scans) == 1  # from the cache, no second scan
     assert_same_records(other, first)
     assert_same_records(first, reference_records(root, "train", drop_empty=True))

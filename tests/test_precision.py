@@ -319,7 +319,7 @@ def test_the_math_flags_change_what_the_gpu_computes():
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["fp32", "fp32-strict", "tf32", "amp", "bf16", "fp16"])
 def test_training_steps_on_the_gpu_are_finite_and_update_the_weights(name):
-    from retinaperf.run.trainer import train_step
+    from retinaperf.run.step import train_step
 
     if name == "tf32" and not precision_module.has_tf32(CUDA):
         pytest.skip("needs a GPU with TF32")

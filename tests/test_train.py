@@ -10,9 +10,9 @@ import time
 
 import pytest
 import torch
+from runs import run_cli
 from torchvision.models.detection import retinanet_resnet50_fpn
 
-from retinaperf import cli
 from retinaperf.config import ModelConfig, TrainConfig
 from retinaperf.data import coco
 from retinaperf.measure import energy, scoring
@@ -20,8 +20,8 @@ from retinaperf.measure.meter import Meter, device_events
 from retinaperf.model.network import RetinaPerfNet, build_model
 from retinaperf.model.precision import Precision
 from retinaperf.report.events import read_events
-from retinaperf.run import checkpoint, trainer
-from retinaperf.run.trainer import build_optimizer, lr_factor, train_step, use_channels_last
+from retinaperf.run import checkpoint
+from retinaperf.run.step import build_optimizer, lr_factor, train_step, use_channels_last
 
 CPU = torch.device("cpu")
 SPEC = {"warmup_factor": 1e-3, "lr_steps": (16, 22), "gamma": 0.1}
@@ -174,10 +174,6 @@ def test_compiled_parts_compute_the_same_steps_and_detections(monkeypatch):
     for a, b in zip(expected, got, strict=True):
         assert torch.equal(a["labels"], b["labels"])
         assert torch.allclose(a["boxes"], b["boxes"], atol=1e-4)
-
-
-def run_cli(args: list[str]) -> int:
-    return cli.main(args)
 
 
 def test_run_writes_results_events_and_report(tiny_run_args, tiny_dataset, tmp_path):
@@ -366,7 +362,7 @@ def test_a_loss_that_stays_nan_under_amp_fails_the_run_keeping_the_last_good_che
 ):
     """From step 3 on the loss is NaN: the scaler skips every update (counted), and the third
     non-finite step in a row stops the run as failed, naming the step, the loss parts and lr."""
-    original_loss, original_step, steps = RetinaPerfNet.compute_loss, trainer.train_step, []
+    original_loss, steps = RetinaPerfNet.compute_loss, []
 
     def poisoned_loss(self, *args, **kwargs):
         losses = original_loss(self, *args, **kwargs)
@@ -376,15 +372,14 @@ def test_a_loss_that_stays_nan_under_amp_fails_the_run_keeping_the_last_good_che
 
     def counted_step(*args, **kwargs):
         steps.append(1)
-        return original_step(*args, **kwargs)
+        return train_step(*args, **kwargs)
 
     monkeypatch.setattr(RetinaPerfNet, "compute_loss", poisoned_loss)
-    monkeypatch.setattr(trainer, "train_step", counted_step)
     out = tmp_path / "run"
     settings = {"precision": "amp", "max_bad_steps": 3, "max_steps": 10, "monitor_interval": 0}
     # A timed checkpoint after every step, while the loss is finite.
     settings.update(checkpoint_minutes=1e-6, keep_checkpoints=5)
-    assert run_cli(tiny_run_args(tiny_dataset, out, **settings)) == 1
+    assert run_cli(tiny_run_args(tiny_dataset, out, **settings), step_fn=counted_step) == 1
     err = capsys.readouterr().err
     assert "training diverged: the loss was not finite for 3 consecutive steps" in err
     assert "at step 5: bbox_regression nan, classification nan, lr " in err
@@ -401,19 +396,19 @@ def test_a_loss_that_stays_nan_under_amp_fails_the_run_keeping_the_last_good_che
 
 
 def test_out_of_memory_fails_the_run_with_the_batch_and_image_size(
-    tiny_run_args, tiny_dataset, tmp_path, monkeypatch, capsys
+    tiny_run_args, tiny_dataset, tmp_path, capsys
 ):
-    original, steps = trainer.train_step, []
+    steps = []
 
     def runs_out(*args, **kwargs):
         steps.append(1)
         if len(steps) == 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return original(*args, **kwargs)
+        return train_step(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "train_step", runs_out)
     out = tmp_path / "run"
-    assert run_cli(tiny_run_args(tiny_dataset, out, max_steps=3, monitor_interval=0)) == 1
+    args = tiny_run_args(tiny_dataset, out, max_steps=3, monitor_interval=0)
+    assert run_cli(args, step_fn=runs_out) == 1
     err = capsys.readouterr().err
     assert re.search(r"out of cpu memory at step 2: local batch 2, images up to \d+x64 px", err)
     assert "resized to short side 64 (long side at most 86)" in err

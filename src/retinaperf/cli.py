@@ -10,8 +10,11 @@ import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from retinaperf import io  # noqa: E402
+from retinaperf.distributed import launch  # noqa: E402
 from retinaperf.errors import UserError  # noqa: E402
 
 EXIT_USER_ERROR = 1
@@ -105,13 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, run_fn: Callable[..., dict] | None = None) -> int:
+    """The command line; `run_fn` stands for `run.trainer.run` (tests inject a wrapped step)."""
     args = build_parser().parse_args(argv)
+    args.run_fn = run_fn
     warnings.showwarning = _show_warning
     try:
         return COMMANDS[args.command](args)
     except UserError as err:
-        print(f"retinaperf: error: {_rank_prefix()}{err}", file=sys.stderr)
+        print(f"retinaperf: error: {launch().rank_prefix}{err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("retinaperf: interrupted", file=sys.stderr)
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from retinaperf import config
     from retinaperf.report.tables import format_table, table_row
-    from retinaperf.run import trainer
+    from retinaperf.run import rundir, trainer
 
     flags = {
         "data_dir": args.data_dir,
@@ -135,7 +140,7 @@ def _run(args: argparse.Namespace) -> int:
     # Resolving first reports a bad setting once, before any process is started.
     overrides = config.parse_overrides(pairs)
     if args.resume is not None:
-        resolved = config.load_saved(Path(args.resume) / trainer.CONFIG, overrides)
+        resolved = config.load_saved(Path(args.resume) / rundir.CONFIG, overrides)
         resolved.output_dir = args.resume  # where it is now, whatever it was called then
     else:
         resolved = config.resolve(args.preset or "smoke", overrides, args.synthetic)
@@ -145,10 +150,10 @@ def _run(args: argparse.Namespace) -> int:
         if not resolved.output_dir:
             # Chosen here, not by each worker: workers torchrun starts again after a failure
             # must find the same directory.
-            pairs.append(f"output_dir=runs/{time.strftime('%Y%m%d-%H%M%S')}")
+            pairs.append(f"output_dir={io.timestamped_dir()}")
         return _launch(args.nproc_per_node, _child_args(args, pairs))
-    run = trainer.run
-    if "TORCHELASTIC_ERROR_FILE" in os.environ:
+    run = args.run_fn or trainer.run
+    if launch().error_file is not None:
         # Under torchrun: record this worker's error where torchrun's failure summary reads it,
         # so the summary says which rank failed and why.
         from torch.distributed.elastic.multiprocessing.errors import record
@@ -210,13 +215,12 @@ def _repeat(args: argparse.Namespace, resolved, pairs: list[str]) -> int:
     --nproc-per-node), then their summary."""
     from retinaperf.run import rounds
 
-    if "LOCAL_RANK" in os.environ:
+    if launch().by_torchrun:
         raise UserError(
             "--repeat: this process is one of torchrun's workers; repeat the torchrun command "
             "instead, or use `retinaperf run --repeat N --nproc-per-node M`"
         )
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dir = Path(resolved.output_dir) if resolved.output_dir else Path("runs") / stamp
+    out_dir = Path(resolved.output_dir) if resolved.output_dir else io.timestamped_dir()
     # Each round gets its own output_dir, given last.
     child = _child_args(args, [p for p in pairs if p.partition("=")[0].strip() != "output_dir"])
     if args.nproc_per_node is not None:
@@ -230,7 +234,7 @@ def _repeat(args: argparse.Namespace, resolved, pairs: list[str]) -> int:
 def _check_launch(nproc_per_node: int) -> None:
     if nproc_per_node < 1:
         raise UserError(f"--nproc-per-node {nproc_per_node}: give 1 or more")
-    if "LOCAL_RANK" in os.environ:
+    if launch().by_torchrun:
         raise UserError("--nproc-per-node: this process is already one of torchrun's workers")
 
 
@@ -322,10 +326,5 @@ COMMANDS = {
 }
 
 
-def _rank_prefix() -> str:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
-
-
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"retinaperf: warning: {_rank_prefix()}{message}", file=sys.stderr)
+    print(f"retinaperf: warning: {launch().rank_prefix}{message}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Divergence is never silent: consecutive steps whose loss is not finite, watched on the device.
+"""Divergence is never silent: consecutive steps whose loss is not finite, watched on the device,
+and the stop when there are too many.
 
 Each step adds a few element-wise operations on the device (no host synchronisation); the loop
 reads the result where it already waits for the device, at logged steps. The loss scaler's
@@ -28,3 +29,23 @@ class LossWatch:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.streak.copy_(state["streak"])
         self.longest.copy_(state["longest"])
+
+
+def diverged(longest: int, limit: int) -> bool:
+    """Whether the loss has not been finite for `limit` consecutive steps (`longest`, agreed by
+    the ranks); a limit of 0 never stops."""
+    return limit > 0 and longest >= limit
+
+
+def divergence_message(
+    longest: int, limit: int, step: int, parts: dict[str, float], lr: float, kept: str
+) -> str:
+    """Why the run stops as failed, naming the step, the loss parts, the lr and the last good
+    checkpoint (`kept`), and what to do."""
+    shown = ", ".join(f"{name} {value:.4g}" for name, value in parts.items())
+    return (
+        f"training diverged: the loss was not finite for {int(longest)} consecutive steps "
+        f"(limit max_bad_steps={limit}); at step {step}: {shown}, lr {lr:g}; the last good "
+        f"checkpoint is {kept}: lower lr, raise clip_grad_norm's protection, or use another "
+        "precision"
+    )

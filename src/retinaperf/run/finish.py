@@ -1,0 +1,140 @@
+"""How a run ends: the metrics reduced over the ranks, and the run directory written (results.json
+with the run's status; for a completed run also the report and plots, and its checkpoints go).
+
+Collectives run unless the run failed: then the other ranks may be gone, and rank 0's own view
+stands for the job.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from typing import TYPE_CHECKING
+
+import torch
+
+from retinaperf import io
+from retinaperf.errors import UserError
+from retinaperf.measure import energy, environment, monitor, utilization
+from retinaperf.measure.memory import device_uuid, driver_peak, memory_peak
+from retinaperf.measure.memory import memory as job_memory
+from retinaperf.measure.meter import summarize
+from retinaperf.report import plots, tables
+from retinaperf.report.events import EVENTS, MONITOR, read_events
+from retinaperf.run import checkpoint
+
+if TYPE_CHECKING:
+    from retinaperf.run.trainer import Trainer
+
+
+def finish(t: Trainer, status: str, reason: str | None = None) -> dict:
+    """Reduce the metrics and write results.json with the run's status; returns the results on
+    rank 0 and {"status": ...} on the others."""
+    cfg, env, meter = t.config, t.env, t.meter
+    reduce = status != "failed"
+    if status != "completed":
+        meter.stopped()
+        t.energy.mark("train")
+    t.checkpointer.finish()  # the newest checkpoint is on disk before results say so
+    # One gather of what only each rank knows: its host, device, memory peak, monitor samples.
+    mine = {
+        "host": environment.hostname(),
+        "uuid": device_uuid(env.device),
+        "memory": memory_peak(env.device),
+        "samples": t.monitor.stop() if t.monitor else [],
+        "energy": t.energy.summary(),
+        "batch_shapes": sorted(meter.batch_shapes),
+    }
+    ranks = env.gather(mine) if reduce else [mine]
+    summary = summarize(meter, env, cfg.train.target_map, reduce=reduce)
+    if not env.is_main:
+        return {"status": status}
+    samples = [sample for rank in ranks for sample in rank["samples"]]
+    monitored = monitor.summarize(samples) if samples else None
+    uuids = [rank["uuid"] for rank in ranks]
+    driver = driver_peak(monitored["devices"], uuids) if monitored else None
+    memory = job_memory([rank["memory"] for rank in ranks], driver)
+    device_name = environment.device_name(env.device)
+    segments = t.checkpointer.segments.until(status, meter.steps)
+    batch_shapes = sorted({tuple(shape) for rank in ranks for shape in rank["batch_shapes"]})
+    spent = energy.job_energy(
+        ranks,
+        samples,
+        env.device.type,
+        summary["trained_images"],
+        summary["train_time"] - summary["eval_time"],
+        len(segments),
+        env.nodes if env.device.type == "cpu" else env.world_size,
+    )
+    newest = t.checkpointer.newest
+    results = {
+        "status": status,
+        "reason": reason,
+        "metrics": {
+            **summary,
+            **memory,
+            **t.facts,
+            "epochs": meter.evals[-1].epoch + 1 if meter.evals else 0,
+            "world_size": env.world_size,
+            "nodes": env.nodes,
+            "devices_per_node": env.local_world_size,
+            "local_batch": cfg.train.batch_size,
+            "global_batch": cfg.train.batch_size * env.world_size,
+            "lr": cfg.train.lr,
+            "seed": cfg.train.seed,
+            "device_name": device_name,
+            "skipped_steps": int(t.precision.skipped_steps().item()),
+            "batch_shapes": len(batch_shapes),
+            "segments": len(segments),
+            "time_between_segments": sum(seg["time_lost_s"] or 0.0 for seg in segments),
+            "checkpoint_failures": t.checkpointer.writer.failures,
+            **{key: value for key, value in spent.items() if key != "energy"},
+            **utilization.utilization(
+                t.flops_per_image,
+                summary["p_core"],
+                device_name,
+                t.precision.peak_math(),
+                env.world_size,
+            ),
+        },
+        "segments": segments,
+        "batch_shapes": [list(shape) for shape in batch_shapes],
+        "energy": spent["energy"],
+        # A completed run has nothing left to resume: its checkpoints go (see below).
+        "checkpoint": str(newest) if newest and status != "completed" else None,
+        "monitor": monitored,
+        "config": cfg.to_dict(),
+        "environment": environment.capture(env.device, [rank["host"] for rank in ranks]),
+        "run_dir": str(t.run_dir),
+    }
+    if samples:
+        io.write_jsonl(t.run_dir / MONITOR, samples)
+    completed = status == "completed"
+    if completed and cfg.save_model:
+        path = t.run_dir / "model.pt"
+        torch.save(t.precision.float32_state_dict(t.inference_model), path)
+    # e2e_time ends here, as results.json is written (over every segment of the run).
+    results["metrics"]["e2e_time"] = meter.e2e_time()
+    io.write_json_atomic(t.run_dir / tables.RESULTS, results)
+    t.events.emit(
+        "run_end",
+        status=status,
+        reason=reason,
+        **{k: v for k, v in results["metrics"].items() if k != "evaluations"},
+    )
+    if completed:
+        io.write_text_atomic(t.run_dir / tables.REPORT, tables.render_report(results))
+        plots.write_plots(read_events(t.run_dir / EVENTS), samples, t.run_dir / tables.PLOTS)
+        # Checkpoints are for going on, and cost hundreds of MB each; only once results.json
+        # is written (save_model=true keeps the trained weights).
+        shutil.rmtree(checkpoint.folder(t.run_dir), ignore_errors=True)
+    return results
+
+
+def record_failure(t: Trainer, err: BaseException) -> None:
+    """results.json of a run that failed once set up, saying why; never masks the error."""
+    reason = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+    try:
+        finish(t, "failed", reason)
+    except Exception as secondary:  # the run is failing already: say so, keep the first error
+        warnings.warn(f"could not write the failed run's results.json: {secondary}", stacklevel=1)

@@ -1,0 +1,90 @@
+"""The run directory: which one a run writes (new, resumed, or a restarted job's), and claiming it
+before training: writable, with room for a checkpoint, holding the configuration a resume reads.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from retinaperf import io
+from retinaperf.config import RunConfig
+from retinaperf.distributed import DistEnv
+from retinaperf.errors import UserError
+from retinaperf.model.precision import Precision
+from retinaperf.report import tables
+from retinaperf.run import checkpoint
+
+CONFIG = "config.json"
+
+
+def choose(config: RunConfig, env: DistEnv, resume: bool) -> Path:
+    """The run directory (rank 0's choice, shared with every rank). A new run's must be new or
+    empty; a resumed run's must hold a run that has not completed; workers that torchrun started
+    again after a failure take the directory as they find it."""
+    if config.output_dir:
+        path = Path(config.output_dir)
+    elif env.job_id:
+        # Named after the torchrun job, so that its restarted workers find it again.
+        path = Path("runs") / f"torchrun-{env.job_id}"
+    else:
+        path = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    if env.is_main and resume:
+        if not (path / CONFIG).is_file():
+            raise UserError(
+                f"--resume: {path} holds no {CONFIG}: give the run directory of a stopped run"
+            )
+        previous = path / tables.RESULTS
+        if (
+            previous.is_file()
+            and tables.load_results(path, completed_only=False).get("status", "completed")
+            == "completed"
+        ):
+            raise UserError(f"--resume: {path} holds a completed run: there is nothing to resume")
+    elif env.is_main and not env.attempt and path.exists() and any(path.iterdir()):
+        raise UserError(f"output: {path} is not empty: choose a new --output-dir")
+    return Path(env.broadcast(str(path)))
+
+
+def continuing(run_dir: Path, env: DistEnv, resume: bool) -> bool:
+    """Whether this process goes on with a run: asked to resume, or started again by torchrun
+    after a rank failed (--max-restarts) in a run that wrote its configuration."""
+    return resume or (env.attempt > 0 and (run_dir / CONFIG).exists())
+
+
+def claim(
+    run_dir: Path,
+    config: RunConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trained_in: Precision,
+) -> None:
+    """Create the run directory with the configuration a resume reads, refusing one that is not
+    writable or whose disk cannot hold a checkpoint: before training, not hours into it."""
+    created = not run_dir.exists()
+    weights_bytes = checkpoint.tensor_bytes(model.state_dict().values())
+    updated = [p for group in optimizer.param_groups for p in group["params"]]
+    # SGD keeps one momentum buffer per updated tensor; fp16 also keeps float32 masters.
+    copies = 2 if trained_in.policy.half_weights else 1
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.check_space(run_dir, weights_bytes + copies * checkpoint.tensor_bytes(updated))
+        io.write_json_atomic(run_dir / CONFIG, config.to_dict())
+    except OSError as err:
+        _remove_if_created(run_dir, created)
+        raise UserError(
+            f"output: cannot write in {run_dir} ({err.strerror or err}): choose a writable "
+            "--output-dir"
+        ) from None
+    except UserError:
+        _remove_if_created(run_dir, created)
+        raise
+
+
+def _remove_if_created(run_dir: Path, created: bool) -> None:
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)

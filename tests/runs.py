@@ -1,0 +1,38 @@
+"""Running `retinaperf` commands in the test process, with the trainer's step or evaluation
+wrapped (injected, not patched into a module)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+from collections.abc import Callable
+
+from retinaperf import cli
+from retinaperf.run import trainer
+
+
+def run_cli(
+    args: list[str], step_fn: Callable | None = None, evaluate_fn: Callable | None = None
+) -> int:
+    """`retinaperf ARGS` in this process, its clock started now as a new command's would be;
+    `step_fn` and `evaluate_fn` replace the trainer's step and evaluation."""
+    cli.COMMAND_START = time.perf_counter()
+    injected = {"step_fn": step_fn, "evaluate_fn": evaluate_fn}
+    injected = {name: fn for name, fn in injected.items() if fn is not None}
+    return cli.main(args, run_fn=functools.partial(trainer.run, **injected) if injected else None)
+
+
+def signal_at(fn: Callable, call: int) -> Callable:
+    """`fn`, sending this process SIGTERM during its `call`-th call (1-based)."""
+    calls = []
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return fn(*args, **kwargs)
+
+    return wrapped
