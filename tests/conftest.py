@@ -7,14 +7,18 @@ import torch
 
 from retinaperf.data.synth import SynthSpec, generate
 
+# Fixtures that run the benchmark: a test that uses one is an integration test.
+RUNS = {"tiny_run_args", "one_run", "uninterrupted"}
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `gpu` need a CUDA device: skipped, saying so, where there is none."""
-    if torch.cuda.is_available():
-        return
+    """Tests that run the benchmark are marked `integration`; tests marked `gpu` need a CUDA
+    device: skipped, saying so, where there is none."""
     skip = pytest.mark.skip(reason="needs a CUDA device (benchmarks/gpu_check.py runs it)")
     for item in items:
-        if "gpu" in item.keywords:
+        if RUNS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
 
 

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,10 +177,16 @@ def test_compiled_parts_compute_the_same_steps_and_detections(monkeypatch):
         assert torch.allclose(a["boxes"], b["boxes"], atol=1e-4)
 
 
-def test_run_writes_results_events_and_report(tiny_run_args, tiny_dataset, tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def one_run(tiny_run_args, tiny_dataset, tmp_path_factory) -> tuple[Path, dict]:
+    """One run of 3 steps with TensorBoard on, shared by the tests of what a run writes."""
+    out = tmp_path_factory.mktemp("one") / "run"
     assert run_cli(tiny_run_args(tiny_dataset, out, max_steps=3, tensorboard="true")) == 0
-    results = json.loads((out / "results.json").read_text())
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_results_hold_the_metrics_of_the_run(one_run):
+    _, results = one_run
     m = results["metrics"]
     assert m["steps"] == 3
     assert m["trained_images"] == 3 * 2  # steps x local batch x 1 rank
@@ -194,6 +201,11 @@ def test_run_writes_results_events_and_report(tiny_run_args, tiny_dataset, tmp_p
     assert m["train_images"] <= 24 and m["val_images"] == 8
     assert results["config"]["train"]["max_steps"] == 3
     assert results["environment"]["packages"]["torch"] == torch.__version__.split("+")[0]
+
+
+def test_results_say_how_the_step_was_computed_and_its_batch_shapes(one_run):
+    _, results = one_run
+    m = results["metrics"]
     assert m["implementation"] == {
         "transform": "batched",
         "reuse_constants": True,
@@ -212,6 +224,10 @@ def test_run_writes_results_events_and_report(tiny_run_args, tiny_dataset, tmp_p
     for batch, channels, height, width in shapes:
         assert (batch, channels) == (2, 3) and height % 32 == width % 32 == 0
 
+
+def test_the_event_log_records_start_steps_evaluation_and_end(one_run):
+    out, results = one_run
+    m = results["metrics"]
     events = read_events(out / "events.jsonl")
     kinds = [e["event"] for e in events]
     assert kinds[0] == "run_start" and kinds[-1] == "run_end"
@@ -225,7 +241,10 @@ def test_run_writes_results_events_and_report(tiny_run_args, tiny_dataset, tmp_p
     end = events[-1]
     assert end["p_core"] == m["p_core"] and end["e2e_time"] == m["e2e_time"]
 
-    # issue 4: monitor samples, plots, environment, FLOPs and the monitor summary
+
+def test_the_monitor_plots_environment_and_flops_are_recorded(one_run):
+    out, results = one_run
+    m = results["metrics"]
     samples = read_events(out / "monitor.jsonl")
     assert len(samples) >= 2 and all(s["devices"] == [] for s in samples)  # a CPU: host only
     assert results["monitor"]["samples"] == len(samples)
@@ -243,15 +262,25 @@ def test_run_writes_results_events_and_report(tiny_run_args, tiny_dataset, tmp_p
     assert env["cpu_count"] >= 1 and env["hosts"] == [samples[0]["host"]]
     assert env["command"] and env["packages"]["torchvision"]
 
+
+def test_tensorboard_gets_the_event_logs_scalars(one_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    out, results = one_run
+    steps = [e for e in read_events(out / "events.jsonl") if e["event"] == "step"]
     board = EventAccumulator(str(out / "tensorboard"))
     board.Reload()
     assert [e.value for e in board.Scalars("train/loss")] == pytest.approx(
         [e["loss"] for e in steps]
     )
-    assert [e.value for e in board.Scalars("eval/mAP")] == pytest.approx([m["mAP"]])
+    assert [e.value for e in board.Scalars("eval/mAP")] == pytest.approx(
+        [results["metrics"]["mAP"]]
+    )
 
+
+def test_the_report_is_the_seeds_table_and_what_it_stands_on(one_run):
+    out, results = one_run
+    m = results["metrics"]
     report = (out / "report.md").read_text()
     assert (
         "| 配置 | precision | fix_hp | e2e_time | p_whole | p_train | p_core | mAP | mem |"
