@@ -17,6 +17,7 @@ import pytest
 import torch
 import torchvision
 
+from retinaperf import distributed
 from retinaperf.data.synth import SynthSpec, generate
 from retinaperf.report.events import read_events
 
@@ -39,6 +40,60 @@ def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess
 
 def results_of(out: Path) -> dict:
     return json.loads((out / "results.json").read_text())["metrics"]
+
+
+TORCHRUN_VARIABLES = {
+    "RANK": "3",
+    "WORLD_SIZE": "8",
+    "LOCAL_RANK": "1",
+    "LOCAL_WORLD_SIZE": "4",
+    "TORCHELASTIC_RESTART_COUNT": "2",
+    "TORCHELASTIC_RUN_ID": "job7",
+    "TORCHELASTIC_ERROR_FILE": "/tmp/error.json",
+}
+
+
+def test_the_launch_is_what_torchruns_environment_says(monkeypatch):
+    for name, value in TORCHRUN_VARIABLES.items():
+        monkeypatch.setenv(name, value)
+    launched = distributed.launch()
+    assert launched == distributed.Launch(3, 8, 1, 4, 2, "job7", True, "/tmp/error.json")
+    assert launched.rank_prefix == "[rank 3] "
+
+
+def test_without_torchrun_the_launch_is_a_world_of_one(monkeypatch):
+    for name in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.launch() == distributed.Launch()
+    assert distributed.launch().rank_prefix == ""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # what torchrun sets without a job id
+    assert distributed.launch().job_id is None
+
+
+def test_the_launch_and_the_cpus_are_read_without_importing_torch():
+    code = (
+        "import sys\n"
+        "from retinaperf import distributed\n"
+        "distributed.launch(), distributed.cpu_count()\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_the_cpus_are_those_this_process_may_run_on(monkeypatch):
+    assert distributed.cpu_count() == len(os.sched_getaffinity(0))
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # undeterminable
+    assert distributed.cpu_count() == 1
+
+
+@pytest.mark.parametrize(("local_rank", "expected"), [(0, ["first"]), (1, ["then"])])
+def test_node_first_runs_first_on_local_rank_zero_and_then_on_the_others(local_rank, expected):
+    env = distributed.DistEnv(local_rank, 2, local_rank, 2, torch.device("cpu"))
+    calls = []
+    result = env.node_first(lambda: calls.append("first") or 1, lambda: calls.append("then") or 2)
+    assert calls == expected and result == (1 if local_rank == 0 else 2)
+    assert env.node_first(lambda: "same") == "same"
 
 
 def test_two_processes_on_one_node(tiny_run_args, tiny_dataset, tmp_path):

@@ -1,21 +1,81 @@
-"""Who and where this process is: rank, world, device and collective backend, and the helpers that
-reduce and gather across ranks. Nothing else in the package reads torchrun's environment.
+"""Who and where this process is: how it was launched (rank, world, torchrun's restarts and job),
+its device and collective backend, the CPUs it may use, and the helpers that reduce and gather
+across ranks. Nothing else in the package reads torchrun's environment.
 
 One process per device, started by torchrun (which Slurm and Kubernetes launch the usual way).
 Without torchrun's variables the process is a world of one and no process group is created.
+
+torch is imported where it is used, not at the top: the CLI (before its commands import torch),
+the signal handlers and the dataset generator read the launch and the CPUs without paying for
+torch's import, seconds that `retinaperf report` or `synth` would otherwise spend for nothing.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from retinaperf.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What the launcher told this process through its environment (`launch()`); a world of one
+    without torchrun."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    attempt: int = 0
+    """How many times torchrun has started this job's workers again after a failure
+    (--max-restarts); 0 for the first start and without torchrun."""
+    job_id: str | None = None
+    """torchrun's rendezvous id of the job (--rdzv-id, or a fresh one with --standalone); None
+    without torchrun."""
+    by_torchrun: bool = False
+    """Whether this process is one of torchrun's workers."""
+    error_file: str | None = None
+    """Where torchrun's failure summary reads this worker's error; None without torchrun."""
+
+    @property
+    def rank_prefix(self) -> str:
+        """What begins this process's messages: "[rank N] " in a job of several ranks, so that
+        the interleaved lines of a job say whose they are; "" in a world of one."""
+        return f"[rank {self.rank}] " if self.world_size > 1 else ""
+
+
+def launch() -> Launch:
+    """This process's launch, from torchrun's environment variables. Needs no torch."""
+    env = os.environ
+    world_size = int(env.get("WORLD_SIZE", "1"))
+    job_id = env.get("TORCHELASTIC_RUN_ID")
+    return Launch(
+        rank=int(env.get("RANK", "0")),
+        world_size=world_size,
+        local_rank=int(env.get("LOCAL_RANK", "0")),
+        local_world_size=int(env.get("LOCAL_WORLD_SIZE", str(world_size))),
+        attempt=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        job_id=job_id if job_id not in (None, "", "none") else None,
+        by_torchrun="LOCAL_RANK" in env,
+        error_file=env.get("TORCHELASTIC_ERROR_FILE"),
+    )
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on: its affinity (which taskset, Slurm and a container's
+    cpuset narrow) where the system has one, else the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -26,11 +86,9 @@ class DistEnv:
     local_world_size: int
     device: torch.device
     attempt: int = 0
-    """How many times torchrun has started this job's workers again after a failure
-    (--max-restarts); 0 for the first start and without torchrun."""
+    """As Launch.attempt."""
     job_id: str | None = None
-    """torchrun's rendezvous id of the job (--rdzv-id, or a fresh one with --standalone); None
-    without torchrun."""
+    """As Launch.job_id."""
 
     @property
     def is_main(self) -> bool:
@@ -42,14 +100,31 @@ class DistEnv:
 
     @property
     def backend(self) -> str | None:
+        import torch.distributed as dist
+
         return dist.get_backend() if dist.is_initialized() else None
 
     def barrier(self) -> None:
+        import torch.distributed as dist
+
         if dist.is_initialized():
             dist.barrier()
 
+    def node_first(self, first: Callable[[], T], then: Callable[[], T] | None = None) -> T:
+        """`first()` on each node's local rank 0, then, after a barrier, `then()` (or `first()`)
+        on the others: work that fills a node's cache once, which the others read."""
+        if self.local_rank == 0:
+            result = first()
+        self.barrier()
+        if self.local_rank != 0:
+            result = (then or first)()
+        return result
+
     def all_reduce(self, values: list[float], op: str) -> list[float]:
         """Element-wise "sum" or "max" of `values` over ranks (float64 on the wire)."""
+        import torch
+        import torch.distributed as dist
+
         if not dist.is_initialized():
             return list(values)
         tensor = torch.tensor(values, dtype=torch.float64, device=self._collective_device())
@@ -58,6 +133,8 @@ class DistEnv:
 
     def gather(self, obj: Any) -> list[Any] | None:
         """`obj` of every rank, in rank order, on rank 0; None elsewhere."""
+        import torch.distributed as dist
+
         if not dist.is_initialized():
             return [obj]
         gathered = [None] * self.world_size if self.is_main else None
@@ -66,6 +143,8 @@ class DistEnv:
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank."""
+        import torch.distributed as dist
+
         if not dist.is_initialized():
             return obj
         box = [obj]
@@ -73,12 +152,16 @@ class DistEnv:
         return box[0]
 
     def _collective_device(self) -> torch.device:
+        import torch
+
         # nccl reduces device tensors only; gloo reduces host tensors.
         return self.device if self.backend == "nccl" else torch.device("cpu")
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
     """`auto` is the machine's accelerator (CUDA, XPU, MPS, ...) if it has one, else the CPU."""
+    import torch
+
     if requested == "auto":
         accelerator = torch.accelerator.current_accelerator(check_available=True)
         requested = accelerator.type if accelerator is not None else "cpu"
@@ -107,13 +190,11 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 
 def setup(requested_device: str, timeout_s: float) -> DistEnv:
     """Join the process group torchrun describes (if any) and pick this rank's device."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    job_id = os.environ.get("TORCHELASTIC_RUN_ID")
-    device = pick_device(requested_device, local_rank)
+    import torch.distributed as dist
+
+    launched = launch()
+    rank, world_size = launched.rank, launched.world_size
+    device = pick_device(requested_device, launched.local_rank)
     if world_size > 1 and not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
         store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
@@ -122,7 +203,7 @@ def setup(requested_device: str, timeout_s: float) -> DistEnv:
         # own, or the new ranks try to connect to the dead ones.
         dist.init_process_group(
             backend=dist.get_default_backend_for_device(device),
-            store=dist.PrefixStore(f"retinaperf/attempt-{attempt}", store),
+            store=dist.PrefixStore(f"retinaperf/attempt-{launched.attempt}", store),
             rank=rank,
             world_size=world_size,
             timeout=timeout,
@@ -131,15 +212,17 @@ def setup(requested_device: str, timeout_s: float) -> DistEnv:
     return DistEnv(
         rank,
         world_size,
-        local_rank,
-        local_world_size,
+        launched.local_rank,
+        launched.local_world_size,
         device,
-        attempt,
-        job_id if job_id not in (None, "", "none") else None,
+        launched.attempt,
+        launched.job_id,
     )
 
 
 def teardown() -> None:
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -147,6 +230,8 @@ def teardown() -> None:
 def synchronize(device: torch.device) -> None:
     """Wait until `device` has finished the work queued so far (a no-op on the CPU, whose
     operations complete before they return)."""
+    import torch
+
     if device.type != "cpu":
         torch.accelerator.synchronize(device)
 
@@ -155,6 +240,8 @@ def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A small tensor made on the host, on `device`, without making the host wait: from pinned
     memory the copy is queued behind the device's work, where from pageable memory CUDA first
     waits for that work to finish. On the CPU the tensor itself."""
+    import torch
+
     if device.type == "cpu":
         return host
     accelerator = torch.accelerator.current_accelerator(check_available=True)
