@@ -21,6 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from retinaperf import io
 from retinaperf.data import coco_index
 from retinaperf.errors import UserError
 
@@ -73,13 +74,9 @@ def check_root(root: Path) -> None:
 
 def read_annotations(path: Path) -> dict:
     """The instances JSON, with a clear error for a missing, unreadable or malformed file."""
-    try:
-        with open(path, "rb") as f:
-            data = msgspec.json.decode(f.read())
-    except FileNotFoundError:
-        raise UserError(f"data: {path} does not exist") from None
-    except msgspec.DecodeError as err:
-        raise UserError(f"data: {path} is not valid JSON ({err}): re-extract the file") from None
+    # msgspec: COCO's files are large, and it decodes them faster than json (1.3 s, not 2.1 s, for
+    # 120 MB on this project's CPU).
+    data = io.read_json(path, "data", if_invalid=coco_index.REEXTRACT, decode=msgspec.json.decode)
     if not isinstance(data, dict):
         raise UserError(f"data: {path} is not a COCO instances file: it holds no JSON object")
     for key in ("images", "annotations", "categories"):
@@ -331,8 +328,9 @@ def make_loader(
 def shut_down(loader: DataLoader) -> None:
     """Stop a loader's persistent workers now. They ignore SIGTERM (see `signals`), so the
     interpreter's exit, which terminates leftover workers with it, could not stop them. DataLoader
-    has no public call for this: its iterator stops the workers it holds, as its own `__del__`
-    does."""
+    has no public call for this (torch 2.14), so this calls the private one its iterator's
+    `__del__` calls; dropping the loader instead stops them only once nothing refers to it any
+    more, which a traceback being handled may delay."""
     iterator = getattr(loader, "_iterator", None)
     if iterator is not None and hasattr(iterator, "_shutdown_workers"):
         iterator._shutdown_workers()

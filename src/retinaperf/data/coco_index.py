@@ -52,7 +52,7 @@ import msgspec
 import numpy as np
 
 from retinaperf.errors import UserError
-from retinaperf.io import atomic_file
+from retinaperf.io import atomic_file, json_error
 
 # COCO category ids are the model's labels as they are (model.NUM_CLASSES = 91, 0 the
 # background): an annotation's category must be one of 1..90.
@@ -64,6 +64,8 @@ FORMAT_VERSION = 1
 PIECE_BYTES = 4 << 20
 # Between two annotations of the list: the end of one object, a comma, the start of the next.
 _BETWEEN = re.compile(rb"\}\s*,\s*\{")
+# What to do with an annotation file that is not JSON: it was cut short or damaged in transfer.
+REEXTRACT = "re-extract the file"
 
 
 # The fields the index reads; msgspec skips every other field without allocating it. gc=False:
@@ -193,13 +195,7 @@ def _map(path: Path) -> mmap.mmap | bytes:
             except (OSError, ValueError):  # ValueError: an empty file; OSError: a file system
                 return f.read()  # that cannot map files
     except OSError as err:
-        raise _unreadable(path, err) from None
-
-
-def _unreadable(path: Path, err: OSError) -> UserError:
-    if isinstance(err, FileNotFoundError):
-        return UserError(f"data: {path} does not exist")
-    return UserError(f"data: cannot read {path}: {err.strerror}")
+        raise json_error(path, "data", err) from None
 
 
 def _drop_pages(content: mmap.mmap | bytes) -> None:
@@ -216,7 +212,7 @@ def _decode(decoder: msgspec.json.Decoder, content: mmap.mmap | bytes, path: Pat
     except msgspec.ValidationError as err:
         raise _invalid(path, err) from None
     except msgspec.DecodeError as err:
-        raise UserError(f"data: {path} is not valid JSON ({err}): re-extract the file") from None
+        raise json_error(path, "data", err, if_invalid=REEXTRACT) from None
 
 
 def _invalid(path: Path, err: msgspec.ValidationError) -> UserError:
@@ -342,7 +338,7 @@ def _key(path: Path) -> str:
     try:
         stat = path.stat()
     except OSError as err:
-        raise _unreadable(path, err) from None
+        raise json_error(path, "data", err) from None
     return json.dumps(
         {
             "format": FORMAT_VERSION,

@@ -35,7 +35,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from retinaperf import io
 from retinaperf.config import SYNTH_PROFILES as PROFILES
+from retinaperf.distributed import cpu_count
 from retinaperf.errors import UserError
 
 # Bump when the drawing of a profile changes, so cached datasets of an older generator are not
@@ -119,11 +121,7 @@ class SynthSpec:
 def default_workers() -> int:
     """The CLI's number of drawing processes: one per CPU this process may use, at most 8, so that
     generating on a shared login node does not take every core."""
-    if hasattr(os, "sched_getaffinity"):
-        cpus = len(os.sched_getaffinity(0))
-    else:
-        cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus))
+    return max(1, min(8, cpu_count()))
 
 
 def generate(spec: SynthSpec, out_dir: Path, workers: int = 1) -> Path:
@@ -136,8 +134,7 @@ def generate(spec: SynthSpec, out_dir: Path, workers: int = 1) -> Path:
     if workers < 1:
         raise UserError(f"synth: --workers {workers}: use 1 or more")
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise UserError(f"synth: {out_dir} is not empty: give a new or empty folder with --out")
+    io.require_empty(out_dir, "synth", "give a new or empty folder with --out")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
