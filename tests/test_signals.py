@@ -2,6 +2,7 @@
 the same signal delivered twice in a moment (by Slurm and by torchrun) is one request. Whole runs
 stopped by a signal are in test_checkpoint.py."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -38,6 +39,21 @@ def test_a_repeat_within_the_window_is_the_same_request():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=25)
     assert done.returncode == 0 and "still running SIGTERM" in done.stdout
+
+
+def test_in_a_job_of_several_ranks_the_messages_say_whose_they_are():
+    code = (
+        "import os, signal, time\n"
+        "from retinaperf.run.signals import StopRequest\n"
+        "with StopRequest() as stop:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(0.1)\n"
+    )
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=25, env=env
+    )
+    assert done.stderr.startswith("retinaperf: [rank 1] SIGTERM received: stopping")
 
 
 def test_data_loader_workers_leave_the_signals_to_the_training_process():

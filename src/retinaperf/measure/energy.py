@@ -34,6 +34,8 @@ from typing import Any, Protocol
 
 import pynvml
 
+from retinaperf.measure.monitor import bare_uuid
+
 POWERCAP = Path("/sys/class/powercap")
 # Top-level RAPL domains only: "intel-rapl:0:0" (core, uncore, dram) are parts of a package, and
 # "intel-rapl-mmio:0" counts the same package again through another interface.
@@ -82,7 +84,7 @@ class NvmlCounter:
 def nvml_counter(uuid: str) -> tuple[Counter | None, str | None]:
     """The NVML energy counter of the GPU with this UUID ("GPU-..." as NVML writes it, or without
     the prefix as torch does), or (None, why there is none). Never raises an NVML error."""
-    label = "GPU-" + (uuid[4:] if uuid.lower().startswith("gpu-") else uuid)
+    label = "GPU-" + bare_uuid(uuid)
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as exc:
@@ -408,13 +410,13 @@ def _gpu_device(rank: dict, samples: list[dict], segments: int) -> dict:
     counted = energy["device"]
     if counted is not None and counted["train_j"] is not None:
         return {"host": rank["host"], **counted, "reason": None}
-    bare = (label or "").lower().removeprefix("gpu-")
+    bare = bare_uuid(label or "")
     power = [
         (sample["time"], device.get("power_w"))
         for sample in samples
         if sample["host"] == rank["host"]
         for device in sample.get("devices", [])
-        if (device.get("uuid") or "").lower().removeprefix("gpu-") == bare
+        if bare_uuid(device.get("uuid") or "") == bare
     ]
     integrated = integrate_power(power, energy["windows"]) if segments == 1 and label else None
     if integrated is None or "train" not in integrated:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import socket
 import subprocess
@@ -11,6 +10,8 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+
+from retinaperf.distributed import cpu_count
 
 PACKAGES = ("retinaperf", "torch", "torchvision", "numpy", "pillow", "faster-coco-eval")
 
@@ -65,7 +66,7 @@ def capture(device: torch.device, hosts: list[str]) -> dict:
         "git_commit": _git_commit(),
         "os": platform.platform(),
         "cpu": cpu_model(),
-        "cpu_count": _cpu_count(),
+        "cpu_count": cpu_count(),
         "hosts": sorted(set(hosts)),
         "device_type": device.type,
         "device_name": device_name(device),
@@ -76,10 +77,6 @@ def capture(device: torch.device, hosts: list[str]) -> dict:
         env["cuda_driver"] = _nvidia_driver()
         env["cudnn"] = torch.backends.cudnn.version()
     return env
-
-
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _nvidia_driver() -> str | None:

@@ -9,7 +9,8 @@ import sys
 
 import torch
 
-GIB = 1024**3
+from retinaperf.measure.monitor import bare_uuid
+from retinaperf.units import GIB
 
 
 def peak_resident_bytes() -> int:
@@ -77,18 +78,13 @@ DRIVER_VIEW = "driver peak used / device total (NVML, as nvidia-smi shows)"
 def driver_peak(devices: list[dict], uuids: list[str | None]) -> tuple[float, float] | None:
     """(peak used, total) GiB of the job's busiest device in the monitor's summary, matched by
     UUID; None when no monitored device is one of the job's."""
-    wanted = {_bare_uuid(u) for u in uuids if u}
-    mine = [d for d in devices if d.get("uuid") and _bare_uuid(d["uuid"]) in wanted]
+    wanted = {bare_uuid(u) for u in uuids if u}
+    mine = [d for d in devices if d.get("uuid") and bare_uuid(d["uuid"]) in wanted]
     mine = [d for d in mine if d.get("mem_used_peak_gib") is not None]
     if not mine:
         return None
     busiest = max(mine, key=lambda d: d["mem_used_peak_gib"])
     return busiest["mem_used_peak_gib"], busiest["mem_total_gib"]
-
-
-def _bare_uuid(uuid: str) -> str:
-    # NVML writes "GPU-<uuid>", torch writes "<uuid>"
-    return uuid.lower().removeprefix("gpu-")
 
 
 def device_uuid(device: torch.device) -> str | None:

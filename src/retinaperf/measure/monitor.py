@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import psutil
 import pynvml
 
-GIB = 1024**3  # as memory.GIB; not imported from there, which would import torch for a constant
+from retinaperf.units import GIB
 
 
 class Sampler(Protocol):
@@ -119,6 +119,11 @@ def _supported(read: Callable[..., Any], *args: Any) -> Any:
         return read(*args)
     except pynvml.NVMLError:
         return None
+
+
+def bare_uuid(uuid: str) -> str:
+    """A GPU's UUID in one spelling for comparing: NVML writes "GPU-<hex>", torch "<hex>"."""
+    return uuid.lower().removeprefix("gpu-")
 
 
 def default_samplers() -> list[Sampler]:

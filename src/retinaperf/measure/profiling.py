@@ -43,6 +43,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from tqdm import tqdm
 
+from retinaperf.distributed import synchronize
+from retinaperf.units import NO_VALUE
+
 if TYPE_CHECKING:
     import torch
     from torch.autograd.profiler_util import EventList
@@ -132,8 +135,6 @@ class StepProfiler:
             self._label = None
 
     def _finish(self, complete: bool) -> None:
-        from retinaperf.distributed import synchronize
-
         prof, self._prof = self._prof, None
         assert prof is not None
         self._done = True
@@ -230,7 +231,7 @@ def _format_table(top_ops: list[dict], device_name: str | None) -> str:
     device_column = f"self {device_name or 'device'} ms"
     lines = [f"{device_column:>16}  {'self CPU ms':>12}  {'calls':>8}  operator"]
     for op in top_ops:
-        device = "-" if op["self_device_us"] is None else f"{op['self_device_us'] / 1e3:.3f}"
+        device = NO_VALUE if op["self_device_us"] is None else f"{op['self_device_us'] / 1e3:.3f}"
         lines.append(
             f"{device:>16}  {op['self_cpu_us'] / 1e3:>12.3f}  {op['calls']:>8}  {op['name']}"
         )

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from faster_coco_eval import COCO, COCOeval_faster
 
+from retinaperf import io
 from retinaperf.data.coco import read_annotations
 from retinaperf.distributed import DistEnv, synchronize
 from retinaperf.errors import UserError
@@ -237,13 +237,7 @@ def evaluate_files(annotations_path: Path, detections_path: Path) -> dict[str, f
 
 
 def _read_detections(path: Path) -> list[dict]:
-    try:
-        with open(path, "rb") as f:
-            detections = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"evaluate: {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"evaluate: {path} is not valid JSON ({err})") from None
+    detections = io.read_json(path, "evaluate")
     if not isinstance(detections, list):
         raise UserError(f"evaluate: {path} must hold a JSON list of detections")
     for i, d in enumerate(detections):

@@ -19,6 +19,8 @@ import sys
 import time
 from types import FrameType
 
+from retinaperf.distributed import launch
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -63,9 +65,7 @@ class StopRequest:
 
 
 def _say(message: str) -> None:
-    rank = os.environ.get("RANK")
-    prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-    print(f"retinaperf: {prefix}{message}", file=sys.stderr, flush=True)
+    print(f"retinaperf: {launch().rank_prefix}{message}", file=sys.stderr, flush=True)
 
 
 def ignore_in_worker(worker_id: int) -> None:
