@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from retinaperf.errors import UserError
+from retinaperf.model import weights
 from retinaperf.model.weights import LoadedWeights, expected_prefix, fetch, load, load_tensors
 
 
@@ -357,6 +358,19 @@ def test_unreachable_url_says_where_to_put_the_file(served, cache, kind):
     assert url in message
     assert str(cache / "weights" / name) in message
     assert "\n" not in message
+    assert [p for p in files_under(cache) if p != "weights"] == []
+
+
+def test_a_server_that_stops_answering_fails_the_download_in_time(cache, monkeypatch):
+    monkeypatch.setattr(weights, "DOWNLOAD_TIMEOUT_S", 0.2)
+    with socket.socket() as silent:  # accepts connections (the backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/resnet50-0676ba61.pth"
+        with pytest.raises(UserError, match="timed out") as err:
+            fetch(url, cache)
+    assert url in str(err.value)
+    assert socket.getdefaulttimeout() is None  # the process's default is back
     assert [p for p in files_under(cache) if p != "weights"] == []
 
 

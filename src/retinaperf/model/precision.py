@@ -268,6 +268,10 @@ class Precision:
         self.scaler.step(optimizer)  # unscales and skips the step if a gradient is inf/nan
         if self.scaler.is_enabled():
             # The scaler backs off exactly when it skipped the update; counted on the device.
+            # _get_scale_async is private, but the public get_scale() returns a float through
+            # .item(), which would make the host wait for the device every step (torch 2.14):
+            # with fused SGD the step otherwise never waits. No public way reads the scale as
+            # a tensor.
             before = self.scaler._get_scale_async().clone()
             self.scaler.update()
             self._skipped += self.scaler._get_scale_async() < before

@@ -7,25 +7,28 @@ checked: it is used with a warning, and its sha256 is recorded in the results ei
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import pickle
 import re
-import shutil
+import socket
 import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from retinaperf import io
 from retinaperf.errors import UserError
 
 HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
 CHUNK = 1 << 20
+DOWNLOAD_TIMEOUT_S = 60.0
+"""How long a download waits for the server (to connect, or for the next bytes) before failing."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ def fetch(source: str, cache_dir: Path) -> Path:
         name = Path(parsed.path).name
         for candidate in (Path(cache_dir) / "weights" / name, _torch_hub_file(name)):
             if candidate.is_file():
-                _verify(candidate, name)
+                _verify(candidate)
                 return candidate
         return _download(source, Path(cache_dir) / "weights" / name)
     path = (
@@ -70,7 +73,7 @@ def fetch(source: str, cache_dir: Path) -> Path:
             f"backbone weights: {path} does not exist: give the path of resnet50-0676ba61.pth "
             "(or `none` / `random` for random values)"
         )
-    _verify(path, path.name)
+    _verify(path)
     return path
 
 
@@ -112,36 +115,50 @@ def _torch_hub_file(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / name
 
 
-def _verify(path: Path, name: str, shown: str | None = None) -> None:
-    """Check `path` against the hash prefix in `name`; messages call the file `shown` (default:
-    its path; a download names its URL, not the temporary file it is checked in)."""
+def _verify(path: Path) -> None:
+    """Check the file `path` against the hash prefix in its name."""
+    prefix = _prefix_or_warn(path.name)
+    if prefix is not None:
+        actual = sha256_of(path)
+        if not actual.startswith(prefix):
+            raise _mismatch(str(path), prefix, actual)
+
+
+def _prefix_or_warn(name: str) -> str | None:
+    """The sha256 prefix that the file name `name` promises; None, with a warning, if none."""
     prefix = expected_prefix(name)
     if prefix is None:
         warnings.warn(
             f"backbone weights: {name} has no hash in its name (torchvision names files "
             "<name>-<sha256 prefix>.pth), so it cannot be verified; its sha256 is recorded",
-            stacklevel=2,
+            stacklevel=3,
         )
-        return
-    actual = sha256_of(path)
-    if not actual.startswith(prefix):
-        raise UserError(
-            f"backbone weights: {shown or path} has sha256 {actual[: len(prefix)]}..., but its "
-            f"name expects {prefix}: the file is corrupt or not the named one; download it again"
-        )
+    return prefix
+
+
+def _mismatch(shown: str, prefix: str, actual: str) -> UserError:
+    return UserError(
+        f"backbone weights: {shown} has sha256 {actual[: len(prefix)]}..., but its name expects "
+        f"{prefix}: the file is corrupt or not the named one; download it again"
+    )
 
 
 def _download(url: str, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = _prefix_or_warn(target.name)
     try:
-        # Verified before it takes the name: a bad download never stands in the cache.
-        with (
-            io.atomic_file(target, "wb") as out,
-            urllib.request.urlopen(url, timeout=60) as response,
-        ):
-            shutil.copyfileobj(response, out, CHUNK)
-            out.flush()
-            _verify(Path(out.name), target.name, shown=f"{target.name} downloaded from {url}")
+        # torch writes a temporary file beside `target` and gives it the name only once its
+        # sha256 starts with `prefix`: a bad download never stands in the cache.
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+            torch.hub.download_url_to_file(url, str(target), hash_prefix=prefix, progress=False)
+    except RuntimeError as err:
+        # torch's words for a file whose sha256 does not start with `prefix` hold the digest;
+        # any other RuntimeError is no mistake of the user's, and keeps its traceback.
+        digest = re.search(r'invalid hash value .*got "([0-9a-f]+)"', str(err))
+        if prefix is None or digest is None:
+            raise
+        shown = f"{target.name} downloaded from {url}"
+        raise _mismatch(shown, prefix, digest.group(1)) from None
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", None) or err
         raise UserError(
@@ -150,3 +167,16 @@ def _download(url: str, target: Path) -> Path:
             f"--backbone-weights /path/to/{target.name}"
         ) from None
     return target
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    """Sockets opened in the block give up after `seconds` without progress. download_url_to_file
+    takes no timeout, and a server that stops answering would hang the run (local rank 0, with
+    the node's other ranks waiting for it)."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
