@@ -108,11 +108,21 @@ def test_presets_lists_the_shipped_presets_with_their_purpose(capsys):
     assert "lr 0.08" in out
 
 
-def test_presets_keys_lists_settable_keys(capsys):
+def test_presets_keys_lists_settable_keys_with_default_type_and_help(capsys):
     assert cli.main(["presets", "--keys"]) == 0
-    keys = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    lines = capsys.readouterr().out.splitlines()
+    # `KEY=DEFAULT  (TYPE)`, a line each, followed by the help indented
+    keys = {line.partition("=")[0]: line for line in lines if not line.startswith(" ")}
     for key in ("train.batch_size", "train.lr", "train.precision", "train.max_steps", "device"):
         assert key in keys
+    assert (
+        keys["train.precision"]
+        == "train.precision=fp32  (auto|fp32|fp32-strict|tf32|amp|bf16|fp16)"
+    )
+    assert keys["train.lr_steps"] == "train.lr_steps=16,22  (integers)"
+    help_of_lr = lines[lines.index(keys["train.lr"]) + 1]
+    assert help_of_lr == "    Peak learning rate after warm-up."
+    assert all(len(line) <= 100 for line in lines if line.startswith(" "))  # help is wrapped
 
 
 def test_synth_command_writes_a_dataset(tmp_path, capsys):

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -85,7 +90,7 @@ def test_bare_and_qualified_keys_mean_the_same(bare, qualified, value, expected)
 
 def test_values_are_typed():
     parsed = parse_overrides(
-        ["lr=1e-3", "epochs=3", "deterministic=yes", "device=cpu", "lr_steps=16,22"]
+        ["lr=1e-3", "epochs=3", "deterministic=true", "device=cpu", "lr_steps=16,22"]
     )
     assert parsed == {
         "lr": 0.001,
@@ -99,9 +104,17 @@ def test_values_are_typed():
     assert type(parsed["lr_steps"]) is tuple
 
 
-@pytest.mark.parametrize(("text", "expected"), [("true", True), ("0", False), ("Off", False)])
+@pytest.mark.parametrize(("text", "expected"), [("true", True), ("false", False), ("True", True)])
 def test_bool_spellings(text, expected):
     assert parse_overrides([f"deterministic={text}"]) == {"deterministic": expected}
+
+
+@pytest.mark.parametrize("text", ["yes", "no", "1", "0", "on", "off", ""])
+def test_bool_takes_true_or_false_alone(text):
+    # The keys' list says true|false; a preset file holds TOML's true/false too.
+    with pytest.raises(UserError) as err:
+        parse_overrides([f"deterministic={text}"])
+    assert str(err.value) == f"--set: deterministic={text!r} is not valid: use true or false"
 
 
 def test_lr_steps_reaches_the_config_as_a_tuple():
@@ -217,6 +230,43 @@ def test_every_precision_choice_is_accepted():
         assert TrainConfig(precision=name).precision == name
 
 
+@pytest.mark.parametrize(
+    ("pair", "message"),
+    [
+        (
+            "precision=fp8",
+            "precision='fp8' is not valid: use one of auto, fp32, fp32-strict, tf32, amp, bf16, "
+            "fp16",
+        ),
+        ("loss=fast", "loss='fast' is not valid: use one of batched, torchvision"),
+        ("channels_last=yes", "channels_last='yes' is not valid: use one of auto, on, off"),
+        ("batch_size=0", "batch_size=0 is not valid: use 1 or more"),
+        ("lr=0", "lr=0.0 is not valid: use a positive number"),
+        ("hflip_prob=1.5", "hflip_prob=1.5 is not valid: use a value in [0, 1]"),
+        (
+            "aspect_ratio_group_factor=-2",
+            "aspect_ratio_group_factor=-2 is not valid: use -1 or more",
+        ),
+        ("epochs=1.5", "epochs='1.5' is not valid: use an integer"),
+        ("lr_steps=16,x", "lr_steps='16,x' is not valid: use integers, e.g. 16,22"),
+    ],
+)
+def test_a_bad_value_is_one_line_naming_key_value_and_what_to_use(pair, message):
+    with pytest.raises(UserError) as err:
+        parse_overrides([pair])
+    assert str(err.value) == f"--set: {message}"
+
+
+def test_direct_construction_is_checked_and_typed_too():
+    # Code that builds a section itself (tests, benchmarks) gets the checks of --set.
+    with pytest.raises(UserError, match=r"config: loss='fast' is not valid: use one of batched"):
+        ModelConfig(loss="fast")
+    with pytest.raises(UserError, match=r"config: batch_size=True is not valid: use an integer"):
+        TrainConfig(batch_size=True)
+    built = TrainConfig(lr=1, lr_steps=[3, 5])
+    assert type(built.lr) is float and built.lr_steps == (3, 5)
+
+
 # --- keys -------------------------------------------------------------------------------------
 
 
@@ -228,17 +278,64 @@ def test_every_key_name_is_unique_across_sections():
     assert not set(names) & set(SECTIONS)  # a section name is not also a key
 
 
-def test_all_keys_lists_every_settable_key_qualified_with_a_doc():
+def test_all_keys_lists_every_settable_key_qualified_with_help_and_default():
     rows = config.all_keys()
-    listed = {key for key, _, _ in rows}
+    listed = {key.name for key in rows}
     expected = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
     root = {f.name for f in dataclasses.fields(RunConfig)} - set(SECTIONS) - {"preset"}
     assert listed == expected | root
-    assert all(doc for _, _, doc in rows)
-    sample = {"integer": "1", "number": "0.5", "true/false": "true", "string": "x"}
-    for key, kind, _ in rows:  # every listed key is accepted by --set
-        text = sample.get(kind, "1,2")
-        assert key.rpartition(".")[2] in parse_overrides([f"{key}={text}"])
+    assert all(key.help and key.kind for key in rows)
+    defaults = RunConfig().to_dict()
+    for key in rows:  # the default as listed, given to --set, is the default
+        section, _, bare = key.name.rpartition(".")
+        default = (defaults[section] if section else defaults)[bare]
+        assert parse_overrides([f"{key.name}={key.default}"]) == {bare: default}
+    by_name = {key.name: key for key in rows}
+    assert by_name["train.precision"].kind == "auto|fp32|fp32-strict|tf32|amp|bf16|fp16"
+    assert by_name["train.lr_steps"].default == "16,22"
+    assert by_name["data.num_workers"].help == (
+        "DataLoader worker processes per rank; 0 loads in the training process."
+    )
+
+
+def test_help_texts_need_no_source_file(tmp_path):
+    # An installation may hold only .pyc files: the help texts must not come from the source.
+    package = tmp_path / "retinaperf"
+    shutil.copytree(Path(config.__file__).parent, package)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-b", str(package)], check=True)
+    for source in package.rglob("*.py"):
+        source.unlink()
+    probe = (
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r}); from retinaperf import config; "
+        f"assert config.__file__.endswith('.pyc'), config.__file__; "
+        "print(dict((k.name, k.help) for k in config.all_keys())['train.lr'])"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "Peak learning rate after warm-up."
+
+
+# --- what may change on resume, and between rounds ---------------------------------------------
+
+
+def test_keys_that_leave_the_workload_are_tagged_on_their_fields():
+    # place: rounds of one configuration may differ in it; conduct: a resumed run may change it,
+    # but rounds compare it (it may change the speed measured).
+    assert {"output_dir", "cache_dir", "save_model"} <= config.PLACE_KEYS
+    assert {"num_workers", "log_every", "profile_steps"} <= config.RUN_KEYS - config.PLACE_KEYS
+    assert config.PLACE_KEYS < config.RUN_KEYS
+    flat = config.workload(resolve("smoke", {}))
+    assert "lr" in flat and "precision" in flat
+    assert not set(flat) & config.RUN_KEYS
+
+
+def test_resume_may_change_run_keys_only(tmp_path):
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(resolve("smoke", {}).to_dict()))
+    resumed = config.load_saved(saved, parse_overrides(["num_workers=1", "output_dir=/x"]))
+    assert (resumed.data.num_workers, resumed.output_dir) == (1, "/x")
+    with pytest.raises(UserError, match=r"--set lr would change the workload"):
+        config.load_saved(saved, parse_overrides(["lr=0.5"]))
 
 
 # --- shipped presets --------------------------------------------------------------------------
@@ -331,9 +428,9 @@ def test_preset_values_are_converted_to_the_field_types(monkeypatch):
     assert cfg.train.lr_steps == (3, 4)
 
 
-def test_preset_with_invalid_value_is_refused_naming_key(monkeypatch):
+def test_preset_with_invalid_value_is_refused_naming_file_and_key(monkeypatch):
     _fake_preset(monkeypatch, {"train": {"precision": "fp8"}})
-    with pytest.raises(UserError, match="precision"):
+    with pytest.raises(UserError, match=r"preset file smoke\.toml: precision='fp8' is not valid"):
         resolve("smoke", {})
 
 

@@ -287,8 +287,13 @@ def _presets(args: argparse.Namespace) -> int:
     from retinaperf import config
 
     if args.keys:
-        for key, kind, doc in config.all_keys():
-            print(f"{key:34} {kind:10} {doc}")
+        import textwrap
+
+        # Each key as `--set` takes it, with its default, then its help: most run to two lines.
+        indent = " " * 4
+        for key in config.all_keys():
+            print(f"{key.name}={key.default}  ({key.kind})")
+            print(textwrap.fill(key.help, 100, initial_indent=indent, subsequent_indent=indent))
     else:
         for name in config.preset_names():
             print(f"{name:10} {config.preset_description(name)}")

@@ -2,30 +2,34 @@
 
 Precedence, lowest first: the defaults below < the preset file < the command line (`--set KEY=VALUE`
 and its shortcut flags). Every key has a name unique across sections, so `--set lr=0.02` and
-`--set train.lr=0.02` mean the same. Values are checked where they are defined (`__post_init__`);
-a bad one raises `UserError` naming the key.
+`--set train.lr=0.02` mean the same. Each key is a `setting`: its default, its help text, the range
+its value must lie in, and its role (does it change the workload?); its type, a `Literal` for a
+choice, says what it accepts. Values are checked where they are defined (`__post_init__`), and
+again where they are read (with the file or flag they came from); a bad one raises `UserError`
+naming the key, the value and what to use.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import functools
 import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 from retinaperf.errors import UserError
 
 BACKBONE_URL = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
-PRECISIONS = ("auto", "fp32", "fp32-strict", "tf32", "amp", "bf16", "fp16")
-IMPLEMENTATIONS = ("batched", "torchvision")
-SWITCHES = ("auto", "on", "off")
-SYNTH_PROFILES = ("shapes", "coco")
-COMPILE_MODES = ("default", "reduce-overhead")
+
+# What a key is about. "workload": what a run computes. "conduct": how the run is carried out and
+# kept alive (workers, logging, profiling, checkpoints, timeouts): the same numbers, perhaps not
+# the same speed. "place": where a run writes and what it records on the side: neither the
+# numbers nor the speed.
+Role = Literal["workload", "conduct", "place"]
 
 # `run --synthetic`: a preset's recipe on generated COCO-like data, for speed alone. A layer above
 # the preset and below --set: the user can still change any of these.
@@ -42,107 +46,142 @@ THROUGHPUT_MODE: dict[str, Any] = {
 }
 
 
+def setting(
+    default: Any,
+    help: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    role: Role = "workload",
+) -> Any:
+    """A configuration key: a dataclass field whose metadata hold its help text (for `retinaperf
+    presets --keys`; kept here, not in the source, which an installation may lack), the range
+    its value must lie in (>= ge, > gt, <= le) and its role."""
+    return field(
+        default=default, metadata={"help": help, "role": role, "ge": ge, "gt": gt, "le": le}
+    )
+
+
+class _Checked:
+    """Checks every setting against its type and range when a configuration is made, however it
+    is made; a subclass's `__post_init__` adds the checks that involve more than one key."""
+
+    def __post_init__(self) -> None:
+        for f, kind in _settings(type(self)):
+            # Stored as the type holds it: an int given for a float, a list for a tuple.
+            setattr(self, f.name, _valid(f, kind, getattr(self, f.name), "config"))
+
+
 def _check(condition: bool, key: str, value: object, need: str) -> None:
     if not condition:
-        raise UserError(f"config: {key}={value!r} is not valid: {need}")
+        raise _invalid("config", key, value, need)
+
+
+def _invalid(where: str, key: str, value: object, need: str) -> UserError:
+    return UserError(f"{where}: {key}={value!r} is not valid: {need}")
 
 
 @dataclass
-class DataConfig:
-    data_dir: str = ""
-    """COCO2017 root (train2017/, val2017/, annotations/). Empty: the generated dataset."""
-    num_workers: int = 4
-    """DataLoader worker processes per rank; 0 loads in the training process."""
-    hflip_prob: float = 0.5
-    """Probability of a horizontal flip of each training image."""
-    aspect_ratio_group_factor: int = 3
-    """Aspect-ratio bins for grouped batches (torchvision's reference uses 3); -1 turns it off."""
-    synth_train_images: int = 512
-    """Generated dataset: number of training images (used when data_dir is empty)."""
-    synth_val_images: int = 96
-    """Generated dataset: number of validation images."""
-    synth_image_size: int = 0
-    """Generated dataset: typical image size in pixels (shapes: the short side; coco: the long
-    side of most images). 0: the profile's own (shapes 128, coco 640, as COCO's images)."""
-    synth_profile: str = "shapes"
-    """Generated dataset: `shapes` (a few learnable shapes, for smoke runs) or `coco` (images,
-    boxes and categories with COCO2017's statistics, for throughput runs)."""
+class DataConfig(_Checked):
+    data_dir: str = setting(
+        "", "COCO2017 root (train2017/, val2017/, annotations/). Empty: the generated dataset."
+    )
+    num_workers: int = setting(
+        4,
+        "DataLoader worker processes per rank; 0 loads in the training process.",
+        ge=0,
+        role="conduct",
+    )
+    hflip_prob: float = setting(
+        0.5, "Probability of a horizontal flip of each training image.", ge=0, le=1
+    )
+    aspect_ratio_group_factor: int = setting(
+        3,
+        "Aspect-ratio bins for grouped batches (torchvision's reference uses 3); -1 turns it off.",
+        ge=-1,
+    )
+    synth_train_images: int = setting(
+        512,
+        "Generated dataset: number of training images (used when data_dir is empty).",
+        ge=1,
+    )
+    synth_val_images: int = setting(96, "Generated dataset: number of validation images.", ge=1)
+    synth_image_size: int = setting(
+        0,
+        "Generated dataset: typical image size in pixels (shapes: the short side; coco: the long "
+        "side of most images). 0: the profile's own (shapes 128, coco 640, as COCO's images).",
+    )
+    synth_profile: Literal["shapes", "coco"] = setting(
+        "shapes",
+        "Generated dataset: `shapes` (a few learnable shapes, for smoke runs) or `coco` (images, "
+        "boxes and categories with COCO2017's statistics, for throughput runs).",
+    )
 
     def __post_init__(self) -> None:
-        _check(self.num_workers >= 0, "num_workers", self.num_workers, "use 0 or more")
-        _check(0 <= self.hflip_prob <= 1, "hflip_prob", self.hflip_prob, "use a value in [0, 1]")
-        _check(
-            self.aspect_ratio_group_factor >= -1,
-            "aspect_ratio_group_factor",
-            self.aspect_ratio_group_factor,
-            "use -1 (off) or 0 or more",
-        )
-        for key in ("synth_train_images", "synth_val_images"):
-            _check(getattr(self, key) >= 1, key, getattr(self, key), "use 1 or more")
+        super().__post_init__()
         _check(
             self.synth_image_size == 0 or self.synth_image_size >= 32,
             "synth_image_size",
             self.synth_image_size,
             "use 0 (the profile's own) or 32 and more",
         )
-        _check(
-            self.synth_profile in SYNTH_PROFILES,
-            "synth_profile",
-            self.synth_profile,
-            f"use {SYNTH_PROFILES}",
-        )
 
 
 @dataclass
-class ModelConfig:
-    backbone_weights: str = BACKBONE_URL
-    """ImageNet ResNet-50 weights: a URL, file:// URL or a path. Or no file: `none` (random
-    init, every layer trainable, ordinary batch norm: training from scratch) or `random` (random
-    values in the pretrained structure: frozen batch norm, 3 trainable stages; the speed of the
-    real recipe without its download, for throughput_only runs)."""
-    min_size: int = 800
-    """The model's resize: short side of the input in pixels."""
-    max_size: int = 1333
-    """The model's resize: longest side allowed in pixels."""
-    loss: str = "batched"
-    """How the loss is computed: `batched` (the whole batch at once, no host synchronisation) or
-    `torchvision` (torchvision's per-image code, the reference). The same numbers either way."""
-    postprocess: str = "batched"
-    """How detections are selected from the head's outputs: `batched` (every image at once,
-    boxes decoded in float32) or `torchvision` (torchvision's per-image code, the reference)."""
-    transform: str = "batched"
-    """How input images are normalised, resized and batched: `batched` (once per distinct image
-    size, boxes scaled by one table) or `torchvision` (image by image, the reference). The same
-    numbers either way."""
-    reuse_constants: bool = True
-    """Compute frozen batch norm's scale and shift once (they are frozen) and anchors once per
-    batch shape, instead of at every step as torchvision does (false). The same numbers."""
-    channels_last: str = "auto"
-    """Channels-last memory format for the network and its input: on, off, or auto (on for CUDA,
-    where convolutions run faster in it; off elsewhere)."""
-    compile: bool = False
-    """Run backbone, FPN, head and loss through torch.compile (the first steps compile)."""
-    compile_mode: str = "default"
-    """torch.compile's mode for `compile=true`: `default`, or `reduce-overhead`: the compiled
-    parts also replay as CUDA graphs, one recorded per batch shape (CUDA only; the 800/1333
-    resize padded to 32 px bounds the shapes to under a hundred), so that the host launches a
-    part's hundreds of kernels at once."""
+class ModelConfig(_Checked):
+    backbone_weights: str = setting(
+        BACKBONE_URL,
+        "ImageNet ResNet-50 weights: a URL, file:// URL or a path. Or no file: `none` (random "
+        "init, every layer trainable, ordinary batch norm: training from scratch) or `random` "
+        "(random values in the pretrained structure: frozen batch norm, 3 trainable stages; the "
+        "speed of the real recipe without its download, for throughput_only runs).",
+    )
+    min_size: int = setting(800, "The model's resize: short side of the input in pixels.", ge=32)
+    max_size: int = setting(1333, "The model's resize: longest side allowed in pixels.")
+    loss: Literal["batched", "torchvision"] = setting(
+        "batched",
+        "How the loss is computed: `batched` (the whole batch at once, no host synchronisation) "
+        "or `torchvision` (torchvision's per-image code, the reference). The same numbers either "
+        "way.",
+    )
+    postprocess: Literal["batched", "torchvision"] = setting(
+        "batched",
+        "How detections are selected from the head's outputs: `batched` (every image at once, "
+        "boxes decoded in float32) or `torchvision` (torchvision's per-image code, the "
+        "reference).",
+    )
+    transform: Literal["batched", "torchvision"] = setting(
+        "batched",
+        "How input images are normalised, resized and batched: `batched` (once per distinct "
+        "image size, boxes scaled by one table) or `torchvision` (image by image, the reference). "
+        "The same numbers either way.",
+    )
+    reuse_constants: bool = setting(
+        True,
+        "Compute frozen batch norm's scale and shift once (they are frozen) and anchors once per "
+        "batch shape, instead of at every step as torchvision does (false). The same numbers.",
+    )
+    channels_last: Literal["auto", "on", "off"] = setting(
+        "auto",
+        "Channels-last memory format for the network and its input: on, off, or auto (on for "
+        "CUDA, where convolutions run faster in it; off elsewhere).",
+    )
+    compile: bool = setting(
+        False,
+        "Run backbone, FPN, head and loss through torch.compile (the first steps compile).",
+    )
+    compile_mode: Literal["default", "reduce-overhead"] = setting(
+        "default",
+        "torch.compile's mode for `compile=true`: `default`, or `reduce-overhead`: the compiled "
+        "parts also replay as CUDA graphs, one recorded per batch shape (CUDA only; the 800/1333 "
+        "resize padded to 32 px bounds the shapes to under a hundred), so that the host launches "
+        "a part's hundreds of kernels at once.",
+    )
 
     def __post_init__(self) -> None:
-        _check(self.min_size >= 32, "min_size", self.min_size, "use 32 or more")
-        for key in ("loss", "postprocess", "transform"):
-            value = getattr(self, key)
-            _check(value in IMPLEMENTATIONS, key, value, f"use {IMPLEMENTATIONS}")
-        _check(
-            self.channels_last in SWITCHES, "channels_last", self.channels_last, f"use {SWITCHES}"
-        )
+        super().__post_init__()
         _check(self.max_size >= self.min_size, "max_size", self.max_size, "use at least min_size")
-        _check(
-            self.compile_mode in COMPILE_MODES,
-            "compile_mode",
-            self.compile_mode,
-            f"use {COMPILE_MODES}",
-        )
         _check(
             self.compile or self.compile_mode == "default",
             "compile_mode",
@@ -159,81 +198,82 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
-    batch_size: int = 16
-    """Images per device per step (the local batch)."""
-    lr: float = 0.04
-    """Peak learning rate after warm-up."""
-    momentum: float = 0.9
-    """SGD momentum."""
-    weight_decay: float = 1e-4
-    """SGD weight decay (L2), on every trainable parameter."""
-    epochs: int = 26
-    """Most epochs to run (epochs 0..epochs-1)."""
-    lr_steps: tuple[int, ...] = (16, 22)
-    """Epochs at whose start the learning rate is multiplied by lr_gamma."""
-    lr_gamma: float = 0.1
-    """Learning-rate multiplier at each of lr_steps."""
-    warmup_iters: int = 1000
-    """Linear warm-up length in steps, capped at (steps per epoch - 1)."""
-    warmup_factor: float = 1e-3
-    """Warm-up starts at lr * warmup_factor."""
-    clip_grad_norm: float = 0.0
-    """Clip the gradients' global L2 norm to this before each update; 0 is off, as in the
-    reference recipe. Training from random initialisation (smoke) needs it to stay stable."""
-    max_steps: int = 0
-    """Stop after this many optimizer steps (0: no limit); a final evaluation follows."""
-    precision: str = "fp32"
-    """fp32 (the framework's default float32 math, as the seed's: TF32 convolutions on NVIDIA
-    Ampere and newer), fp32-strict (IEEE float32 everywhere), tf32 (TF32 convolutions and
-    matmuls), amp (fp16 autocast + loss scaling), bf16 (autocast), fp16 (half model with fp32
-    master weights), or auto (bf16 where the device computes it natively, else fp32)."""
-    target_map: float = 0.35
-    """Stop at the first evaluation whose mAP reaches this; 0 never stops early."""
-    seed: int = 0
-    """Seeds weights, sampling and augmentation."""
-    log_every: int = 20
-    """Steps between logged steps (loss, lr, images/s)."""
-    deterministic: bool = False
-    """Use deterministic kernels (slower); for equivalence tests."""
-    cudnn_benchmark: str = "auto"
-    """cuDNN times its convolution algorithms for each new input shape and keeps the fastest:
-    on, off, or auto: off, as torchvision's detection references (COCO's batches come in tens of
-    shapes, each timed anew), until the GPU check measures otherwise. Off with
-    deterministic=true."""
-    timing_warmup_steps: int = 10
-    """Steps left out of p_core_steady (kernel selection, allocator growth, caches warming);
-    p_core counts every step. Not the lr warm-up."""
-    profile_steps: str = ""
-    """`A:B`: record steps A to B (both included, numbered from 1 as in the event log) with
-    torch.profiler into <run dir>/profile and print the top operators. Empty: off."""
-    max_bad_steps: int = 20
-    """Stop the run as failed when the loss is not finite for this many consecutive steps (the
-    last good checkpoint is kept); 0: never stop."""
+class TrainConfig(_Checked):
+    batch_size: int = setting(16, "Images per device per step (the local batch).", ge=1)
+    lr: float = setting(0.04, "Peak learning rate after warm-up.", gt=0)
+    momentum: float = setting(0.9, "SGD momentum.", ge=0)
+    weight_decay: float = setting(
+        1e-4, "SGD weight decay (L2), on every trainable parameter.", ge=0
+    )
+    epochs: int = setting(26, "Most epochs to run (epochs 0..epochs-1).", ge=1)
+    lr_steps: tuple[int, ...] = setting(
+        (16, 22), "Epochs at whose start the learning rate is multiplied by lr_gamma."
+    )
+    lr_gamma: float = setting(0.1, "Learning-rate multiplier at each of lr_steps.", gt=0)
+    warmup_iters: int = setting(
+        1000, "Linear warm-up length in steps, capped at (steps per epoch - 1).", ge=0
+    )
+    warmup_factor: float = setting(1e-3, "Warm-up starts at lr * warmup_factor.", gt=0)
+    clip_grad_norm: float = setting(
+        0.0,
+        "Clip the gradients' global L2 norm to this before each update; 0 is off, as in the "
+        "reference recipe. Training from random initialisation (smoke) needs it to stay stable.",
+        ge=0,
+    )
+    max_steps: int = setting(
+        0,
+        "Stop after this many optimizer steps (0: no limit); a final evaluation follows.",
+        ge=0,
+    )
+    precision: Literal["auto", "fp32", "fp32-strict", "tf32", "amp", "bf16", "fp16"] = setting(
+        "fp32",
+        "fp32 (the framework's default float32 math, as the seed's: TF32 convolutions on NVIDIA "
+        "Ampere and newer), fp32-strict (IEEE float32 everywhere), tf32 (TF32 convolutions and "
+        "matmuls), amp (fp16 autocast + loss scaling), bf16 (autocast), fp16 (half model with "
+        "fp32 master weights), or auto (bf16 where the device computes it natively, else fp32).",
+    )
+    target_map: float = setting(
+        0.35,
+        "Stop at the first evaluation whose mAP reaches this; 0 never stops early.",
+        ge=0,
+        le=1,
+    )
+    seed: int = setting(0, "Seeds weights, sampling and augmentation.")
+    log_every: int = setting(
+        20, "Steps between logged steps (loss, lr, images/s).", ge=1, role="conduct"
+    )
+    deterministic: bool = setting(
+        False, "Use deterministic kernels (slower); for equivalence tests."
+    )
+    cudnn_benchmark: Literal["auto", "on", "off"] = setting(
+        "auto",
+        "cuDNN times its convolution algorithms for each new input shape and keeps the fastest: "
+        "on, off, or auto: off, as torchvision's detection references (COCO's batches come in "
+        "tens of shapes, each timed anew), until the GPU check measures otherwise. Off with "
+        "deterministic=true.",
+    )
+    timing_warmup_steps: int = setting(
+        10,
+        "Steps left out of p_core_steady (kernel selection, allocator growth, caches warming); "
+        "p_core counts every step. Not the lr warm-up.",
+        ge=0,
+    )
+    profile_steps: str = setting(
+        "",
+        "`A:B`: record steps A to B (both included, numbered from 1 as in the event log) with "
+        "torch.profiler into <run dir>/profile and print the top operators. Empty: off.",
+        role="conduct",
+    )
+    max_bad_steps: int = setting(
+        20,
+        "Stop the run as failed when the loss is not finite for this many consecutive steps (the "
+        "last good checkpoint is kept); 0: never stop.",
+        ge=0,
+        role="conduct",
+    )
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "epochs", "log_every"):
-            _check(getattr(self, key) >= 1, key, getattr(self, key), "use 1 or more")
-        for key in ("lr", "lr_gamma", "warmup_factor"):
-            _check(getattr(self, key) > 0, key, getattr(self, key), "use a positive number")
-        for key in (
-            "momentum",
-            "weight_decay",
-            "warmup_iters",
-            "max_steps",
-            "clip_grad_norm",
-            "timing_warmup_steps",
-            "max_bad_steps",
-        ):
-            _check(getattr(self, key) >= 0, key, getattr(self, key), "use 0 or more")
-        _check(self.precision in PRECISIONS, "precision", self.precision, f"use {PRECISIONS}")
-        _check(
-            self.cudnn_benchmark in SWITCHES,
-            "cudnn_benchmark",
-            self.cudnn_benchmark,
-            f"use {SWITCHES}",
-        )
-        _check(0 <= self.target_map <= 1, "target_map", self.target_map, "use a value in [0, 1]")
+        super().__post_init__()
         _check(
             list(self.lr_steps) == sorted(self.lr_steps),
             "lr_steps",
@@ -244,63 +284,83 @@ class TrainConfig:
 
 
 @dataclass
-class EvalConfig:
-    eval_batch_size: int = 16
-    """Images per device per inference batch."""
-
-    def __post_init__(self) -> None:
-        _check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "use 1+")
+class EvalConfig(_Checked):
+    eval_batch_size: int = setting(16, "Images per device per inference batch.", ge=1)
 
 
 @dataclass
-class RunConfig:
-    preset: str = ""
-    """Name of the preset this configuration started from."""
-    device: str = "auto"
-    """A torch device type (cuda, cpu, ...) or auto: the accelerator if there is one, else cpu."""
-    nodes: int = 0
-    """Nodes the preset is meant for: a job of another shape is refused, as its row would not
-    compare with the preset's. 0: any."""
-    devices_per_node: int = 0
-    """Processes (devices) per node the preset is meant for. 0: any."""
-    dist_timeout: float = 600.0
-    """Seconds a collective may wait for the other ranks before the job fails (a dead rank on
-    another node is noticed by then at the latest)."""
-    output_dir: str = ""
-    """Run directory. Empty: runs/<timestamp>/."""
-    tensorboard: bool = False
-    """Also write the event log's scalars for TensorBoard to <run dir>/tensorboard (needs the
-    tensorboard package)."""
-    monitor_interval: float = 5.0
-    """Seconds between the system monitor's samples (CPU, RAM, and per GPU utilisation, memory,
-    power, temperature, clock); 0 turns the monitor off."""
-    throughput_only: bool = False
-    """Measure speed alone: the data or weights make mAP meaningless (`run --synthetic`);
-    results say so and the table shows no mAP."""
-    save_model: bool = False
-    """Write the trained model's state dict to <run dir>/model.pt at the end (float32: fp16
-    runs write their master weights)."""
-    checkpoint_minutes: float = 30.0
-    """Minutes between checkpoints inside an epoch (one is also written after every epoch's
-    evaluation, and when the run is stopped by a signal); 0 turns the timed ones off."""
-    keep_checkpoints: int = 2
-    """Checkpoints kept in <run dir>/checkpoints (the newest); older ones are deleted."""
-    cache_dir: str = ""
-    """Downloads and the generated dataset. Empty: $RETINAPERF_CACHE or ~/.cache/retinaperf."""
+class RunConfig(_Checked):
+    preset: str = setting("", "Name of the preset this configuration started from.")
+    device: str = setting(
+        "auto",
+        "A torch device type (cuda, cpu, ...) or auto: the accelerator if there is one, else cpu.",
+    )
+    nodes: int = setting(
+        0,
+        "Nodes the preset is meant for: a job of another shape is refused, as its row would not "
+        "compare with the preset's. 0: any.",
+        ge=0,
+    )
+    devices_per_node: int = setting(
+        0, "Processes (devices) per node the preset is meant for. 0: any.", ge=0
+    )
+    dist_timeout: float = setting(
+        600.0,
+        "Seconds a collective may wait for the other ranks before the job fails (a dead rank on "
+        "another node is noticed by then at the latest).",
+        gt=0,
+        role="conduct",
+    )
+    output_dir: str = setting("", "Run directory. Empty: runs/<timestamp>/.", role="place")
+    tensorboard: bool = setting(
+        False,
+        "Also write the event log's scalars for TensorBoard to <run dir>/tensorboard (needs the "
+        "tensorboard package).",
+        role="place",
+    )
+    monitor_interval: float = setting(
+        5.0,
+        "Seconds between the system monitor's samples (CPU, RAM, and per GPU utilisation, "
+        "memory, power, temperature, clock); 0 turns the monitor off.",
+        ge=0,
+        role="place",
+    )
+    throughput_only: bool = setting(
+        False,
+        "Measure speed alone: the data or weights make mAP meaningless (`run --synthetic`); "
+        "results say so and the table shows no mAP.",
+    )
+    save_model: bool = setting(
+        False,
+        "Write the trained model's state dict to <run dir>/model.pt at the end (float32: fp16 "
+        "runs write their master weights).",
+        role="place",
+    )
+    checkpoint_minutes: float = setting(
+        30.0,
+        "Minutes between checkpoints inside an epoch (one is also written after every epoch's "
+        "evaluation, and when the run is stopped by a signal); 0 turns the timed ones off.",
+        ge=0,
+        role="conduct",
+    )
+    keep_checkpoints: int = setting(
+        2,
+        "Checkpoints kept in <run dir>/checkpoints (the newest); older ones are deleted.",
+        ge=1,
+        role="conduct",
+    )
+    cache_dir: str = setting(
+        "",
+        "Downloads and the generated dataset. Empty: $RETINAPERF_CACHE or ~/.cache/retinaperf.",
+        role="place",
+    )
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        _check(self.nodes >= 0, "nodes", self.nodes, "use 1 or more, or 0 for any")
-        _check(self.devices_per_node >= 0, "devices_per_node", self.devices_per_node, "use 0+")
-        _check(self.dist_timeout > 0, "dist_timeout", self.dist_timeout, "use a positive number")
-        _check(self.monitor_interval >= 0, "monitor_interval", self.monitor_interval, "use 0+")
-        _check(
-            self.checkpoint_minutes >= 0, "checkpoint_minutes", self.checkpoint_minutes, "use 0+"
-        )
-        _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "use 1+")
+        super().__post_init__()
         _check(
             self.throughput_only or self.model.random_backbone != "random",
             "backbone_weights",
@@ -313,67 +373,121 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def _section_types() -> dict[str, type]:
-    hints = typing.get_type_hints(RunConfig)
-    return {name: hints[name] for name in ("data", "model", "train", "eval")}
+# --- the keys, their types and checks --------------------------------------------------------
 
 
-def _key_index() -> dict[str, tuple[str | None, type]]:
-    """Every settable key: bare name -> (section or None for the root, value type)."""
-    index: dict[str, tuple[str | None, type]] = {}
-    root_hints = typing.get_type_hints(RunConfig)
-    sections = _section_types()
-    for f in dataclasses.fields(RunConfig):
-        if f.name not in sections:
-            index[f.name] = (None, root_hints[f.name])
-    for section, cls in sections.items():
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
+@functools.cache
+def _settings(cls: type) -> tuple[tuple[dataclasses.Field, Any], ...]:
+    """(field, resolved type) of each setting of `cls`: the fields with a help text."""
+    hints = typing.get_type_hints(cls)
+    return tuple((f, hints[f.name]) for f in dataclasses.fields(cls) if "help" in f.metadata)
+
+
+_SECTIONS: dict[str, type] = {
+    name: kind
+    for name, kind in typing.get_type_hints(RunConfig).items()
+    if dataclasses.is_dataclass(kind)
+}
+
+
+class _Key(NamedTuple):
+    section: str | None  # None: a key of RunConfig itself
+    field: dataclasses.Field
+    kind: Any
+
+
+def _index() -> dict[str, _Key]:
+    index = {f.name: _Key(None, f, kind) for f, kind in _settings(RunConfig)}
+    for section, cls in _SECTIONS.items():
+        for f, kind in _settings(cls):
             assert f.name not in index, f"config key {f.name} is defined twice"
-            index[f.name] = (section, hints[f.name])
+            index[f.name] = _Key(section, f, kind)
     return index
 
 
-def _parse_value(key: str, text: str, kind: type) -> Any:
-    """Turn the text of `--set key=text` into a value of the key's type."""
+_KEYS = _index()  # bare name -> where it lives and what it takes
+# The choices of two keys, which other modules name.
+PRECISIONS: tuple[str, ...] = typing.get_args(_KEYS["precision"].kind)
+SYNTH_PROFILES: tuple[str, ...] = typing.get_args(_KEYS["synth_profile"].kind)
+
+# The plain types of keys: the name `presets --keys` gives each, and what to use instead of a value
+# of another type.
+_PLAIN_TYPES = {
+    bool: ("true|false", "use true or false"),
+    int: ("integer", "use an integer"),
+    float: ("number", "use a number"),
+    str: ("string", "use a string"),
+}
+
+
+def _valid(f: dataclasses.Field, kind: Any, value: Any, where: str) -> Any:
+    """`value` as the setting `f` of type `kind` holds it (a float for an int, a tuple for a
+    list), or UserError naming `where` it came from, the key, the value and what to use."""
+    need = None
+    if typing.get_origin(kind) is Literal:
+        choices = typing.get_args(kind)
+        need = None if value in choices else f"use one of {', '.join(choices)}"
+    elif typing.get_origin(kind) is tuple:
+        ints = isinstance(value, (list, tuple)) and all(type(v) is int for v in value)
+        value, need = (tuple(value), None) if ints else (value, "use integers, e.g. 16,22")
+    elif type(value) is kind or (kind is float and type(value) is int):  # not bool for int
+        value = kind(value)
+        need = _range_need(f.metadata, value)
+    else:
+        need = _PLAIN_TYPES[kind][1]
+    if need:
+        raise _invalid(where, f.name, value, need)
+    return value
+
+
+def _range_need(metadata: typing.Mapping[str, Any], value: float) -> str | None:
+    """What to use when `value` lies outside a setting's bounds, else None."""
+    ge, gt, le = metadata["ge"], metadata["gt"], metadata["le"]
+    if (ge is None or value >= ge) and (gt is None or value > gt) and (le is None or value <= le):
+        return None
+    if le is not None:
+        return f"use a value in [{ge}, {le}]"
+    if gt is not None:
+        return "use a positive number" if gt == 0 else f"use a number above {gt}"
+    return f"use {ge} or more"
+
+
+def _from_text(text: str, kind: Any) -> Any:
+    """The value a preset file would hold for the `--set` text, or the text itself where it is
+    none of the type's (then `_valid` says what to use)."""
     try:
         if kind is bool:
-            lowered = text.strip().lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
+            return {"true": True, "false": False}.get(text.strip().lower(), text)
         if kind is int:
             return int(text)
         if kind is float:
             return float(text)
         if typing.get_origin(kind) is tuple:
-            return tuple(int(part) for part in text.split(",") if part.strip())
-        return text
+            return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise UserError(f"config: {key}={text!r} is not a valid {_type_name(kind)}") from None
+        pass
+    return text
 
 
-def _type_name(kind: type) -> str:
+def _type_name(kind: Any) -> str:
+    """What a key takes, as `retinaperf presets --keys` shows it."""
+    if typing.get_origin(kind) is Literal:
+        return "|".join(typing.get_args(kind))
     if typing.get_origin(kind) is tuple:
-        return "int list"
-    return {bool: "true/false", int: "integer", float: "number", str: "string"}[kind]
+        return "integers"
+    return _PLAIN_TYPES[kind][0]
 
 
-def _check_type(key: str, value: Any, kind: type, where: str) -> Any:
-    """Check a value read from a preset file; TOML already typed it."""
-    if typing.get_origin(kind) is tuple:
-        ok = isinstance(value, (list, tuple)) and all(type(v) is int for v in value)
-        value = tuple(value) if ok else value
-    elif kind is float:
-        ok = type(value) in (int, float)
-        value = float(value) if ok else value
-    else:
-        ok = type(value) is kind
-    if not ok:
-        raise UserError(f"{where}: {key} = {value!r} is not a valid {_type_name(kind)}")
-    return value
+def _as_text(value: Any) -> str:
+    """A default as `--set` would write it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+# --- presets, overrides, resolving -----------------------------------------------------------
 
 
 def preset_names() -> list[str]:
@@ -395,23 +509,18 @@ def _read_preset(name: str) -> dict[str, Any]:
     return tomllib.loads(path.read_text())
 
 
-def _flatten_preset(name: str, table: dict[str, Any]) -> dict[str, Any]:
-    return _flatten(table, f"preset file {name}.toml")
-
-
 def _flatten(table: dict[str, Any], where: str) -> dict[str, Any]:
     """{section: {key: value}} or {key: value}, as a preset file or a run's config.json holds
     them -> {bare key: typed value}, each key and value checked; `where` names the source."""
-    index = _key_index()
     flat: dict[str, Any] = {}
     for key, value in table.items():
-        if isinstance(value, dict) and key in _section_types():
+        if isinstance(value, dict) and key in _SECTIONS:
             for sub, subvalue in value.items():
-                if sub not in index or index[sub][0] != key:
+                if sub not in _KEYS or _KEYS[sub].section != key:
                     raise UserError(f"{where}: unknown key {key}.{sub}")
-                flat[sub] = _check_type(sub, subvalue, index[sub][1], where)
-        elif key in index and index[key][0] is None:
-            flat[key] = _check_type(key, value, index[key][1], where)
+                flat[sub] = _valid(_KEYS[sub].field, _KEYS[sub].kind, subvalue, where)
+        elif key in _KEYS and _KEYS[key].section is None:
+            flat[key] = _valid(_KEYS[key].field, _KEYS[key].kind, value, where)
         else:
             raise UserError(f"{where}: unknown key {key}")
     return flat
@@ -419,7 +528,6 @@ def _flatten(table: dict[str, Any], where: str) -> dict[str, Any]:
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """`["lr=0.02", "train.epochs=3"]` -> `{"lr": 0.02, "epochs": 3}`, each checked."""
-    index = _key_index()
     overrides: dict[str, Any] = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
@@ -429,20 +537,21 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         section, _, bare = key.rpartition(".")
         if bare == "preset":
             raise UserError(f"--set {key}: choose the preset with --preset NAME, not --set")
-        if bare not in index or (section and index[bare][0] != section):
+        if bare not in _KEYS or (section and _KEYS[bare].section != section):
             raise UserError(
                 f"--set {key}: unknown key; `retinaperf presets --keys` lists the valid keys"
             )
         if bare in overrides:
             raise UserError(f"--set {key}: given twice; give each key once")
-        overrides[bare] = _parse_value(key, text, index[bare][1])
+        entry = _KEYS[bare]
+        overrides[bare] = _valid(entry.field, entry.kind, _from_text(text, entry.kind), "--set")
     return overrides
 
 
 def resolve(preset: str, overrides: dict[str, Any], synthetic: bool = False) -> RunConfig:
     """Defaults < preset file < throughput mode (if `synthetic`) < overrides, validated."""
     mode = THROUGHPUT_MODE if synthetic else {}
-    preset_values = _flatten_preset(preset, _read_preset(preset))
+    preset_values = _flatten(_read_preset(preset), f"preset file {preset}.toml")
     values = {**preset_values, **mode, **overrides, "preset": preset}
     if synthetic and values.get("data_dir"):
         raise UserError(
@@ -454,34 +563,28 @@ def resolve(preset: str, overrides: dict[str, Any], synthetic: bool = False) -> 
 
 def _build(values: dict[str, Any]) -> RunConfig:
     """A RunConfig from {bare key: typed value}; every section's checks run."""
-    index = _key_index()
     root: dict[str, Any] = {}
-    sections: dict[str, dict[str, Any]] = {name: {} for name in _section_types()}
+    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
     for key, value in values.items():
-        section = index[key][0]
+        section = _KEYS[key].section
         (sections[section] if section else root)[key] = value
-    built = {name: cls(**sections[name]) for name, cls in _section_types().items()}
+    built = {name: cls(**sections[name]) for name, cls in _SECTIONS.items()}
     return RunConfig(**root, **built)
 
 
-# Keys that say where a run writes and how it is kept alive, not what it computes: a resumed run
-# may change these; any other key would make the halves of the run different workloads.
-RUN_KEYS = frozenset(
-    {
-        "output_dir",
-        "cache_dir",
-        "tensorboard",
-        "monitor_interval",
-        "save_model",
-        "dist_timeout",
-        "checkpoint_minutes",
-        "keep_checkpoints",
-        "max_bad_steps",
-        "num_workers",
-        "log_every",
-        "profile_steps",
-    }
-)
+# --- what is the workload ---------------------------------------------------------------------
+
+
+def _keys_of_role(*roles: Role) -> frozenset[str]:
+    return frozenset(name for name, key in _KEYS.items() if key.field.metadata["role"] in roles)
+
+
+# Keys a resumed run may change (`run --resume --set`): any other would make the halves of the
+# run different workloads.
+RUN_KEYS = _keys_of_role("conduct", "place")
+# Keys in which rounds of one configuration may differ (run/rounds.py): they change neither what
+# a run computes nor how fast.
+PLACE_KEYS = _keys_of_role("place")
 
 
 def workload(config: RunConfig) -> dict[str, Any]:
@@ -516,56 +619,50 @@ def load_saved(path: Path, overrides: dict[str, Any]) -> RunConfig:
     return _build({**_flatten(saved, str(path)), **overrides})
 
 
-def all_keys() -> list[tuple[str, str, str]]:
-    """(qualified key, type, docstring's first line) for `retinaperf presets --keys`."""
-    docs = _field_docs()
-    rows = []
-    for key, (section, kind) in _key_index().items():
-        if key == "preset":
-            continue
-        qualified = f"{section}.{key}" if section else key
-        rows.append((qualified, _type_name(kind), docs.get(key, "")))
-    return rows
+class Key(NamedTuple):
+    """A settable key as `retinaperf presets --keys` lists it."""
+
+    name: str  # qualified: section.key, or the key alone at the root
+    kind: str  # what it takes
+    default: str  # as `--set` would write it
+    help: str
 
 
-def _field_docs() -> dict[str, str]:
-    """Field docstrings (the string literal under each field) read from this module's source."""
-    import ast
-
-    tree = ast.parse(Path(__file__).read_text())
-    docs: dict[str, str] = {}
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.ClassDef):
-            continue
-        body = node.body
-        for item, following in itertools.pairwise(body):
-            if (
-                isinstance(item, ast.AnnAssign)
-                and isinstance(item.target, ast.Name)
-                and isinstance(following, ast.Expr)
-                and isinstance(following.value, ast.Constant)
-                and isinstance(following.value.value, str)
-            ):
-                docs[item.target.id] = " ".join(following.value.value.split())
-    return docs
+def all_keys() -> list[Key]:
+    """Every key `--set` takes (all but `preset`), from the settings' metadata."""
+    return [
+        Key(
+            f"{key.section}.{name}" if key.section else name,
+            _type_name(key.kind),
+            _as_text(key.field.default),
+            key.field.metadata["help"],
+        )
+        for name, key in _KEYS.items()
+        if name != "preset"
+    ]
 
 
 __all__ = [
     "BACKBONE_URL",
+    "PLACE_KEYS",
     "PRECISIONS",
     "RUN_KEYS",
+    "SYNTH_PROFILES",
     "THROUGHPUT_MODE",
     "DataConfig",
     "EvalConfig",
+    "Key",
     "ModelConfig",
     "RunConfig",
     "TrainConfig",
     "all_keys",
     "load_saved",
     "parse_overrides",
+    "parse_step_window",
     "preset_description",
     "preset_names",
     "resolve",
+    "setting",
     "workload",
 ]
 
