@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from retinaperf import io
+from retinaperf.config import PLACE_KEYS
 from retinaperf.errors import UserError
 from retinaperf.report import tables
 from retinaperf.run import signals
@@ -41,9 +42,6 @@ SPREAD_METRICS = (
     "achieved_tflops",
     "mfu",
 )
-# Keys that say where a run wrote, not what it computed: runs differing only here are one
-# configuration.
-_PLACE_KEYS = ("output_dir", "cache_dir", "tensorboard", "monitor_interval", "save_model")
 
 
 def spread(runs: list[dict]) -> dict[str, dict]:
@@ -68,10 +66,20 @@ def spread(runs: list[dict]) -> dict[str, dict]:
 def configuration_key(results: dict) -> str:
     """What must be equal for runs to be rounds of one configuration: the resolved configuration
     (less where it wrote), the device, the job's shape and the precision actually used."""
-    config = {k: v for k, v in results["config"].items() if k not in _PLACE_KEYS}
+    config = _less_place(results["config"])
     m = results["metrics"]
     shape = {k: m.get(k) for k in ("device_name", "world_size", "nodes", "precision")}
     return json.dumps({"config": config, **shape}, sort_keys=True, default=str)
+
+
+def _less_place(table: dict) -> dict:
+    """A run's configuration, sections nested as results.json holds them, less PLACE_KEYS: where
+    a run wrote, which neither its numbers nor its speed depend on."""
+    return {
+        k: _less_place(v) if isinstance(v, dict) else v
+        for k, v in table.items()
+        if k not in PLACE_KEYS
+    }
 
 
 def groups(runs: list[dict]) -> list[list[dict]]:
