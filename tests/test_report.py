@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from test_results import made_results
 
 from retinaperf import cli
 from retinaperf.errors import UserError
@@ -23,26 +24,25 @@ from retinaperf.report.tables import (
 
 
 def results(run_dir: str, nodes: int, devices: int, p: tuple[float, float, float], **extra) -> dict:
-    """A results.json object with the fields the report reads."""
+    """A results.json object of a run on COCO2017 at 800/1333 px with these numbers."""
     world = nodes * devices
-    metrics = {
-        "device_name": "NVIDIA A100-SXM4-40GB",
-        "nodes": nodes,
-        "devices_per_node": devices,
-        "world_size": world,
-        "precision": "fp32",
-        "local_batch": 16,
-        "lr": 0.04 if world == 1 else 0.08,
-        "e2e_time": 1234.4,
-        "p_whole": p[0],
-        "p_train": p[1],
-        "p_core": p[2],
-        "mAP": 0.35012,
-        "mem": "38.1/40.0",
-        **extra,
-    }
-    config = {"data": {"data_dir": "/data/coco2017"}, "model": {"min_size": 800, "max_size": 1333}}
-    return {"metrics": metrics, "config": config, "environment": {}, "run_dir": run_dir}
+    made = made_results(
+        device_name="NVIDIA A100-SXM4-40GB",
+        nodes=nodes,
+        devices_per_node=devices,
+        world_size=world,
+        precision="fp32",
+        local_batch=16,
+        lr=0.04 if world == 1 else 0.08,
+        e2e_time=1234.4,
+        p_whole=p[0],
+        p_train=p[1],
+        p_core=p[2],
+        mAP=0.35012,
+        mem="38.1/40.0",
+        **{"images_per_joule": None, **extra},
+    )
+    return {**made, "run_dir": run_dir}
 
 
 @pytest.fixture

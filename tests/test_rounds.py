@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+from test_results import made_results
 
 from retinaperf import cli
 from retinaperf.io import write_json_atomic
@@ -12,19 +13,15 @@ from retinaperf.run.rounds import SUMMARY, configuration_key, groups, render_spr
 
 
 def results(p_core: float, precision: str = "fp32", **metrics) -> dict:
-    return {
-        "metrics": {
-            "device_name": "NVIDIA H100 80GB HBM3",
-            "world_size": 1,
-            "nodes": 1,
-            "devices_per_node": 1,
-            "precision": precision,
-            "p_core": p_core,
-            "p_core_steady": None,
-            **metrics,
-        },
-        "config": {"preset": "A100-1x1", "output_dir": f"runs/{p_core}", "train": {"lr": 0.04}},
-    }
+    """A results.json object of preset A100-1x1 with these numbers; its output_dir per p_core."""
+    return made_results(
+        {"output_dir": f"runs/{p_core}"},
+        device_name="NVIDIA H100 80GB HBM3",
+        precision=precision,
+        p_core=p_core,
+        p_core_steady=None,
+        **metrics,
+    )
 
 
 def test_spread_is_mean_min_max_and_sample_cv():
@@ -73,7 +70,6 @@ def test_report_shows_the_spread_of_runs_of_one_configuration(tmp_path, capsys):
             local_batch=16,
             lr=0.04,
         )
-        full["config"].update({"data": {}, "model": {}})
         write_json_atomic(folder / "results.json", full)
         dirs.append(str(folder))
     assert cli.main(["report", *dirs]) == 0

@@ -1,7 +1,8 @@
 """What a run leaves behind: the event log, results.json and the report in the seed's table.
 
 The event log (JSON lines) and results.json are the sources of truth; the table is formatted from
-results.json and never recomputes a number its own way.
+results.json and never recomputes a number its own way. Every function here reads results in the
+current schema's shape (`report.results`), which `load_results` gives for a file of any version.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from retinaperf.errors import UserError
+from retinaperf.report.results import RESULTS, check, upgrade
 
-RESULTS = "results.json"
 REPORT = "report.md"
 PLOTS = "plots"
 SEED_COLUMNS = (
@@ -49,9 +50,9 @@ def row_values(results: dict) -> dict[str, Any]:
         "precision": m["precision"],
         "fix_hp": f"bs={m['local_batch']},lr={m['lr']:g}",
         **{column: m[column] for column in ("e2e_time", "p_whole", "p_train", "p_core")},
-        "mAP": None if m.get("throughput_only") else m["mAP"],
+        "mAP": None if m["throughput_only"] else m["mAP"],
         "mem": m["mem"],
-        IMAGES_PER_JOULE: m.get("images_per_joule"),  # results before energy was read: none
+        IMAGES_PER_JOULE: m["images_per_joule"],
     }
 
 
@@ -99,8 +100,9 @@ _STATUS_WORDS = {"interrupted": "was interrupted"}
 
 
 def load_results(run_dir: Path, completed_only: bool = True) -> dict:
-    """A run's results.json; by default only a completed run's, since the numbers of a run that
-    stopped early do not stand beside others (results before statuses existed are completed)."""
+    """A run's results.json in the current schema's shape, whichever version wrote it (see
+    `report.results`); by default only a completed run's, since the numbers of a run that
+    stopped early do not stand beside others."""
     path = Path(run_dir) / RESULTS
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
@@ -110,13 +112,17 @@ def load_results(run_dir: Path, completed_only: bool = True) -> dict:
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"report: {path} is not valid JSON ({err})") from None
-    if not isinstance(results, dict) or not isinstance(results.get("metrics"), dict):
-        raise UserError(f"report: {path} has no 'metrics': it is not a retinaperf results file")
-    status = results.get("status", "completed")
+    if not isinstance(results, dict):
+        raise UserError(f"report: {path} is not a JSON object: it is not a retinaperf results file")
+    try:
+        results = check(upgrade(results))
+    except UserError as err:
+        raise UserError(f"report: {path}: {err}") from None
+    status = results["status"]
     if completed_only and status != "completed":
         raise UserError(
             f"report: {run_dir} is a run that {_STATUS_WORDS.get(status, status)} "
-            f"({results.get('reason')}): resume it "
+            f"({results['reason']}): resume it "
             f"with `retinaperf run --resume {run_dir}`, or leave it out"
         )
     return results
@@ -155,7 +161,7 @@ def compare(runs: list[dict]) -> list[dict]:
             None,
         )
         ref_row = reference.get(topology, {}) if _is_seed_shape(results["config"]) else {}
-        row = {"run_dir": results.get("run_dir"), **row_values(results)}
+        row = {"run_dir": results["run_dir"], **row_values(results)}
         for p in THROUGHPUTS:
             short = p.removeprefix("p_")
             row[f"scaling_{short}"] = m[p] / (m["world_size"] * single[p]) if single else None
@@ -167,9 +173,9 @@ def compare(runs: list[dict]) -> list[dict]:
 def _is_seed_shape(config: dict) -> bool:
     """Whether a run's speed can stand beside the seed's: COCO2017 or COCO-like generated data,
     at the recipe's sizes (not the smoke shapes, nor another resize)."""
-    data, model = config.get("data", {}), config.get("model", {})
-    coco_like = bool(data.get("data_dir")) or data.get("synth_profile") == "coco"
-    return coco_like and (model.get("min_size"), model.get("max_size")) == (800, 1333)
+    data, model = config["data"], config["model"]
+    coco_like = bool(data["data_dir"]) or data["synth_profile"] == "coco"
+    return coco_like and (model["min_size"], model["max_size"]) == (800, 1333)
 
 
 def render_comparison(rows: list[dict], fmt: str) -> str:
@@ -218,7 +224,7 @@ def render_report(results: dict) -> str:
         "",
         _accuracy_line(m),
         _precision_line(m),
-        *_implementation_lines(m),
+        _implementation_line(m),
         f"- images trained: {m['trained_images']} in {m['steps']} steps over {m['epochs']} "
         f"epoch(s); world size {m['world_size']} ({m['nodes']} node(s) x "
         f"{m['devices_per_node']}), global batch {m['global_batch']}",
@@ -232,7 +238,7 @@ def render_report(results: dict) -> str:
         f"({m['mem_process_source']})",
         _utilization_line(m),
         *_energy_lines(results),
-        *_monitor_lines(results.get("monitor")),
+        *_monitor_lines(results["monitor"]),
         f"- dataset: {m['train_images']} training images after filtering, {m['val_images']} "
         f"validation images ({m['dataset']})",
         "",
@@ -242,7 +248,7 @@ def render_report(results: dict) -> str:
 
 
 def _accuracy_line(m: dict) -> str:
-    if m.get("throughput_only"):
+    if m["throughput_only"]:
         return f"- {THROUGHPUT_ONLY_NOTE} Backbone: {m['backbone_init']}."
     target = "reached" if m["converged"] else "not reached"
     return (
@@ -268,11 +274,9 @@ def _precision_line(m: dict) -> str:
     )
 
 
-def _implementation_lines(m: dict) -> list[str]:
+def _implementation_line(m: dict) -> str:
     """How the step was computed (the workload is the same either way)."""
-    impl = m.get("implementation")
-    if impl is None:  # results of a version before these choices existed
-        return []
+    impl = m["implementation"]
     ddp = impl["ddp"]
     wrapped = (
         "one rank, no DDP"
@@ -280,26 +284,23 @@ def _implementation_lines(m: dict) -> list[str]:
         else f"DDP broadcast_buffers={ddp['broadcast_buffers']}, "
         f"gradient_as_bucket_view={ddp['gradient_as_bucket_view']}"
     )
-    # Results from before issue 15 ran torchvision's transform and recomputed the constants.
-    reused = impl.get("reuse_constants", False)
-    compiled = f"on ({impl['compile_mode']})" if impl.get("compile_mode") else "off"
-    return [
-        f"- step: transform {impl.get('transform', 'torchvision')}, constants "
-        f"{'reused' if reused else 'recomputed'}, loss {impl['loss']}, post-processing "
-        f"{impl['postprocess']}, channels-last {'on' if impl['channels_last'] else 'off'}, "
-        f"torch.compile {compiled if impl['compile'] else 'off'}, {impl['optimizer']}, {wrapped}"
-    ]
+    compiled = f"on ({impl['compile_mode']})" if impl["compile_mode"] else "off"
+    return (
+        f"- step: transform {impl['transform']}, constants "
+        f"{'reused' if impl['reuse_constants'] else 'recomputed'}, loss {impl['loss']}, "
+        f"post-processing {impl['postprocess']}, channels-last "
+        f"{'on' if impl['channels_last'] else 'off'}, torch.compile "
+        f"{compiled if impl['compile'] else 'off'}, {impl['optimizer']}, {wrapped}"
+    )
 
 
 def _resilience_lines(results: dict) -> list[str]:
-    """Checkpoints, segments and skipped updates (results before these existed have none)."""
+    """Checkpoints, segments and skipped updates."""
     m = results["metrics"]
-    if "segments" not in m:
-        return []
+    skipped = NO_VALUE if m["skipped_steps"] is None else m["skipped_steps"]  # None: not counted
     line = (
         f"- checkpoints: training waited {m['checkpoint_time']:.1f} s for them (within "
-        "train_time); deleted as the run completed; updates skipped by loss scaling: "
-        f"{m['skipped_steps']}"
+        f"train_time); deleted as the run completed; updates skipped by loss scaling: {skipped}"
     )
     if m["checkpoint_failures"]:
         line += f"; {m['checkpoint_failures']} checkpoint(s) could not be written"
@@ -328,7 +329,7 @@ def _steady_line(m: dict) -> str:
 
 
 def _profile_lines(config: dict) -> list[str]:
-    window = config.get("train", {}).get("profile_steps")
+    window = config["train"]["profile_steps"]
     if not window:
         return []
     return [
@@ -351,8 +352,6 @@ def _utilization_line(m: dict) -> str:
 def _energy_lines(results: dict) -> list[str]:
     """The devices' energy (and the host CPUs' beside GPUs), each figure with its source."""
     m = results["metrics"]
-    if "images_per_joule" not in m:  # results before energy was read
-        return []
     if m["energy_train_j"] is None:
         return [f"- energy: no figure: {m['energy_note']}"]
     line = (

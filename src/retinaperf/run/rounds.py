@@ -25,7 +25,8 @@ from retinaperf.report import tables
 from retinaperf.run import signals
 
 SUMMARY = "summary.json"
-# What varies between rounds of one configuration; None values (a metric a run lacks) are skipped.
+# What varies between rounds of one configuration; None values (a metric a run has no figure
+# for) are skipped.
 SPREAD_METRICS = (
     "e2e_time",
     "init_time",
@@ -48,7 +49,7 @@ def spread(runs: list[dict]) -> dict[str, dict]:
     """{metric: {n, mean, min, max, cv}} over the results.json objects of `runs`."""
     table = {}
     for name in SPREAD_METRICS:
-        values = [r["metrics"][name] for r in runs if r["metrics"].get(name) is not None]
+        values = [r["metrics"][name] for r in runs if r["metrics"][name] is not None]
         if not values:
             continue
         mean = statistics.fmean(values)
@@ -68,7 +69,7 @@ def configuration_key(results: dict) -> str:
     (less where it wrote), the device, the job's shape and the precision actually used."""
     config = _less_place(results["config"])
     m = results["metrics"]
-    shape = {k: m.get(k) for k in ("device_name", "world_size", "nodes", "precision")}
+    shape = {k: m[k] for k in ("device_name", "world_size", "nodes", "precision")}
     return json.dumps({"config": config, **shape}, sort_keys=True, default=str)
 
 
@@ -99,7 +100,7 @@ def render_spread(runs: list[dict]) -> str:
         cells = {k: tables.significant(s[k]) for k in ("mean", "min", "max")}
         rows.append({"metric": name, "n": str(s["n"]), **cells, "cv": cv})
     title = (
-        f"Spread over {len(runs)} runs of one configuration: preset {config.get('preset')}, "
+        f"Spread over {len(runs)} runs of one configuration: preset {config['preset']}, "
         f"{m['device_name']} {m['nodes']}x{m['devices_per_node']}, {m['precision']}"
     )
     table = tables.format_table(rows, ("metric", "n", "mean", "min", "max", "cv"))
@@ -146,7 +147,7 @@ def write_summary(out_dir: Path, runs: list[dict]) -> dict:
     with one row per round, then the spread) in `out_dir`, each written atomically."""
     summary = {
         "rounds": len(runs),
-        "run_dirs": [r.get("run_dir") for r in runs],
+        "run_dirs": [r["run_dir"] for r in runs],
         "device_name": runs[0]["metrics"]["device_name"],
         "precision": runs[0]["metrics"]["precision"],
         "metrics": spread(runs),
@@ -155,7 +156,7 @@ def write_summary(out_dir: Path, runs: list[dict]) -> dict:
     io.write_json_atomic(Path(out_dir) / SUMMARY, summary)
     table = tables.render_comparison(tables.compare(runs), "md")
     text = (
-        f"# retinaperf: {len(runs)} rounds of preset {runs[0]['config'].get('preset')}\n\n"
+        f"# retinaperf: {len(runs)} rounds of preset {runs[0]['config']['preset']}\n\n"
         f"{table}\n\n{render_spread(runs)}\n"
     )
     io.write_text_atomic(Path(out_dir) / tables.REPORT, text)

@@ -1,0 +1,449 @@
+"""results.json: its schema, the pure function that builds it, and the upgrade of older files.
+
+Readers (the report, rounds, the GPU check) read a file through `report.tables.load_results`: it
+brings a file of any earlier version to the current shape (`upgrade`) and checks it (`check`), so
+that no reader needs to know which version wrote it. A field that a file's version did not record
+gets what it meant then (before issue 15 the transform was torchvision's), or None where nothing
+can be known (said at the field). Versions: 0, files without `schema_version` (their fields came
+in over several commits, back to the first committed results, of 966242c); 1, this schema.
+
+TypedDicts, not dataclasses: results.json is a JSON object that readers index by key and the
+builder writes as a dict; TypedDicts type those keys without a conversion at either end, and
+msgspec (a dependency already) checks a file against them, naming the missing or mistyped field.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, NotRequired, TypedDict, cast
+
+import msgspec
+
+from retinaperf.config import RunConfig
+from retinaperf.errors import UserError
+
+RESULTS = "results.json"
+SCHEMA_VERSION = 1  # raised when a field is added or changes meaning; `upgrade` learns the step
+
+Status = Literal["completed", "interrupted", "failed"]
+
+
+class Evaluation(TypedDict):
+    epoch: int
+    step: int
+    mAP: float
+    seconds: float
+
+
+class Summary(TypedDict):
+    """SPEC §3's times, throughputs and accuracy (`measure.meter.summarize`)."""
+
+    init_time: float
+    train_time: float
+    eval_time: float
+    checkpoint_time: float
+    core_time: float
+    trained_images: int
+    steps: int
+    p_whole: float | None  # None: no image trained
+    p_train: float | None
+    p_core: float | None
+    p_core_steady: float | None  # None: no step after the first timing_warmup_steps
+    timing_warmup_steps: int
+    mAP: float | None  # None: a stopped run with no evaluation
+    best_mAP: float | None
+    best_epoch: int | None
+    best_step: int | None
+    converged: bool
+    target_mAP: float
+    time_to_target: float | None
+    evaluations: list[Evaluation]
+
+
+class Memory(TypedDict):
+    """Peak memory from both views, GiB (`measure.memory.memory`)."""
+
+    mem: str
+    mem_used_gib: float
+    mem_total_gib: float
+    mem_source: str
+    mem_process: str
+    mem_process_source: str
+    mem_driver: str | None  # None: NVML did not see the job's devices
+    mem_per_rank_gib: list[float]
+
+
+class Math(TypedDict):
+    """The float32 math in force (`model.precision.math_in_effect`)."""
+
+    conv_fp32_precision: str
+    matmul_fp32_precision: str
+    cudnn_benchmark: bool
+    cudnn_deterministic: bool
+    deterministic_algorithms: bool
+    effective_conv: Literal["tf32", "ieee"]
+    effective_matmul: Literal["tf32", "ieee"]
+
+
+class Ddp(TypedDict):
+    broadcast_buffers: bool
+    gradient_as_bucket_view: bool
+
+
+class Implementation(TypedDict):
+    """How the step was computed; the workload is the same either way."""
+
+    loss: str
+    postprocess: str
+    channels_last: bool
+    compile: bool
+    compile_mode: str | None  # None: not compiled
+    transform: str
+    reuse_constants: bool
+    optimizer: str
+    ddp: Ddp | None  # None: one rank, no DDP
+
+
+class Facts(TypedDict):
+    """What the set-up knows: the dataset, the weights, the precision and the step."""
+
+    dataset: str
+    train_images: int
+    val_images: int
+    backbone_weights: str
+    backbone_sha256: str | None
+    backbone_init: str
+    throughput_only: bool
+    precision_requested: str
+    implementation: Implementation
+    precision: str
+    precision_reason: str
+    math: Math
+
+
+class EnergyTotals(TypedDict):
+    """The job's energy sums (`measure.energy.job_energy`): null, never a part, when a device
+    has no figure; `energy_note` says why."""
+
+    energy_train_j: float | None
+    energy_eval_j: float | None
+    images_per_joule: float | None
+    power_train_w: float | None
+    energy_source: str | None
+    energy_note: str | None
+
+
+class HostEnergy(TypedDict):
+    host: str
+    source: str | None  # None: nothing read
+    train_j: float | None
+    eval_j: float | None
+    complete: bool  # False: a counter reset or missed a reading
+
+
+class DeviceEnergy(HostEnergy):
+    label: str | None
+    reason: str | None  # why there is no figure
+
+
+class Energy(TypedDict):
+    devices: list[DeviceEnergy]
+    hosts: list[HostEnergy]  # the CPU packages beside GPUs
+
+
+class JobEnergy(EnergyTotals):
+    """`measure.energy.job_energy`'s result: the sums and, under `energy`, their parts."""
+
+    energy: Energy
+
+
+class Utilization(TypedDict):
+    """FLOPs and MFU (`measure.utilization.utilization`)."""
+
+    flops_per_image: float
+    achieved_tflops: float
+    peak_math: str
+    peak_tflops: float | None  # None: the device's peak is not in the table
+    mfu: float | None
+
+
+class Metrics(Summary, Memory, Facts, EnergyTotals, Utilization):
+    """SPEC §3's fields and the additions, flat, as the event log's run_end has them."""
+
+    epochs: int
+    world_size: int
+    nodes: int
+    devices_per_node: int
+    local_batch: int
+    global_batch: int
+    lr: float
+    seed: int
+    device_name: str
+    skipped_steps: int | None  # None: not counted (amp and fp16 runs before 2026-11-28)
+    batch_shapes: int | None  # distinct padded batch shapes; None: not recorded
+    segments: int
+    time_between_segments: float
+    checkpoint_failures: int
+    e2e_time: float
+
+
+class Segment(TypedDict):
+    """One process of the run: the first, and each resumed or restarted one."""
+
+    started_at: str
+    start_step: int
+    resumed_from: str | None
+    time_lost_s: float | None
+    elastic_restart: int
+    ended: Literal["completed", "interrupted", "failed", "crashed"]
+    end_step: int
+    ended_at: NotRequired[str]  # a crashed segment's end is not known
+
+
+class HostSummary(TypedDict):
+    cpu_util_mean: float | None
+    cpu_util_peak: float | None
+    mem_used_peak_gib: float | None
+    mem_total_gib: float | None
+
+
+class DeviceSummary(TypedDict):
+    host: str
+    index: int
+    uuid: str | None
+    name: str | None
+    util_mean: float | None
+    mem_used_peak_gib: float | None
+    mem_total_gib: float | None
+    power_mean_w: float | None
+    power_peak_w: float | None
+    temp_peak_c: float | None
+    sm_clock_mean_mhz: float | None
+
+
+class MonitorSummary(TypedDict):
+    """The system monitor's means and peaks (`measure.monitor.summarize`)."""
+
+    samples: int
+    seconds: float
+    host: dict[str, HostSummary]
+    devices: list[DeviceSummary]
+
+
+class Environment(TypedDict):
+    """Versions, devices and hosts (`measure.environment.capture`)."""
+
+    command: list[str]
+    python: str
+    packages: dict[str, str | None]
+    git_commit: str | None
+    os: str
+    cpu: str
+    cpu_count: int
+    hosts: list[str]
+    device_type: str
+    device_name: str
+    device_count: int
+    torch_cuda_runtime: str | None
+    cuda_driver: NotRequired[str | None]  # CUDA devices only
+    cudnn: NotRequired[int | None]
+
+
+class Results(TypedDict):
+    schema_version: int
+    status: Status
+    reason: str | None  # why a run stopped or failed; None when completed
+    metrics: Metrics
+    segments: list[Segment] | None  # None: not recorded (a run of one segment)
+    batch_shapes: list[list[int]] | None  # None: not recorded
+    energy: Energy
+    checkpoint: str | None  # the newest checkpoint of a run that can go on
+    monitor: MonitorSummary | None  # None: the monitor was off
+    # RunConfig.to_dict(), whose schema is config.py's; the upgrade adds the keys that readers
+    # read and older versions lacked.
+    config: dict[str, Any]
+    environment: Environment
+    run_dir: str
+
+
+def build_results(
+    *,
+    status: Status,
+    reason: str | None,
+    summary: Summary,
+    memory: Memory,
+    facts: Facts,
+    energy: JobEnergy,
+    utilization: Utilization,
+    config: RunConfig,
+    world_size: int,
+    nodes: int,
+    devices_per_node: int,
+    device_name: str,
+    skipped_steps: int,
+    batch_shapes: list[tuple[int, ...]],
+    segments: list[Segment],
+    checkpoint_failures: int,
+    newest_checkpoint: Path | None,
+    monitor: MonitorSummary | None,
+    environment: Environment,
+    run_dir: Path,
+    e2e_time: float,
+) -> Results:
+    """results.json of a run from what its end gathered (pure: no clock, no file, no device).
+
+    `batch_shapes` are the distinct padded shapes of the training batches, sorted; `segments`
+    every segment of the run, the last one ended; `e2e_time` is read by the caller as late as it
+    can, just before the file is written."""
+    evaluations = summary["evaluations"]
+    # A completed run has nothing left to resume: its checkpoints are deleted.
+    resumable = newest_checkpoint is not None and status != "completed"
+    metrics: Metrics = {
+        **summary,
+        **memory,
+        **facts,
+        "epochs": evaluations[-1]["epoch"] + 1 if evaluations else 0,
+        "world_size": world_size,
+        "nodes": nodes,
+        "devices_per_node": devices_per_node,
+        "local_batch": config.train.batch_size,
+        "global_batch": config.train.batch_size * world_size,
+        "lr": config.train.lr,
+        "seed": config.train.seed,
+        "device_name": device_name,
+        "skipped_steps": skipped_steps,
+        "batch_shapes": len(batch_shapes),
+        "segments": len(segments),
+        "time_between_segments": sum(seg["time_lost_s"] or 0.0 for seg in segments),
+        "checkpoint_failures": checkpoint_failures,
+        **{key: value for key, value in energy.items() if key != "energy"},
+        **utilization,
+        "e2e_time": e2e_time,
+    }
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "status": status,
+        "reason": reason,
+        "metrics": metrics,
+        "segments": segments,
+        "batch_shapes": [list(shape) for shape in batch_shapes],
+        "energy": energy["energy"],
+        "checkpoint": str(newest_checkpoint) if resumable else None,
+        "monitor": monitor,
+        "config": config.to_dict(),
+        "environment": environment,
+        "run_dir": str(run_dir),
+    }
+
+
+def upgrade(results: dict[str, Any]) -> dict[str, Any]:
+    """`results` in the current schema's shape: a file of an earlier version gets the fields it
+    lacks, each with what it meant when that file was written; the current shape is returned as
+    it is. Raises UserError for what is not a results object, or of a version newer than this."""
+    if not all(isinstance(results.get(part), dict) for part in ("metrics", "config")):
+        raise UserError("no 'metrics' and 'config': it is not a retinaperf results file")
+    version = results.get("schema_version", 0)
+    if version == SCHEMA_VERSION:
+        return results
+    if not isinstance(version, int) or not 0 <= version < SCHEMA_VERSION:
+        raise UserError(
+            f"schema_version {version!r} is not one this retinaperf reads (0 to "
+            f"{SCHEMA_VERSION}): read it with the retinaperf that wrote it, or a newer one"
+        )
+    upgraded = copy.deepcopy(results)
+    _from_version_0(upgraded)
+    return {"schema_version": SCHEMA_VERSION, **upgraded}
+
+
+def _from_version_0(results: dict[str, Any]) -> None:
+    """Fill in, in place, what the unversioned files lacked; each such file has the fields of the
+    commit that wrote it, so every step is a default for one field, oldest first."""
+    m, config = results["metrics"], results["config"]
+    train, model = config.get("train", {}), config.get("model", {})
+    precision = m.get("precision")
+    # 40e3f7e: the precision's reason and math; before, fp32 was IEEE and only tf32 used TF32,
+    # and the device's peak was looked up by the precision's name.
+    requested = train.get("precision")
+    m.setdefault(
+        "precision_reason",
+        "as configured" if requested == precision else f"{requested}: its reason was not recorded",
+    )
+    mode = "tf32" if precision == "tf32" else "ieee"
+    m.setdefault(
+        "math",
+        {
+            "conv_fp32_precision": mode,
+            "matmul_fp32_precision": mode,
+            "cudnn_benchmark": False,
+            "cudnn_deterministic": False,
+            "deterministic_algorithms": train.get("deterministic", False),
+            "effective_conv": mode,
+            "effective_matmul": mode,
+        },
+    )
+    m.setdefault("peak_math", precision)
+    # cfaf473: no timing warm-up before, so p_core_steady is p_core; no throughput mode.
+    m.setdefault("timing_warmup_steps", 0)
+    m.setdefault("p_core_steady", m.get("p_core"))
+    m.setdefault("throughput_only", False)
+    m.setdefault("precision_requested", requested)
+    weights = str(m.get("backbone_weights"))
+    m.setdefault(
+        "backbone_init",
+        "random initialisation (batch norm and every layer trainable)"
+        if weights.strip().lower() == "none"
+        else f"ImageNet weights from {weights}",
+    )
+    config.setdefault("data", {}).setdefault("synth_profile", "shapes")  # its one generator
+    train.setdefault("profile_steps", "")
+    # 22f7d61: the step's choices; before, torchvision's loss and post-processing unless
+    # configured, torch's default SGD and DDP's default options; the trainer did not yet apply
+    # the channels_last and compile keys.
+    ddp_defaults = {"broadcast_buffers": True, "gradient_as_bucket_view": False}
+    m.setdefault(
+        "implementation",
+        {
+            "loss": model.get("loss", "torchvision"),
+            "postprocess": model.get("postprocess", "torchvision"),
+            "channels_last": False,
+            "compile": False,
+            "optimizer": "SGD (torch's default)",
+            "ddp": ddp_defaults if m.get("world_size", 1) > 1 else None,
+        },
+    )
+    # 20e631f: statuses, checkpoints and segments; before, results were written only by a
+    # completed run of one segment without checkpoints, and only amp and fp16 scale the loss.
+    results.setdefault("status", "completed")
+    results.setdefault("reason", None)
+    results.setdefault("segments", None)
+    results.setdefault("checkpoint", None)
+    m.setdefault("checkpoint_time", 0.0)
+    m.setdefault("skipped_steps", None if precision in ("amp", "fp16") else 0)
+    m.setdefault("segments", 1)
+    m.setdefault("time_between_segments", 0.0)
+    m.setdefault("checkpoint_failures", 0)
+    # 5a8162b: energy was not read before.
+    for key in ("energy_train_j", "energy_eval_j", "images_per_joule", "power_train_w"):
+        m.setdefault(key, None)
+    m.setdefault("energy_source", None)
+    m.setdefault("energy_note", "results written before retinaperf read energy")
+    results.setdefault("energy", {"devices": [], "hosts": []})
+    # b057cc9 (issue 15): before, torchvision's transform, constants recomputed at every step,
+    # torch.compile in its default mode; the batch shapes were not recorded.
+    impl = m["implementation"]
+    impl.setdefault("compile_mode", "default" if impl.get("compile") else None)
+    impl.setdefault("transform", "torchvision")
+    impl.setdefault("reuse_constants", False)
+    m.setdefault("batch_shapes", None)
+    results.setdefault("batch_shapes", None)
+
+
+def check(results: dict[str, Any]) -> Results:
+    """`results`, refused (UserError naming the field) unless it has the current schema's shape;
+    keys the schema does not declare pass."""
+    try:
+        msgspec.convert(results, Results)
+    except msgspec.ValidationError as err:
+        raise UserError(f"not a results file of schema_version {SCHEMA_VERSION}: {err}") from None
+    return cast(Results, results)
