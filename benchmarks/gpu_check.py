@@ -38,6 +38,7 @@ from retinaperf.config import PRECISIONS as KNOWN_PRECISIONS  # noqa: E402
 from retinaperf.io import write_text_atomic  # noqa: E402
 from retinaperf.report import tables  # noqa: E402
 from retinaperf.report.events import EVENTS, read_events  # noqa: E402
+from retinaperf.report.results import RESULTS  # noqa: E402
 
 PRESET = "A100-1x1"
 PROFILED = "40:45"  # the steps bf16-profile records: after the warm-up, before the end
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{run_name}: exit status {done.returncode} ({time.perf_counter() - started:.0f} s)")
         if done.returncode != 0:
             failed.append(f"run {run_name}")
-    finished = [out_dir / p for p in runs if (out_dir / p / tables.RESULTS).is_file()]
+    finished = [out_dir / p for p in runs if (out_dir / p / RESULTS).is_file()]
     text = summary(name, [tables.load_results(d) for d in finished], verdict, failed, argv)
     write_text_atomic(out_dir / "README.md", text)
     print(text)

@@ -17,6 +17,7 @@ from retinaperf.distributed import DistEnv
 from retinaperf.errors import UserError
 from retinaperf.model.precision import Precision
 from retinaperf.report import tables
+from retinaperf.report.results import RESULTS
 from retinaperf.run import checkpoint
 
 CONFIG = "config.json"
@@ -38,7 +39,7 @@ def choose(config: RunConfig, env: DistEnv, resume: bool) -> Path:
             raise UserError(
                 f"--resume: {path} holds no {CONFIG}: give the run directory of a stopped run"
             )
-        previous = path / tables.RESULTS
+        previous = path / RESULTS
         if (
             previous.is_file()
             and tables.load_results(path, completed_only=False).get("status", "completed")
