@@ -234,13 +234,16 @@ def test_a_mistyped_field_is_refused_naming_it(tmp_path):
         load_results(_write(tmp_path, results))
 
 
-def test_a_file_of_a_newer_schema_or_of_no_results_is_refused(tmp_path):
+def test_a_file_of_a_newer_schema_or_not_of_results_is_refused(tmp_path):
     with pytest.raises(UserError, match="schema_version 99 is not one this retinaperf reads"):
         load_results(_write(tmp_path, {**_built(), "schema_version": 99}))
     with pytest.raises(UserError, match="it is not a retinaperf results file"):
         load_results(_write(tmp_path, {"metrics": {}}))
     with pytest.raises(UserError, match="it is not a retinaperf results file"):
         load_results(_write(tmp_path, [1, 2]))
+    (tmp_path / "results.json").write_text("{")
+    with pytest.raises(UserError, match=r"results\.json is not valid JSON"):
+        load_results(tmp_path)
 
 
 def test_a_stopped_run_loads_only_when_asked(tmp_path):

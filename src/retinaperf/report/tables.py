@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from retinaperf.errors import UserError
+from retinaperf.io import read_json
 from retinaperf.report.results import RESULTS, check, upgrade
 
 REPORT = "report.md"
@@ -104,14 +105,7 @@ def load_results(run_dir: Path, completed_only: bool = True) -> dict:
     `report.results`); by default only a completed run's, since the numbers of a run that
     stopped early do not stand beside others."""
     path = Path(run_dir) / RESULTS
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(
-            f"report: {path} does not exist: give run directories of finished runs"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"report: {path} is not valid JSON ({err})") from None
+    results = read_json(path, "report", if_missing="give run directories of finished runs")
     if not isinstance(results, dict):
         raise UserError(f"report: {path} is not a JSON object: it is not a retinaperf results file")
     try:
