@@ -21,6 +21,7 @@ from retinaperf.measure.meter import Meter, device_events
 from retinaperf.model.network import RetinaPerfNet, build_model
 from retinaperf.model.precision import Precision
 from retinaperf.report.events import read_events
+from retinaperf.report.tables import load_results
 from retinaperf.run import checkpoint
 from retinaperf.run.step import build_optimizer, lr_factor, train_step, use_channels_last
 
@@ -424,27 +425,31 @@ def test_a_loss_that_stays_nan_under_amp_fails_the_run_keeping_the_last_good_che
     assert results["segments"][-1]["ended"] == "failed"
 
 
+@pytest.mark.parametrize("failing", [1, 2])  # the first step: a run with no rate at all
 def test_out_of_memory_fails_the_run_with_the_batch_and_image_size(
-    tiny_run_args, tiny_dataset, tmp_path, capsys
+    failing, tiny_run_args, tiny_dataset, tmp_path, capsys
 ):
     steps = []
 
     def runs_out(*args, **kwargs):
         steps.append(1)
-        if len(steps) == 2:
+        if len(steps) == failing:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return train_step(*args, **kwargs)
 
     out = tmp_path / "run"
     args = tiny_run_args(tiny_dataset, out, max_steps=3, monitor_interval=0)
     assert run_cli(args, step_fn=runs_out) == 1
-    err = capsys.readouterr().err
-    assert re.search(r"out of cpu memory at step 2: local batch 2, images up to \d+x64 px", err)
+    captured = capsys.readouterr()
+    err = captured.err
+    pattern = rf"out of cpu memory at step {failing}: local batch 2, images up to \d+x64 px"
+    assert re.search(pattern, err)
     assert "resized to short side 64 (long side at most 86)" in err
     assert "lower batch_size" in err and "Tried to allocate 2.00 GiB" in err
-    results = json.loads((out / "results.json").read_text())
+    assert "could not write the failed run's results.json" not in err + captured.out
+    results = load_results(out, completed_only=False)  # written, and in the schema
     assert results["status"] == "failed" and "out of cpu memory" in results["reason"]
-    assert results["metrics"]["steps"] == 1
+    assert results["metrics"]["steps"] == failing - 1
 
 
 def test_a_run_with_loader_workers_exits(tiny_run_args, tiny_dataset, tmp_path):

@@ -227,3 +227,10 @@ def test_utilization_with_unknown_peak():
         "mfu": None,
     }
     assert utilization(5e10, 40.0, "Tesla V100-SXM2-16GB", "bf16", devices=2)["mfu"] is None
+
+
+def test_a_run_without_a_step_has_no_rate_and_so_no_utilisation():
+    """A run that failed before its first step has no p_core: its results still get written."""
+    u = utilization(7.1e9, None, "NVIDIA H100 80GB HBM3", "bf16", 1)
+    assert u["achieved_tflops"] is None and u["mfu"] is None
+    assert u["peak_tflops"] is not None and u["flops_per_image"] == 7.1e9

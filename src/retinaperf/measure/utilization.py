@@ -139,12 +139,17 @@ def peak_tflops(device_name: str, math: str) -> float | None:
 
 
 def utilization(
-    flops_per_image: float, images_per_s: float, device_name: str, math: str, devices: int
+    flops_per_image: float | None,
+    images_per_s: float | None,
+    device_name: str,
+    math: str,
+    devices: int,
 ) -> dict:
     """The job's achieved TFLOP/s (images_per_s is the whole job's rate), its peak (one device's
-    peak in `math` x devices) and their ratio, MFU; peak and MFU are None when the peak is
-    unknown."""
-    achieved = flops_per_image * images_per_s / 1e12
+    peak in `math` x devices) and their ratio, MFU; None where a part is unknown (no peak for
+    the device, or no rate: a run that failed before its first step)."""
+    known = flops_per_image is not None and images_per_s is not None
+    achieved = flops_per_image * images_per_s / 1e12 if known else None
     per_device = peak_tflops(device_name, math)
     peak = None if per_device is None else per_device * devices
     return {
@@ -152,5 +157,5 @@ def utilization(
         "achieved_tflops": achieved,
         "peak_math": math,
         "peak_tflops": peak,
-        "mfu": None if peak is None else achieved / peak,
+        "mfu": None if peak is None or achieved is None else achieved / peak,
     }

@@ -161,8 +161,8 @@ class JobEnergy(EnergyTotals):
 class Utilization(TypedDict):
     """FLOPs and MFU (`measure.utilization.utilization`)."""
 
-    flops_per_image: float
-    achieved_tflops: float
+    flops_per_image: float | None  # None: a run whose rank 0 counted none
+    achieved_tflops: float | None  # None: no rate (a run that failed before its first step)
     peak_math: str
     peak_tflops: float | None  # None: the device's peak is not in the table
     mfu: float | None

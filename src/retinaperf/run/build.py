@@ -6,10 +6,8 @@ weights) runs on one process per node first; the others wait for it, then read w
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 from torch import nn
@@ -22,8 +20,6 @@ from retinaperf.measure import scoring, utilization
 from retinaperf.model import weights
 from retinaperf.model.precision import Precision
 from retinaperf.run import signals
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -40,17 +36,6 @@ class Loaders:
     def shut_down(self) -> None:
         coco.shut_down(self.train_loader)
         coco.shut_down(self.val_loader)
-
-
-def node_first(env: DistEnv, first: Callable[[], T], then: Callable[[], T] | None = None) -> T:
-    """`first()` on each node's local rank 0, then, after a barrier, `then()` (or `first()`) on
-    the others: work that fills a node's cache once, which the others read."""
-    if env.local_rank == 0:
-        result = first()
-    env.barrier()
-    if env.local_rank != 0:
-        result = (then or first)()
-    return result
 
 
 def check_topology(config: RunConfig, env: DistEnv) -> None:
@@ -118,8 +103,7 @@ def train_index(root: Path, env: DistEnv, cache: Path) -> list[coco.ImageRecord]
     """train2017's records, from its index (see `coco_index`). As for the dataset and the
     weights, one process per node reads the annotation file, or finds its index in the cache, and
     scans the image folder; the others load the index it cached."""
-    return node_first(
-        env,
+    return env.node_first(
         lambda: coco.index_split(root, "train", drop_empty=True, cache_dir=cache),
         lambda: coco.index_split(
             root, "train", drop_empty=True, cache_dir=cache, check_files=False
@@ -139,8 +123,7 @@ def dataset_root(config: RunConfig, env: DistEnv, cache: Path) -> tuple[Path, st
         image_size=config.data.synth_image_size,
         profile=config.data.synth_profile,
     )
-    root = node_first(
-        env,
+    root = env.node_first(
         lambda: synth.cached(spec, cache, workers=synth.default_workers()),
         lambda: synth.cached(spec, cache),
     )
@@ -153,7 +136,7 @@ def dataset_root(config: RunConfig, env: DistEnv, cache: Path) -> tuple[Path, st
 
 def load_weights(config: RunConfig, env: DistEnv, cache: Path) -> weights.LoadedWeights | None:
     """The backbone's weights: downloaded once per node, then read by every rank."""
-    return node_first(env, lambda: weights.load(config.model.backbone_weights, cache))
+    return env.node_first(lambda: weights.load(config.model.backbone_weights, cache))
 
 
 def backbone_init(config: RunConfig, backbone: weights.LoadedWeights | None) -> str:

@@ -21,6 +21,7 @@ from retinaperf.measure.memory import memory as job_memory
 from retinaperf.measure.meter import summarize
 from retinaperf.report import plots, tables
 from retinaperf.report.events import EVENTS, MONITOR, read_events
+from retinaperf.report.results import RESULTS, build_results
 from retinaperf.run import checkpoint
 
 if TYPE_CHECKING:
@@ -66,56 +67,43 @@ def finish(t: Trainer, status: str, reason: str | None = None) -> dict:
         len(segments),
         env.nodes if env.device.type == "cpu" else env.world_size,
     )
-    newest = t.checkpointer.newest
-    results = {
-        "status": status,
-        "reason": reason,
-        "metrics": {
-            **summary,
-            **memory,
-            **t.facts,
-            "epochs": meter.evals[-1].epoch + 1 if meter.evals else 0,
-            "world_size": env.world_size,
-            "nodes": env.nodes,
-            "devices_per_node": env.local_world_size,
-            "local_batch": cfg.train.batch_size,
-            "global_batch": cfg.train.batch_size * env.world_size,
-            "lr": cfg.train.lr,
-            "seed": cfg.train.seed,
-            "device_name": device_name,
-            "skipped_steps": int(t.precision.skipped_steps().item()),
-            "batch_shapes": len(batch_shapes),
-            "segments": len(segments),
-            "time_between_segments": sum(seg["time_lost_s"] or 0.0 for seg in segments),
-            "checkpoint_failures": t.checkpointer.writer.failures,
-            **{key: value for key, value in spent.items() if key != "energy"},
-            **utilization.utilization(
-                t.flops_per_image,
-                summary["p_core"],
-                device_name,
-                t.precision.peak_math(),
-                env.world_size,
-            ),
-        },
-        "segments": segments,
-        "batch_shapes": [list(shape) for shape in batch_shapes],
-        "energy": spent["energy"],
-        # A completed run has nothing left to resume: its checkpoints go (see below).
-        "checkpoint": str(newest) if newest and status != "completed" else None,
-        "monitor": monitored,
-        "config": cfg.to_dict(),
-        "environment": environment.capture(env.device, [rank["host"] for rank in ranks]),
-        "run_dir": str(t.run_dir),
-    }
     if samples:
         io.write_jsonl(t.run_dir / MONITOR, samples)
     completed = status == "completed"
     if completed and cfg.save_model:
         path = t.run_dir / "model.pt"
         torch.save(t.precision.float32_state_dict(t.inference_model), path)
-    # e2e_time ends here, as results.json is written (over every segment of the run).
-    results["metrics"]["e2e_time"] = meter.e2e_time()
-    io.write_json_atomic(t.run_dir / tables.RESULTS, results)
+    results = build_results(
+        status=status,
+        reason=reason,
+        summary=summary,
+        memory=memory,
+        facts=t.facts,
+        energy=spent,
+        utilization=utilization.utilization(
+            t.flops_per_image,
+            summary["p_core"],
+            device_name,
+            t.precision.peak_math(),
+            env.world_size,
+        ),
+        config=cfg,
+        world_size=env.world_size,
+        nodes=env.nodes,
+        devices_per_node=env.local_world_size,
+        device_name=device_name,
+        skipped_steps=int(t.precision.skipped_steps().item()),
+        batch_shapes=batch_shapes,
+        segments=segments,
+        checkpoint_failures=t.checkpointer.writer.failures,
+        newest_checkpoint=t.checkpointer.newest,
+        monitor=monitored,
+        environment=environment.capture(env.device, [rank["host"] for rank in ranks]),
+        run_dir=t.run_dir,
+        # e2e_time ends here, as results.json is written (over every segment of the run).
+        e2e_time=meter.e2e_time(),
+    )
+    io.write_json_atomic(t.run_dir / RESULTS, results)
     t.events.emit(
         "run_end",
         status=status,

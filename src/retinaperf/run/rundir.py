@@ -5,7 +5,6 @@ before training: writable, with room for a checkpoint, holding the configuration
 from __future__ import annotations
 
 import shutil
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -31,9 +30,9 @@ def choose(config: RunConfig, env: DistEnv, resume: bool) -> Path:
         path = Path(config.output_dir)
     elif env.job_id:
         # Named after the torchrun job, so that its restarted workers find it again.
-        path = Path("runs") / f"torchrun-{env.job_id}"
+        path = io.RUNS / f"torchrun-{env.job_id}"
     else:
-        path = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = io.timestamped_dir()
     if env.is_main and resume:
         if not (path / CONFIG).is_file():
             raise UserError(
@@ -42,12 +41,11 @@ def choose(config: RunConfig, env: DistEnv, resume: bool) -> Path:
         previous = path / RESULTS
         if (
             previous.is_file()
-            and tables.load_results(path, completed_only=False).get("status", "completed")
-            == "completed"
+            and tables.load_results(path, completed_only=False)["status"] == "completed"
         ):
             raise UserError(f"--resume: {path} holds a completed run: there is nothing to resume")
-    elif env.is_main and not env.attempt and path.exists() and any(path.iterdir()):
-        raise UserError(f"output: {path} is not empty: choose a new --output-dir")
+    elif env.is_main and not env.attempt:
+        io.require_empty(path, "output", "choose a new --output-dir")
     return Path(env.broadcast(str(path)))
 
 
