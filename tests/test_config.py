@@ -19,6 +19,7 @@ from retinaperf.config import (
     RunConfig,
     TrainConfig,
     parse_overrides,
+    presets,
     resolve,
 )
 from retinaperf.errors import UserError
@@ -28,7 +29,7 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eva
 
 def _fake_preset(monkeypatch: pytest.MonkeyPatch, table: dict) -> None:
     """Make every preset name read `table` instead of the shipped file."""
-    monkeypatch.setattr(config, "_read_preset", lambda name: table)
+    monkeypatch.setattr(presets, "_read_preset", lambda name: table)
 
 
 # --- precedence -------------------------------------------------------------------------------
@@ -301,7 +302,7 @@ def test_all_keys_lists_every_settable_key_qualified_with_help_and_default():
 def test_help_texts_need_no_source_file(tmp_path):
     # An installation may hold only .pyc files: the help texts must not come from the source.
     package = tmp_path / "retinaperf"
-    shutil.copytree(Path(config.__file__).parent, package)
+    shutil.copytree(Path(config.__file__).parent.parent, package)  # the whole package
     subprocess.run([sys.executable, "-m", "compileall", "-q", "-b", str(package)], check=True)
     for source in package.rglob("*.py"):
         source.unlink()
