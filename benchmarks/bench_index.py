@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from common import Comparison, print_comparisons
-from retinaperf.data import synth
+from retinaperf.data import synth, synth_coco
 
 SEED = 0
 TRAIN_IMAGES, TRAIN_ANNOTATIONS = 118_287, 860_001  # COCO2017 train
@@ -85,8 +85,8 @@ def _write_split(
     folder.mkdir()
     jpegs = root / f".jpegs-{split}"  # one tiny JPEG per image size, hard-linked for each image
     jpegs.mkdir()
-    sizes = np.array([(w, h) for w, h, _ in synth.COCO_IMAGE_SIZES])
-    size_of = rng.choice(len(sizes), count, p=synth.COCO_SIZE_SHARES)
+    sizes = np.array([(w, h) for w, h, _ in synth_coco.COCO_IMAGE_SIZES])
+    size_of = rng.choice(len(sizes), count, p=synth_coco.COCO_SIZE_SHARES)
     # COCO's image ids are sparse (up to 581,929) and its lists are in no particular order.
     ids = rng.permutation(first_id + np.sort(rng.choice(5 * count, count, replace=False)))
     images = []
@@ -113,7 +113,7 @@ def _write_split(
             drawn = _annotations(rng, chunk, ids[chunk], sizes[size_of[chunk]], start + 1)
             f.write((b"," if start else b"") + msgspec.json.encode(drawn)[1:-1])
         categories = [
-            {"id": i, "name": n, "supercategory": s} for i, n, s, _ in synth.COCO_CATEGORIES
+            {"id": i, "name": n, "supercategory": s} for i, n, s, _ in synth_coco.COCO_CATEGORIES
         ]
         f.write(b'],"categories":' + msgspec.json.encode(categories) + b"}")
     shutil.rmtree(jpegs)  # the links keep the files
@@ -138,15 +138,17 @@ def _annotations(
     """COCO annotations of the images `owner`: boxes of COCO's size statistics inside their image,
     a polygon of 4..26 points in each (an RLE for crowd regions), ids from `first` on."""
     n = len(owner)
-    side = np.clip(rng.lognormal(np.log(synth.AREA_SIDE_MEDIAN), synth.AREA_SIDE_SIGMA, n), 2, 640)
-    stretch = np.exp(np.clip(rng.normal(0, synth.OBJECT_ASPECT_SIGMA, n), -1.6, 1.6) / 2)
+    side = np.clip(
+        rng.lognormal(np.log(synth_coco.AREA_SIDE_MEDIAN), synth_coco.AREA_SIDE_SIGMA, n), 2, 640
+    )
+    stretch = np.exp(np.clip(rng.normal(0, synth_coco.OBJECT_ASPECT_SIGMA, n), -1.6, 1.6) / 2)
     w = np.minimum(side * stretch, sizes[:, 0])
     h = np.minimum(side / stretch, sizes[:, 1])
     x = rng.uniform(0, 1, n) * (sizes[:, 0] - w)
     y = rng.uniform(0, 1, n) * (sizes[:, 1] - h)
     w[rng.random(n) < P_DEGENERATE] = 0
     crowd = rng.random(n) < P_CROWD
-    category = rng.choice(synth.COCO_IDS, n, p=synth.COCO_WEIGHTS)
+    category = rng.choice(synth_coco.COCO_IDS, n, p=synth_coco.COCO_WEIGHTS)
     points = rng.integers(4, 27, n)
     angles = rng.uniform(0, 2 * np.pi, points.sum())
     # A polygon on the ellipse inside each box, rounded as COCO's coordinates are.

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from retinaperf import cli
-from retinaperf.data import coco, synth
+from retinaperf.data import coco, synth, synth_coco, synth_shapes
 from retinaperf.data.synth import SynthSpec, cached, generate
 from retinaperf.errors import UserError
 
@@ -169,7 +169,7 @@ def test_generating_into_an_empty_folder_works(tmp_path):
 
 
 def test_failed_generation_leaves_nothing(tmp_path, monkeypatch):
-    real = synth._draw_image
+    real = synth.draw_image
     calls = {"n": 0}
 
     def draw_then_fail(rng, short_side):
@@ -178,7 +178,7 @@ def test_failed_generation_leaves_nothing(tmp_path, monkeypatch):
             raise RuntimeError("disk on fire")
         return real(rng, short_side)
 
-    monkeypatch.setattr(synth, "_draw_image", draw_then_fail)
+    monkeypatch.setattr(synth, "draw_image", draw_then_fail)
     target = tmp_path / "cache" / "coco"
     with pytest.raises(RuntimeError, match="disk on fire"):
         generate(SynthSpec(train_images=3, val_images=3, image_size=32), target)
@@ -219,7 +219,7 @@ def test_cached_retries_after_a_failed_generation(tmp_path, monkeypatch):
         raise RuntimeError("interrupted")
 
     with monkeypatch.context() as patch:
-        patch.setattr(synth, "_draw_image", fail)
+        patch.setattr(synth, "draw_image", fail)
         with pytest.raises(RuntimeError):
             cached(spec, tmp_path)
     assert list(tmp_path.iterdir()) == []
@@ -290,7 +290,7 @@ def test_coco_profile_objects_per_image_follow_coco(coco_sample):
     assert 3 <= np.median(counts) <= 5  # COCO: 4
     assert counts.max() > 30  # a long tail
     # The tail and the empty images are too rare for 250 images: check the distribution itself.
-    many = synth._object_counts(np.random.default_rng(0), 200_000)
+    many = synth_coco._object_counts(np.random.default_rng(0), 200_000)
     assert 7.2 < many.mean() < 7.4
     assert np.median(many) == 4
     assert 0.008 < (many == 0).mean() < 0.012
@@ -390,7 +390,7 @@ def test_a_failure_in_a_drawing_process_leaves_nothing(tmp_path):
 def test_shapes_cache_key_is_the_one_from_before_profiles():
     # The formula of the keys before profiles existed: asdict of the four other fields + version.
     fields = {"seed": 0, "train_images": 512, "val_images": 96, "image_size": 128}
-    text = json.dumps({**fields, "version": synth.GENERATOR_VERSION}, sort_keys=True)
+    text = json.dumps({**fields, "version": synth_shapes.GENERATOR_VERSION}, sort_keys=True)
     assert SynthSpec().cache_key() == hashlib.sha256(text.encode()).hexdigest()[:16]
     assert SynthSpec().image_size == 128
 
