@@ -16,9 +16,8 @@ from retinaperf.measure.energy import (
     RunEnergy,
     integrate_power,
     job_energy,
-    nvml_counter,
-    rapl_counters,
 )
+from retinaperf.measure.energy_counters import nvml_counter, rapl_counters
 
 UUID = "5f3a9c1e-0b6d-4e2f-8a71-c0ffee000001"  # as torch writes it; NVML writes "GPU-" + this
 

@@ -16,7 +16,7 @@ from torchvision.models.detection import retinanet_resnet50_fpn
 
 from retinaperf.config import ModelConfig, TrainConfig
 from retinaperf.data import coco
-from retinaperf.measure import energy, scoring
+from retinaperf.measure import energy, energy_counters, scoring
 from retinaperf.measure.meter import Meter, device_events
 from retinaperf.model.network import RetinaPerfNet, build_model
 from retinaperf.model.precision import Precision
@@ -475,7 +475,7 @@ def test_a_cpu_run_reports_its_packages_energy_or_says_why_not(
         (domain / "energy_uj").write_text("0\n")
         (domain / "max_energy_range_uj").write_text(f"{2**60}\n")
     monkeypatch.setattr(energy, "POWERCAP", root)
-    monkeypatch.setattr(energy.RaplCounter, "read", lambda self: 50 * time.perf_counter())
+    monkeypatch.setattr(energy_counters.RaplCounter, "read", lambda self: 50 * time.perf_counter())
     out = tmp_path / "run"
     assert run_cli(tiny_run_args(tiny_dataset, out, max_steps=3, monitor_interval=0)) == 0
     m = json.loads((out / "results.json").read_text())["metrics"]
