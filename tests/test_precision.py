@@ -255,11 +255,22 @@ def test_auto_is_bf16_where_cuda_computes_it_natively(monkeypatch):
     ],
 )
 def test_auto_on_a_cpu_follows_its_bf16_instructions(monkeypatch, features, native):
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: features, raising=False)
+    # Fails, rather than adds the function, where torch lacks it: then the test below applies.
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: features)
     found, why = native_bf16(CPU)
     assert found is native
     assert ("AVX512-BF16" in why) is not native  # the reason names what was looked for
     assert choose("auto", CPU)[0] == ("bf16" if native else "fp32")
+
+
+@pytest.mark.parametrize("avx512_bf16", [True, False])
+def test_auto_on_a_cpu_without_get_capabilities_asks_torchs_own_probe(monkeypatch, avx512_bf16):
+    """Torch versions before torch.cpu.get_capabilities: the same answer from the probe torch's
+    dispatch uses."""
+    monkeypatch.delattr(torch.cpu, "get_capabilities")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert native_bf16(CPU)[0] is avx512_bf16
 
 
 def test_auto_on_another_accelerator_asks_torch(monkeypatch):

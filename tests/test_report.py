@@ -21,6 +21,7 @@ from retinaperf.report.tables import (
     render_comparison,
     seed_reference,
 )
+from retinaperf.units import NO_VALUE
 
 
 def results(run_dir: str, nodes: int, devices: int, p: tuple[float, float, float], **extra) -> dict:
@@ -107,7 +108,7 @@ def test_no_reference_ratio_for_another_workload():
     small["config"]["model"]["min_size"] = 64
     for row in compare([generated, small]):
         assert row["ref_whole"] is None and row["ref_train"] is None and row["ref_core"] is None
-    assert render_comparison(compare([generated]), "md").splitlines()[2].endswith("| - |")
+    assert render_comparison(compare([generated]), "md").splitlines()[2].endswith(f"| {NO_VALUE} |")
 
 
 def test_markdown_table_has_the_seed_layout_and_the_computed_values(runs):

@@ -32,9 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="run the benchmark (default: smoke preset, generated data)"
     )
     run.add_argument("--preset", help="preset name (see `retinaperf presets`); default: smoke")
-    run.add_argument("--data-dir", help="COCO2017 root; default: the generated dataset")
-    run.add_argument("--output-dir", help="run directory; default: runs/<timestamp>")
-    run.add_argument("--backbone-weights", help="URL, file:// URL, path, or `none` (random init)")
+    # The shortcut flags of three keys: their help is the keys' own (`presets --keys`).
+    for flag in ("data_dir", "output_dir", "backbone_weights"):
+        run.add_argument(f"--{flag.replace('_', '-')}", help=_key_help(flag))
     run.add_argument(
         "--nproc-per-node",
         type=int,
@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     presets = commands.add_parser("presets", help="list presets (or every configuration key)")
     presets.add_argument("--keys", action="store_true", help="list configuration keys instead")
     return parser
+
+
+def _key_help(name: str) -> str:
+    from retinaperf import config
+
+    (key,) = [key for key in config.all_keys() if key.name.rpartition(".")[2] == name]
+    return key.help
 
 
 def main(argv: list[str] | None = None, run_fn: Callable[..., dict] | None = None) -> int:

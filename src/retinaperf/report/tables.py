@@ -18,6 +18,7 @@ from typing import Any
 from retinaperf.errors import UserError
 from retinaperf.io import read_json
 from retinaperf.report.results import RESULTS, check, upgrade
+from retinaperf.units import NO_VALUE
 
 REPORT = "report.md"
 PLOTS = "plots"
@@ -88,7 +89,6 @@ def format_table(rows: list[dict[str, str]], columns: tuple[str, ...] = COLUMNS)
     return "\n".join(lines)
 
 
-NO_VALUE = "–"
 THROUGHPUT_ONLY_NOTE = (
     f"mAP {NO_VALUE}: a throughput-only run (generated COCO-like data or random weights) "
     "measures speed and memory; its accuracy means nothing."
@@ -186,12 +186,12 @@ def render_comparison(rows: list[dict], fmt: str) -> str:
     for row in rows:
         cells = format_cells(row)
         scaling = row["scaling_train"]
-        cells["scaling"] = f"{100 * scaling:.1f}%" if scaling is not None else "-"
+        cells["scaling"] = f"{100 * scaling:.1f}%" if scaling is not None else NO_VALUE
         ratios = [row[f"ref_{p.removeprefix('p_')}"] for p in THROUGHPUTS]
         cells["vs A100 ref"] = (
-            "/".join("-" if r is None else f"{r:.2f}" for r in ratios)
+            "/".join(NO_VALUE if r is None else f"{r:.2f}" for r in ratios)
             if any(r is not None for r in ratios)
-            else "-"
+            else NO_VALUE
         )
         text_rows.append(cells)
     notes = (
@@ -375,7 +375,7 @@ def _monitor_lines(summary: dict | None) -> list[str]:
         return ["- monitor: off"]
     lines = []
     for host, h in summary["host"].items():
-        cpu = "-" if h["cpu_util_mean"] is None else f"{h['cpu_util_mean']:.0f}%"
+        cpu = NO_VALUE if h["cpu_util_mean"] is None else f"{h['cpu_util_mean']:.0f}%"
         lines.append(
             f"- host {host}: CPU {cpu} mean, RAM peak {h['mem_used_peak_gib']:.1f}/"
             f"{h['mem_total_gib']:.1f} GiB ({summary['samples']} samples)"
@@ -391,4 +391,4 @@ def _monitor_lines(summary: dict | None) -> list[str]:
 
 
 def _maybe(value: float | None, unit: str = "") -> str:
-    return "-" if value is None else f"{value:.1f}{unit}"
+    return NO_VALUE if value is None else f"{value:.1f}{unit}"

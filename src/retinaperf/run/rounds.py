@@ -23,6 +23,7 @@ from retinaperf.config import PLACE_KEYS
 from retinaperf.errors import UserError
 from retinaperf.report import tables
 from retinaperf.run import signals
+from retinaperf.units import NO_VALUE
 
 SUMMARY = "summary.json"
 # What varies between rounds of one configuration; None values (a metric a run has no figure
@@ -96,7 +97,7 @@ def render_spread(runs: list[dict]) -> str:
     m, config = runs[0]["metrics"], runs[0]["config"]
     rows = []
     for name, s in spread(runs).items():
-        cv = "–" if s["cv"] is None else f"{100 * s['cv']:.1f}%"
+        cv = NO_VALUE if s["cv"] is None else f"{100 * s['cv']:.1f}%"
         cells = {k: tables.significant(s[k]) for k in ("mean", "min", "max")}
         rows.append({"metric": name, "n": str(s["n"]), **cells, "cv": cv})
     title = (
@@ -122,8 +123,7 @@ def run_rounds(count: int, out_dir: Path, command: list[str], start_variable: st
     if count < 1:
         raise UserError(f"--repeat {count}: give 1 or more")
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise UserError(f"output: {out_dir} is not empty: choose a new --output-dir")
+    io.require_empty(out_dir, "output", "choose a new --output-dir")
     round_dirs = [out_dir / f"round-{k}" for k in range(1, count + 1)]
     for k, round_dir in enumerate(round_dirs, start=1):
         print(f"retinaperf: round {k} of {count} -> {round_dir}", flush=True)
