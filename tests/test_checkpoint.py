@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import run_cli, signal_at
+from cli_helpers import run_cli, signal_at
 
 from retinaperf import config
 from retinaperf.errors import UserError

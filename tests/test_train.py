@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import run_cli
+from cli_helpers import run_cli
 from torchvision.models.detection import retinanet_resnet50_fpn
 
 from retinaperf.config import ModelConfig, TrainConfig
