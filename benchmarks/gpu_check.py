@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
 import torch  # noqa: E402
+from resume_check import ResumeCheck, stop_and_resume  # noqa: E402
 
 from retinaperf.config import PRECISIONS as KNOWN_PRECISIONS  # noqa: E402
 from retinaperf.io import write_text_atomic  # noqa: E402
@@ -64,14 +65,22 @@ RUNS = {
 }
 # Any precision can be asked for by name, as a run of that precision alone.
 KNOWN_RUNS = {**{p: (f"precision={p}",) for p in KNOWN_PRECISIONS}, **RUNS}
+# Not a run but a pair: bf16 stopped by SIGTERM halfway and resumed, against the same left alone
+# (resume_check.py), with deterministic kernels so that the first resumed step's loss can be
+# compared bit for bit (cuBLAS needs a fixed workspace for that).
+RESUME = "bf16-resume"
+RESUME_SETTINGS = ("precision=bf16", "deterministic=true", "log_every=1")
+RESUME_STEPS = 40
+DETERMINISTIC_CUBLAS = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.runs) - set(KNOWN_RUNS))
+    unknown = sorted(set(args.runs) - {*KNOWN_RUNS, RESUME})
     if unknown or args.steps < 1:
-        parser.error(f"--runs: choose from {', '.join(KNOWN_RUNS)}" if unknown else "--steps >= 1")
+        choices = ", ".join([*KNOWN_RUNS, RESUME])
+        parser.error(f"--runs: choose from {choices}" if unknown else "--steps >= 1")
     started = time.perf_counter()
     device = "cpu" if args.cpu else "cuda"
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else device
@@ -82,12 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     runs = {
         name: _run_command(KNOWN_RUNS[name], args.steps, out_dir / name, overrides)
         for name in args.runs
+        if name != RESUME
     }
+    steps = min(args.steps, RESUME_STEPS)
+    resume_args = _run_args((*RESUME_SETTINGS, f"max_steps={steps}"), overrides)
     if args.dry_run or not (torch.cuda.is_available() or args.cpu):
         why = "dry run" if args.dry_run else "no CUDA device here: dry run"
         print(f"gpu_check ({why}); it would run, writing {out_dir}:")
         for command in (tests, *runs.values()):
             print("  " + shlex.join(command))
+        if RESUME in args.runs:
+            print(
+                f"  {RESUME}: resume_check.py --stop-at {steps // 2} -- {shlex.join(resume_args)}"
+            )
         return 0
 
     out_dir.mkdir(parents=True)
@@ -105,8 +121,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{run_name}: exit status {done.returncode} ({time.perf_counter() - started:.0f} s)")
         if done.returncode != 0:
             failed.append(f"run {run_name}")
+    resumed = None
+    if RESUME in args.runs:
+        resumed = stop_and_resume(
+            resume_args, steps // 2, out_dir / RESUME, {**environment, **DETERMINISTIC_CUBLAS}
+        )
+        print(f"{RESUME}: {resumed.different or 'equal'} ({time.perf_counter() - started:.0f} s)")
+        if resumed.different:
+            failed.append(f"{RESUME} ({', '.join(resumed.different)})")
     finished = [out_dir / p for p in runs if (out_dir / p / RESULTS).is_file()]
-    text = summary(name, [tables.load_results(d) for d in finished], verdict, failed, argv)
+    loaded = [tables.load_results(d) for d in finished]
+    text = summary(name, loaded, verdict, failed, argv, resumed)
     write_text_atomic(out_dir / "README.md", text)
     print(text)
     print(f"gpu_check: {time.perf_counter() - started:.0f} s in all; {out_dir / 'README.md'}")
@@ -114,7 +139,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summary(
-    device: str, runs: list[dict], verdict: str, failed: list[str], argv: list[str] | None
+    device: str,
+    runs: list[dict],
+    verdict: str,
+    failed: list[str],
+    argv: list[str] | None,
+    resumed: ResumeCheck | None = None,
 ) -> str:
     """The results folder's README: what ran, the seed's table of the runs, and the columns a
     throughput check adds (p_core_steady, MFU, the float32 math in force, how the step ran)."""
@@ -138,6 +168,16 @@ def summary(
             tables.render_comparison(tables.compare(runs), "md"),
             "",
             tables.format_table([_extra_row(r) for r in runs], EXTRA_COLUMNS),
+        ]
+    if resumed is not None:
+        verdict = "equal" if not resumed.different else "DIFFERENT: " + ", ".join(resumed.different)
+        lines += [
+            "",
+            f"Stopped by SIGTERM at step {resumed.cut['segments'][0]['end_step']} and resumed "
+            f"(`{RESUME}`: {', '.join(RESUME_SETTINGS)}), against the same run left alone: "
+            f"{verdict}.",
+            "",
+            resumed.table(),
         ]
     return "\n".join(lines) + "\n"
 
@@ -201,11 +241,16 @@ def _device_busy(run_dir: Path) -> float | None:
 def _run_command(
     settings: tuple[str, ...], steps: int, run_dir: Path, overrides: list[str]
 ) -> list[str]:
-    command = [sys.executable, "-m", "retinaperf", "run", "--preset", PRESET, "--synthetic"]
-    pairs = [*settings, f"max_steps={steps}", *overrides, f"output_dir={run_dir}"]
-    for pair in pairs:
-        command += ["--set", pair]
-    return command
+    run_args = _run_args((*settings, f"max_steps={steps}"), [*overrides, f"output_dir={run_dir}"])
+    return [sys.executable, "-m", "retinaperf", "run", *run_args]
+
+
+def _run_args(settings: tuple[str, ...], overrides: list[str]) -> list[str]:
+    """`retinaperf run` arguments: the preset's throughput mode with these settings."""
+    args = ["--preset", PRESET, "--synthetic"]
+    for pair in (*settings, *overrides):
+        args += ["--set", pair]
+    return args
 
 
 def _files_with_gpu_tests() -> list[Path]:
@@ -249,8 +294,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--runs",
         type=lambda text: [name for name in text.split(",") if name],
-        default=list(RUNS),
-        help=f"comma-separated run names: a precision or one of {', '.join(RUNS)} (default all)",
+        default=[*RUNS, RESUME],
+        help=f"comma-separated run names: a precision or one of {', '.join([*RUNS, RESUME])} "
+        "(default all)",
     )
     parser.add_argument("--out", default=str(REPO / "docs" / "results"), help="parent folder")
     parser.add_argument(

@@ -2,8 +2,11 @@
 
 Runs `retinaperf run` (default: the smoke preset) twice into a new folder: once uninterrupted,
 once sent SIGTERM after `--stop-at` logged steps and then continued with `--resume`. Prints both
-runs' metrics side by side and exits 1 unless the trained images, the steps and the final mAP are
-equal. tests/test_checkpoint.py proves bit-exactness on tiny runs; this checks the real command.
+runs' metrics side by side, and the loss of the first step after the stop in each (equal when the
+generators, the device's included, were restored and the kernels are deterministic). Exits 1
+unless the trained images, the steps, the final mAP and that loss are equal.
+tests/test_checkpoint.py proves bit-exactness on tiny runs; this checks the real command, and the
+GPU check runs it on the GPU (`gpu_check.py`).
 
     .venv/bin/python benchmarks/resume_check.py [--stop-at 25] [--out DIR] [-- RUN ARGS...]
 """
@@ -17,23 +20,83 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 EQUAL = ("trained_images", "steps", "epochs", "mAP", "best_mAP")
 SHOWN = (*EQUAL, "p_core", "p_whole", "e2e_time", "train_time", "checkpoint_time")
 
 
+@dataclass
+class ResumeCheck:
+    """Both runs' results, and where the stopped one was stopped and went on."""
+
+    whole: dict
+    cut: dict
+    stopped_with: int  # the stopped run's exit status (143: SIGTERM)
+    resumed_with: int
+    first_resumed_step: int | None
+    losses: tuple[float | None, float | None]  # at that step: uninterrupted, resumed
+
+    @property
+    def different(self) -> list[str]:
+        """What differs of what must be equal (empty: the check passed)."""
+        found = [key for key in EQUAL if self.whole["metrics"][key] != self.cut["metrics"][key]]
+        if self.cut["status"] != "completed" or len(self.cut["segments"]) != 2:
+            found.append(f"status {self.cut['status']}, {len(self.cut['segments'])} segments")
+        if self.losses[0] != self.losses[1]:
+            found.append(f"loss at step {self.first_resumed_step}")
+        return found
+
+    def table(self) -> str:
+        segments = ", ".join(f"{s['ended']} at step {s['end_step']}" for s in self.cut["segments"])
+        rows = [
+            f"SIGTERM: exit status {self.stopped_with}; resume: {self.resumed_with}; segments: "
+            f"{segments}; time between them {self.cut['metrics']['time_between_segments']:.1f} s",
+            "",
+            "| metric | uninterrupted | stopped and resumed |",
+            "| --- | --- | --- |",
+            *(
+                f"| {key} | {self.whole['metrics'][key]} | {self.cut['metrics'][key]} |"
+                for key in SHOWN
+            ),
+            f"| loss at step {self.first_resumed_step} (the first after the stop) | "
+            f"{self.losses[0]} | {self.losses[1]} |",
+        ]
+        return "\n".join(rows)
+
+
 def retinaperf(*args: str) -> list[str]:
     return [sys.executable, "-m", "retinaperf", *args]
 
 
-def logged_step(run_dir: Path) -> int:
-    """The last step the event log has recorded (0 before the first)."""
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """{step: loss} of the steps the event log has recorded."""
     log = run_dir / "events.jsonl"
     if not log.exists():
-        return 0
-    steps = [json.loads(line) for line in log.read_text().splitlines() if '"step"' in line]
-    return max((event["step"] for event in steps if event["event"] == "step"), default=0)
+        return {}
+    events = [json.loads(line) for line in log.read_text().splitlines() if '"step"' in line]
+    return {e["step"]: e["loss"] for e in events if e["event"] == "step"}
+
+
+def stop_and_resume(
+    run_args: list[str], stop_at: int, out: Path, env: dict[str, str] | None = None
+) -> ResumeCheck:
+    """`retinaperf run RUN_ARGS` into out/whole, and into out/cut stopped after step `stop_at`
+    and resumed."""
+    whole, cut = out / "whole", out / "cut"
+    subprocess.run(retinaperf("run", "--output-dir", str(whole), *run_args), check=True, env=env)
+    job = subprocess.Popen(retinaperf("run", "--output-dir", str(cut), *run_args), env=env)
+    while max(step_losses(cut), default=0) < stop_at and job.poll() is None:
+        time.sleep(0.2)
+    job.send_signal(signal.SIGTERM)
+    stopped_with = job.wait()
+    resumed = subprocess.run(retinaperf("run", "--resume", str(cut)), check=False, env=env)
+    first, second = (json.loads((d / "results.json").read_text()) for d in (whole, cut))
+    segment = second["segments"][-1]
+    step = segment["start_step"] + 1 if len(second["segments"]) > 1 else None
+    losses = (step_losses(whole).get(step), step_losses(cut).get(step))
+    return ResumeCheck(first, second, stopped_with, resumed.returncode, step, losses)
 
 
 def main() -> int:
@@ -43,30 +106,12 @@ def main() -> int:
     parser.add_argument("run_args", nargs="*", help="more `retinaperf run` arguments")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="resume-check-"))
-    whole, cut = out / "whole", out / "cut"
-
-    subprocess.run(retinaperf("run", "--output-dir", str(whole), *args.run_args), check=True)
-    job = subprocess.Popen(retinaperf("run", "--output-dir", str(cut), *args.run_args))
-    while logged_step(cut) < args.stop_at and job.poll() is None:
-        time.sleep(0.2)
-    job.send_signal(signal.SIGTERM)
-    stopped_with = job.wait()
-    resumed_with = subprocess.run(retinaperf("run", "--resume", str(cut)), check=False).returncode
-
-    first = json.loads((whole / "results.json").read_text())
-    second = json.loads((cut / "results.json").read_text())
-    segments = ", ".join(f"{s['ended']} at step {s['end_step']}" for s in second["segments"])
-    print(f"\nSIGTERM after step {args.stop_at}: exit status {stopped_with}; resume {resumed_with}")
-    print(f"segments: {segments}")
-    print(f"time between segments: {second['metrics']['time_between_segments']:.1f} s\n")
-    print("| metric | uninterrupted | stopped and resumed |\n| --- | --- | --- |")
-    for key in SHOWN:
-        print(f"| {key} | {first['metrics'][key]} | {second['metrics'][key]} |")
-    different = [key for key in EQUAL if first["metrics"][key] != second["metrics"][key]]
-    if different or second["status"] != "completed" or len(second["segments"]) != 2:
-        print(f"\nNOT EQUAL: {', '.join(different) or second['status']}")
+    check = stop_and_resume(args.run_args, args.stop_at, out)
+    print(f"\n{check.table()}")
+    if check.different:
+        print(f"\nNOT EQUAL: {', '.join(check.different)}")
         return 1
-    print(f"\nequal: {', '.join(EQUAL)}")
+    print(f"\nequal: {', '.join(EQUAL)}, and the loss of step {check.first_resumed_step}")
     return 0
 
 

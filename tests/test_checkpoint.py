@@ -10,7 +10,7 @@ import pytest
 import torch
 from cli_helpers import run_cli, signal_at
 
-from retinaperf import config
+from retinaperf import config, io
 from retinaperf.errors import UserError
 from retinaperf.run import checkpoint, evaluation, step
 
@@ -114,7 +114,11 @@ def test_checkpoints_are_kept_newest_first_hold_the_state_and_go_when_the_run_co
     kept = [p.name for p in checkpoint.saved(out)]
     assert kept == ["step-00000008.pt", "step-00000009.pt", "step-00000010.pt"]
     assert not [p for p in checkpoint.folder(out).iterdir() if p.name.startswith(".")]
-    state = torch.load(checkpoint.newest(out), weights_only=True)
+    # Each with its digest, in sha256sum's format; the pruned ones' went with them.
+    for path in checkpoint.saved(out):
+        assert checkpoint.digest_file(path).read_text() == f"{io.sha256_of(path)}  {path.name}\n"
+    assert len(list(checkpoint.folder(out).glob("*.sha256"))) == 3
+    state = torch.load(checkpoint.saved(out)[-1], weights_only=True)
     assert state["position"] == {"epoch": 1, "step_in_epoch": 5, "step": 10}
     assert state["ranks"][0]["meter"]["images"] == 40
     assert len(state["ranks"][0]["meter"]["evals"]) == 1  # epoch 1's evaluation is still due
@@ -179,7 +183,10 @@ def test_a_checkpoint_carrying_code_is_refused_without_running_it(
 ):
     out = stopped_run(tiny_dataset, tiny_run_args, tmp_path / "run")
     marker = tmp_path / "ran"
-    torch.save({"format": 1, "payload": Planted(marker)}, checkpoint.folder(out) / "step-9.pt")
+    planted = checkpoint.folder(out) / "step-9.pt"
+    torch.save({"format": 1, "payload": Planted(marker)}, planted)
+    # With a digest that matches: whoever can write the file can write that too.
+    checkpoint.digest_file(planted).write_text(f"{io.sha256_of(planted)}  {planted.name}\n")
     capsys.readouterr()
     assert run_cli(["run", "--resume", str(out)]) == 1
     assert "pickled objects other than tensors" in capsys.readouterr().err
@@ -208,7 +215,10 @@ def test_a_full_disk_while_checkpointing_leaves_nothing_half_written(
     err = capsys.readouterr().err
     assert "cannot write step 8" in err and "No space left on device" in err
     assert "the newest checkpoint is still step-00000005.pt" in err
-    assert [p.name for p in checkpoint.folder(out).iterdir()] == ["step-00000005.pt"]
+    assert sorted(p.name for p in checkpoint.folder(out).iterdir()) == [
+        "step-00000005.pt",
+        "step-00000005.pt.sha256",
+    ]
     stopped = results(out)
     assert stopped["status"] == "interrupted" and stopped["metrics"]["checkpoint_failures"] == 1
     assert Path(stopped["checkpoint"]).name == "step-00000005.pt"
@@ -259,3 +269,66 @@ def test_a_background_write_saves_the_state_as_it_was_when_handed_over(tmp_path)
     saved = torch.load(outcome.path, weights_only=True)
     assert torch.equal(saved["model"]["w"], torch.ones(4))
     assert saved["ranks"] == [{"rng": (1, 2)}]
+
+
+def stopped_with_checkpoints(tiny_dataset, tiny_run_args, out: Path) -> Path:
+    """A run with a checkpoint at every step (3 kept), stopped by SIGTERM at its 4th."""
+    settings = {**SETTINGS, "epochs": 1, "checkpoint_minutes": 1e-6, "keep_checkpoints": 3}
+    args = tiny_run_args(tiny_dataset, out, **settings)
+    assert run_cli(args, step_fn=signal_at(step.train_step, 4)) == 128 + signal.SIGTERM
+    assert [p.name for p in checkpoint.saved(out)] == [
+        "step-00000002.pt",
+        "step-00000003.pt",
+        "step-00000004.pt",
+    ]
+    return out
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def overwrite_middle(path: Path) -> None:
+    """4 KiB in the middle of the file changed, its size the same: still a valid zip."""
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        f.write(os.urandom(4096))
+
+
+@pytest.mark.parametrize("harm", [truncate, overwrite_middle])
+def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_goes_on_from_the_one_before(
+    harm, tiny_dataset, tiny_run_args, tmp_path, capsys
+):
+    out = stopped_with_checkpoints(tiny_dataset, tiny_run_args, tmp_path / "run")
+    newest = checkpoint.saved(out)[-1]
+    harm(newest)
+    capsys.readouterr()
+    assert run_cli(["run", "--resume", str(out)]) == 0
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if "is damaged" in line]
+    assert "step-00000004.pt is damaged (its bytes are not those written" in line
+    assert "moved aside as step-00000004.pt.damaged" in line
+    assert (checkpoint.folder(out).parent / "results.json").is_file()
+    done = results(out)
+    assert done["status"] == "completed"
+    assert done["segments"][-1]["resumed_from"] == "step-00000003.pt"
+    # Kept for a look, not deleted (the completed run's checkpoints go, the damaged one too).
+    assert (
+        not checkpoint.folder(out).exists()
+        or (checkpoint.folder(out) / "step-00000004.pt.damaged").is_file()
+    )
+
+
+def test_with_no_intact_checkpoint_the_resume_stops_saying_what_to_do(
+    tiny_dataset, tiny_run_args, tmp_path, capsys
+):
+    out = stopped_with_checkpoints(tiny_dataset, tiny_run_args, tmp_path / "run")
+    for path in checkpoint.saved(out):
+        overwrite_middle(path)
+    capsys.readouterr()
+    assert run_cli(["run", "--resume", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("is damaged") == 3
+    assert "no intact checkpoint in" in err and "start it again in a new --output-dir" in err
+    assert len(list(checkpoint.folder(out).glob("*.pt.damaged"))) == 3  # kept, not deleted
+    assert len(list(checkpoint.folder(out).glob("*.pt.damaged.sha256"))) == 3  # with their digests

@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py on a machine without CUDA: its dry run, and its whole pipeline on the
 CPU at toy sizes (the tests marked gpu skip; two precisions; the generated summary)."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -35,7 +36,7 @@ def test_without_cuda_it_prints_what_it_would_run_and_exits_0(tmp_path):
     for name in ("test_precision.py", "test_monitor.py", "test_distributed.py"):
         assert name in tests  # the files that hold tests marked gpu, and only those
     assert "test_evaluate.py" not in tests
-    runs = [line for line in lines if "--preset A100-1x1 --synthetic" in line]
+    runs = [line for line in lines if "-m retinaperf run --preset A100-1x1 --synthetic" in line]
     names = [r.split("output_dir=")[1].split("/")[-1] for r in runs]
     assert names == [
         "fp32",
@@ -58,6 +59,10 @@ def test_without_cuda_it_prints_what_it_would_run_and_exits_0(tmp_path):
     assert "profile_steps=" in runs[names.index("bf16-profile")]
     assert "compile=true" in runs[names.index("bf16-compile")]
     assert "compile_mode=reduce-overhead" in runs[names.index("bf16-cudagraphs")]
+    # The stop-and-resume pair: halfway through 40 steps, deterministic kernels, every step logged
+    (resume,) = [line for line in lines if line.strip().startswith("bf16-resume:")]
+    assert "--stop-at 20" in resume and "--set max_steps=40" in resume
+    assert "--set deterministic=true" in resume and "--set log_every=1" in resume
     assert not (tmp_path / "results").exists()  # a dry run writes nothing
 
 
@@ -108,3 +113,30 @@ def test_dry_run_runs_nothing_even_when_asked_for_the_cpu(tmp_path):
     done = gpu_check("--cpu", "--dry-run", "--out", str(tmp_path / "results"))
     assert done.returncode == 0 and "dry run" in done.stdout
     assert not (tmp_path / "results").exists()
+
+
+def test_the_resume_pair_is_equal_only_with_equal_counts_segments_and_first_resumed_loss():
+    spec = importlib.util.spec_from_file_location("resume_check", SCRIPT.parent / "resume_check.py")
+    resume_check = importlib.util.module_from_spec(spec)
+    sys.modules["resume_check"] = resume_check  # dataclasses look their module up
+    spec.loader.exec_module(resume_check)
+    metrics = dict.fromkeys(resume_check.SHOWN, 1.0) | {"time_between_segments": 2.0}
+    whole = {"status": "completed", "metrics": metrics, "segments": [{}]}
+    cut = {
+        "status": "completed",
+        "metrics": metrics,
+        "segments": [
+            {"ended": "interrupted", "end_step": 20},
+            {"ended": "completed", "end_step": 40},
+        ],
+    }
+    check = resume_check.ResumeCheck(whole, cut, 143, 0, 21, (0.5, 0.5))
+    assert check.different == []
+    assert "| loss at step 21 (the first after the stop) | 0.5 | 0.5 |" in check.table()
+    assert resume_check.ResumeCheck(whole, cut, 143, 0, 21, (0.5, 0.51)).different == [
+        "loss at step 21"
+    ]
+    fewer = {**cut, "metrics": {**metrics, "trained_images": 2.0}}
+    assert resume_check.ResumeCheck(whole, fewer, 143, 0, 21, (0.5, 0.5)).different == [
+        "trained_images"
+    ]

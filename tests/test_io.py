@@ -2,7 +2,10 @@
 and the refusal of a folder that already holds something."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -46,12 +49,62 @@ def test_a_file_that_cannot_be_read_says_why(tmp_path):
     assert str(err.value) == f"--resume: cannot read {tmp_path}: Is a directory"
 
 
-def test_the_default_run_directory_is_named_after_the_moment(tmp_path):
+def test_the_default_run_directory_is_named_after_the_moment_and_created(tmp_path):
     before = time.strftime("%Y%m%d-%H%M%S")
-    named = io.timestamped_dir()
-    assert named.parent == io.RUNS == Path("runs")
-    assert re.fullmatch(r"\d{8}-\d{6}", named.name) and named.name >= before
-    assert io.timestamped_dir(tmp_path).parent == tmp_path
+    named = io.new_timestamped_dir(tmp_path)
+    assert named.parent == tmp_path and named.is_dir()
+    assert re.fullmatch(r"\d{8}-\d{6}(-\d+)?", named.name) and named.name >= before
+    assert io.RUNS == Path("runs")
+
+
+def test_directories_made_in_the_same_second_are_all_different(tmp_path):
+    """Created exclusively, not checked then created: many at once, from several processes,
+    never share one."""
+    code = "import sys; from retinaperf import io; print(io.new_timestamped_dir(sys.argv[1]))"
+    starts = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE)
+        for _ in range(6)
+    ]
+    made = [p.communicate()[0].decode().strip() for p in starts]
+    assert all(p.returncode == 0 for p in starts)
+    assert len(set(made)) == 6 and all(Path(m).is_dir() for m in made)
+
+
+def test_a_locked_folder_is_refused_naming_its_holder_and_free_once_released(tmp_path):
+    holder = io.FolderLock(tmp_path / "run", "output", "choose another").acquire()
+    second = io.FolderLock(tmp_path / "run", "output", "choose another")
+    with pytest.raises(UserError) as err:
+        second.acquire()
+    message = str(err.value)
+    assert message.startswith(f"output: {tmp_path / 'run'} is in use by process {os.getpid()}")
+    assert message.endswith(": choose another") and "\n" not in message
+    holder.release()
+    second.acquire().release()  # free now
+    io.require_empty(tmp_path / "run", "output", "x")  # the lock's files are not content
+
+
+def test_the_lock_of_a_killed_process_does_not_hold(tmp_path):
+    """An OS lock: the process's death releases it; no stale lock to remove by hand."""
+    code = (
+        "import sys, time; from retinaperf import io; "
+        "held = io.FolderLock(sys.argv[1], 'output', 'x').acquire(); print('held', flush=True); "
+        "time.sleep(60)"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path / "run")], stdout=subprocess.PIPE
+    )
+    assert child.stdout.readline().strip() == b"held"
+    with pytest.raises(UserError, match=f"in use by process {child.pid} "):
+        io.FolderLock(tmp_path / "run", "output", "x").acquire()
+    child.kill()
+    child.wait()
+    io.FolderLock(tmp_path / "run", "output", "x").acquire().release()
+
+
+def test_a_lock_beside_a_folder_leaves_nothing_behind(tmp_path):
+    with io.FolderLock(tmp_path / "data", "synth", "x", beside=True):
+        assert sorted(p.name for p in tmp_path.iterdir())  # its files lie beside the folder
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_new_or_empty_folder_is_taken_and_any_other_refused(tmp_path):

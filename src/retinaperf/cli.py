@@ -157,7 +157,7 @@ def _run(args: argparse.Namespace) -> int:
         if not resolved.output_dir:
             # Chosen here, not by each worker: workers torchrun starts again after a failure
             # must find the same directory.
-            pairs.append(f"output_dir={io.timestamped_dir()}")
+            pairs.append(f"output_dir={io.new_timestamped_dir()}")
         return _launch(args.nproc_per_node, _child_args(args, pairs))
     run = args.run_fn or trainer.run
     if launch().error_file is not None:
@@ -227,7 +227,7 @@ def _repeat(args: argparse.Namespace, resolved, pairs: list[str]) -> int:
             "--repeat: this process is one of torchrun's workers; repeat the torchrun command "
             "instead, or use `retinaperf run --repeat N --nproc-per-node M`"
         )
-    out_dir = Path(resolved.output_dir) if resolved.output_dir else io.timestamped_dir()
+    out_dir = Path(resolved.output_dir) if resolved.output_dir else io.new_timestamped_dir()
     # Each round gets its own output_dir, given last.
     child = _child_args(args, [p for p in pairs if p.partition("=")[0].strip() != "output_dir"])
     if args.nproc_per_node is not None:

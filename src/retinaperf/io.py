@@ -1,17 +1,23 @@
 """Files written so that nothing half-written ever has the name, JSON read with one clear error,
-and the run directory's default name and emptiness. The lowest layer: imports nothing of the
-package but its errors."""
+and folders: a run directory's default name (created, never shared), its emptiness, and one
+writer at a time. The lowest layer: imports nothing of the package but its errors."""
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import hashlib
 import json
 import os
+import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+import filelock
 
 from retinaperf.errors import UserError
 
@@ -63,19 +69,106 @@ def _then(problem: str, what_to_do: str) -> str:
     return f"{problem}: {what_to_do}" if what_to_do else problem
 
 
-def timestamped_dir(parent: Path = RUNS) -> Path:
-    """`parent/<YYYYmmdd-HHMMSS>`, this moment in local time: a run directory's default name."""
-    return Path(parent) / time.strftime("%Y%m%d-%H%M%S")
+def new_timestamped_dir(parent: Path = RUNS) -> Path:
+    """A new folder `parent/<YYYYmmdd-HHMMSS>` (this moment, local time), or `...-2`, `-3`... when
+    that name is taken: created here, exclusively, so that runs started in the same second each
+    get their own (checked, then created, two of them would share one)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    for suffix in ("", *(f"-{n}" for n in range(2, 10_000))):
+        folder = Path(parent) / f"{stamp}{suffix}"
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+    raise UserError(f"output: {parent} holds 10,000 runs named {stamp}: give --output-dir")
+
+
+# What `FolderLock` keeps in a folder it guards: never a user's content.
+LOCK = ".retinaperf.lock"
+OWNER = ".retinaperf.owner.json"
 
 
 def require_empty(folder: Path, what: str, what_to_do: str) -> None:
     """Refuse (one-line UserError starting with `what`, ending with `what_to_do`) a `folder` that
-    exists and holds anything, or is not a folder: what it holds is never overwritten."""
+    exists and holds anything (but a `FolderLock`'s files), or is not a folder: what it holds is
+    never overwritten."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{what}: {folder} is not a folder: {what_to_do}")
-    if folder.exists() and any(folder.iterdir()):
+    if folder.exists() and any(p.name not in (LOCK, OWNER) for p in folder.iterdir()):
         raise UserError(f"{what}: {folder} is not empty: {what_to_do}")
+
+
+class FolderLock:
+    """One writer at a time in a folder: an OS file lock (flock) on a file in it, held while this
+    process writes there. The OS releases it when the process ends, however it ends, so a killed
+    run leaves no stale lock. Whoever holds it is recorded beside it (process, host, since), so
+    that a refusal names it. `beside=True` puts both files next to the folder instead, for a
+    folder that appears only at the end (a dataset renamed into place); `wait=True` waits for the
+    holder instead of refusing."""
+
+    def __init__(
+        self, folder: Path, what: str, what_to_do: str, beside: bool = False, wait: bool = False
+    ) -> None:
+        folder = Path(folder)
+        home, prefix = (folder.parent, f".{folder.name}") if beside else (folder, "")
+        self.folder, self.what, self.what_to_do = folder, what, what_to_do
+        self._beside = beside
+        self._owner = home / f"{prefix}{OWNER}"
+        # wait: until the holder releases it (work a second process must not repeat: a cache)
+        self._lock = filelock.FileLock(home / f"{prefix}{LOCK}", timeout=-1 if wait else 0)
+
+    def acquire(self) -> FolderLock:
+        """Take the lock (creating the folder that holds it), or refuse in one line naming the
+        process that has it."""
+        try:
+            self._owner.parent.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire()
+        # Timeout first: it is an OSError too.
+        except filelock.Timeout:
+            raise UserError(
+                f"{self.what}: {self.folder} is in use by {self._holder()}: {self.what_to_do}"
+            ) from None
+        except OSError as err:
+            raise UserError(
+                f"{self.what}: cannot write in {self.folder} ({err.strerror or err}): choose a "
+                "folder this user can write in"
+            ) from None
+        since = datetime.datetime.now().isoformat(timespec="seconds")
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": since}
+        write_json_atomic(self._owner, owner)
+        return self
+
+    def release(self) -> None:
+        self._lock.release()
+        # In its folder, the lock's files stay: deleting a lock file another process has opened
+        # would let a third lock a new file of the same name while the second holds the old one.
+        # Beside a folder they go, not to litter the user's; there the folder's rename into
+        # place stays the guard (a second rename fails), the lock only names the writer.
+        if self._beside:
+            self._owner.unlink(missing_ok=True)
+            Path(self._lock.lock_file).unlink(missing_ok=True)
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def _holder(self) -> str:
+        try:
+            owner = json.loads(self._owner.read_text(encoding="utf-8"))
+            return f"process {owner['pid']} on {owner['host']} (since {owner['since']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process"  # it has not recorded itself yet
+
+
+def sha256_of(path: Path) -> str:
+    """The hex sha256 of a file's bytes."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
@@ -127,3 +220,29 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, tuple):
         return list(value)
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def claim_folder(folder: Path, what: str, what_to_do: str, check: Callable[[], None]) -> FolderLock:
+    """The lock of `folder` (see FolderLock), taken once `check` (which raises UserError) passes:
+    checked before the folder is touched, so that a folder it refuses is left as it was (unless
+    a lock file there says another process may be writing: then the lock's refusal names it),
+    and again under the lock, now that no other process writes there. A refused folder that
+    holds nothing but the lock's files is removed."""
+    if not (Path(folder) / LOCK).exists():
+        check()
+    lock = FolderLock(folder, what, what_to_do).acquire()
+    try:
+        check()
+    except UserError:
+        lock.release()
+        remove_if_unused(folder)
+        raise
+    return lock
+
+
+def remove_if_unused(folder: Path) -> None:
+    """Remove `folder` if it holds nothing but a FolderLock's files: a run refused before it
+    wrote anything leaves no folder behind."""
+    folder = Path(folder)
+    if folder.is_dir() and all(p.name in (LOCK, OWNER) for p in folder.iterdir()):
+        shutil.rmtree(folder, ignore_errors=True)

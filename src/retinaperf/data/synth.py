@@ -104,8 +104,21 @@ def generate(spec: SynthSpec, out_dir: Path, workers: int = 1) -> Path:
     if workers < 1:
         raise UserError(f"synth: --workers {workers}: use 1 or more")
     out_dir = Path(out_dir)
-    io.require_empty(out_dir, "synth", "give a new or empty folder with --out")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # One generation into a folder at a time; its lock lies beside it, as the folder itself
+    # appears only at the end.
+    with _lock(out_dir, wait=False):
+        io.require_empty(out_dir, "synth", "give a new or empty folder with --out")
+        return _generate(spec, out_dir, workers)
+
+
+def _lock(out_dir: Path, wait: bool) -> io.FolderLock:
+    return io.FolderLock(
+        out_dir, "synth", "wait for it to end, or give another folder with --out", beside=True,
+        wait=wait,
+    )  # fmt: skip
+
+
+def _generate(spec: SynthSpec, out_dir: Path, workers: int) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         _write_splits(spec, staging, workers)
@@ -125,13 +138,18 @@ def cached(spec: SynthSpec, cache_dir: Path, workers: int = 1) -> Path:
     complete = target / "annotations" / "instances_val2017.json"
     if complete.is_file():
         return target
-    try:
-        return generate(spec, target, workers)
-    except (OSError, UserError):
-        # Another node sharing the cache renamed its copy into place first: use that one.
+    # Another run generating it on this node: wait for it, then use its copy.
+    with _lock(target, wait=True):
         if complete.is_file():
             return target
-        raise
+        io.require_empty(target, "synth", f"remove {target}: a partial copy of the cache")
+        try:
+            return _generate(spec, target, workers)
+        except OSError:
+            # Another node sharing the cache renamed its copy into place first: use that one.
+            if complete.is_file():
+                return target
+            raise
 
 
 def _write_splits(spec: SynthSpec, root: Path, workers: int) -> None:

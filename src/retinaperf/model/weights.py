@@ -8,7 +8,6 @@ checked: it is used with a warning, and its sha256 is recorded in the results ei
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import pickle
 import re
 import socket
@@ -23,10 +22,10 @@ from typing import Any
 
 import torch
 
+from retinaperf import io
 from retinaperf.errors import UserError
 
 HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
-CHUNK = 1 << 20
 DOWNLOAD_TIMEOUT_S = 60.0
 """How long a download waits for the server (to connect, or for the next bytes) before failing."""
 
@@ -36,14 +35,6 @@ class LoadedWeights:
     state_dict: dict[str, torch.Tensor]
     path: str
     sha256: str
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def expected_prefix(name: str) -> str | None:
@@ -86,7 +77,7 @@ def load(source: str, cache_dir: Path) -> LoadedWeights | None:
     state = load_tensors(path, "backbone weights")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"backbone weights: {path} does not hold a state dict of tensors")
-    return LoadedWeights(state, str(path), sha256_of(path))
+    return LoadedWeights(state, str(path), io.sha256_of(path))
 
 
 def load_tensors(path: Path, what: str) -> Any:
@@ -119,7 +110,7 @@ def _verify(path: Path) -> None:
     """Check the file `path` against the hash prefix in its name."""
     prefix = _prefix_or_warn(path.name)
     if prefix is not None:
-        actual = sha256_of(path)
+        actual = io.sha256_of(path)
         if not actual.startswith(prefix):
             raise _mismatch(str(path), prefix, actual)
 

@@ -23,6 +23,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -70,16 +71,72 @@ def newest(run_dir: Path) -> Path | None:
     return paths[-1] if paths else None
 
 
+def digest_file(path: Path) -> Path:
+    """Where the sha256 of checkpoint `path` is recorded (`sha256sum -c` reads it)."""
+    return path.with_name(path.name + ".sha256")
+
+
 def save(run_dir: Path, state: dict[str, Any], step: int, keep: int) -> Path:
-    """Write `state` as the checkpoint of `step`, atomically, then delete all but the newest
-    `keep`. On failure (a full disk) nothing half-written is left and older checkpoints stay."""
+    """Write `state` as the checkpoint of `step`, atomically, with its digest, then delete all
+    but the newest `keep`. On failure (a full disk) nothing half-written is left and older
+    checkpoints stay.
+
+    The digest is of the bytes the rename publishes, recorded (durably) before the rename: a
+    checkpoint never appears without it."""
     target = folder(run_dir) / f"step-{step:08d}.pt"
     target.parent.mkdir(parents=True, exist_ok=True)
     with io.atomic_file(target, "wb", durable=True) as f:
         torch.save(state, f)
+        f.flush()
+        digest = io.sha256_of(Path(f.name))
+        with io.atomic_file(digest_file(target), "w", durable=True) as record:
+            record.write(f"{digest}  {target.name}\n")
     for old in saved(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
+        digest_file(old).unlink(missing_ok=True)
     return target
+
+
+def damage(path: Path) -> str | None:
+    """Why checkpoint `path` cannot be trusted (its digest is missing, or its bytes are not those
+    written: truncated, overwritten), or None when it is intact."""
+    try:
+        recorded = digest_file(path).read_text(encoding="ascii").split()[0]
+    except (OSError, UnicodeDecodeError, IndexError):
+        return "no digest was recorded with it"
+    try:
+        actual = io.sha256_of(path)
+    except OSError as err:
+        return f"it cannot be read ({err.strerror or err})"
+    if actual != recorded:
+        return f"its bytes are not those written (sha256 {actual[:12]}…, recorded {recorded[:12]}…)"
+    return None
+
+
+def newest_intact(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose bytes are those written. Each newer one that is not is moved
+    aside (renamed `*.damaged`, never deleted) and named in a warning with the reason; with some
+    but none intact, a UserError says what to do. None when the run wrote none."""
+    candidates = saved(run_dir)
+    for path in reversed(candidates):
+        reason = damage(path)
+        if reason is None:
+            return path
+        aside = path.with_name(path.name + ".damaged")
+        path.rename(aside)
+        if digest_file(path).exists():
+            digest_file(path).rename(digest_file(aside))
+        warnings.warn(
+            f"checkpoint: {path.name} is damaged ({reason}): moved aside as {aside.name}; "
+            "going on from the newest intact one",
+            stacklevel=1,
+        )
+    if candidates:
+        raise UserError(
+            f"checkpoint: no intact checkpoint in {folder(run_dir)} (each was moved aside as "
+            "*.damaged): the run cannot go on; start it again in a new --output-dir"
+        )
+    return None
 
 
 def snapshot(value: Any) -> Any:

@@ -107,7 +107,11 @@ class Checkpointer:
             "elastic_restart": self.env.attempt,
             "ended": "running",
         }
-        path = checkpoint.newest(self.run_dir) if continuing else None
+        path = None
+        if continuing:
+            # Rank 0 verifies (moving damaged ones aside); every rank loads the one it chose.
+            path = checkpoint.newest_intact(self.run_dir) if self.env.is_main else None
+            path = self.env.broadcast(path)
         if path is None:
             return
         state = checkpoint.load(path, self.workload, self.env.world_size)

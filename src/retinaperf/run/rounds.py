@@ -123,7 +123,20 @@ def run_rounds(count: int, out_dir: Path, command: list[str], start_variable: st
     if count < 1:
         raise UserError(f"--repeat {count}: give 1 or more")
     out_dir = Path(out_dir)
-    io.require_empty(out_dir, "output", "choose a new --output-dir")
+    # One `--repeat` writes in a folder at a time; each round's run locks its own as well.
+    lock = io.claim_folder(
+        out_dir,
+        "output",
+        "wait for it to end, or choose another --output-dir",
+        lambda: io.require_empty(out_dir, "output", "choose a new --output-dir"),
+    )
+    try:
+        return _rounds(count, out_dir, command, start_variable)
+    finally:
+        lock.release()
+
+
+def _rounds(count: int, out_dir: Path, command: list[str], start_variable: str) -> int:
     round_dirs = [out_dir / f"round-{k}" for k in range(1, count + 1)]
     for k, round_dir in enumerate(round_dirs, start=1):
         print(f"retinaperf: round {k} of {count} -> {round_dir}", flush=True)

@@ -4,7 +4,6 @@ before training: writable, with room for a checkpoint, holding the configuration
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -22,31 +21,52 @@ from retinaperf.run import checkpoint
 CONFIG = "config.json"
 
 
-def choose(config: RunConfig, env: DistEnv, resume: bool) -> Path:
-    """The run directory (rank 0's choice, shared with every rank). A new run's must be new or
+def choose(config: RunConfig, env: DistEnv, resume: bool) -> tuple[Path, io.FolderLock | None]:
+    """The run directory (rank 0's choice, shared with every rank) and, on rank 0, the lock that
+    makes this job its only writer, held until the run ends. A default name is created, never
+    shared; a folder another process writes in is refused, naming it. A new run's must be new or
     empty; a resumed run's must hold a run that has not completed; workers that torchrun started
-    again after a failure take the directory as they find it."""
+    again after a failure take the directory as they find it (their dead attempt's lock is
+    gone with it)."""
+    lock = None
+    if env.is_main:
+        path, lock = _claim_name(config, env, resume)
+    return Path(env.broadcast(str(path) if env.is_main else None)), lock
+
+
+def _claim_name(config: RunConfig, env: DistEnv, resume: bool) -> tuple[Path, io.FolderLock]:
     if config.output_dir:
         path = Path(config.output_dir)
     elif env.job_id:
         # Named after the torchrun job, so that its restarted workers find it again.
         path = io.RUNS / f"torchrun-{env.job_id}"
     else:
-        path = io.timestamped_dir()
-    if env.is_main and resume:
-        if not (path / CONFIG).is_file():
-            raise UserError(
-                f"--resume: {path} holds no {CONFIG}: give the run directory of a stopped run"
-            )
-        previous = path / RESULTS
-        if (
-            previous.is_file()
-            and tables.load_results(path, completed_only=False)["status"] == "completed"
-        ):
-            raise UserError(f"--resume: {path} holds a completed run: there is nothing to resume")
-    elif env.is_main and not env.attempt:
+        path = io.new_timestamped_dir()
+    what, what_to_do = (
+        ("--resume", "wait for it to stop, then resume it")
+        if resume
+        else ("output", "wait for it to end, or choose another --output-dir")
+    )
+    lock = io.claim_folder(path, what, what_to_do, lambda: _check_usable(path, resume, env))
+    return path, lock
+
+
+def _check_usable(path: Path, resume: bool, env: DistEnv) -> None:
+    if resume:
+        _check_resumable(path)
+    elif not env.attempt:
         io.require_empty(path, "output", "choose a new --output-dir")
-    return Path(env.broadcast(str(path)))
+
+
+def _check_resumable(path: Path) -> None:
+    if not (path / CONFIG).is_file():
+        raise UserError(
+            f"--resume: {path} holds no {CONFIG}: give the run directory of a stopped run"
+        )
+    if (path / RESULTS).is_file() and tables.load_results(path, completed_only=False)[
+        "status"
+    ] == "completed":
+        raise UserError(f"--resume: {path} holds a completed run: there is nothing to resume")
 
 
 def continuing(run_dir: Path, env: DistEnv, resume: bool) -> bool:
@@ -64,7 +84,6 @@ def claim(
 ) -> None:
     """Create the run directory with the configuration a resume reads, refusing one that is not
     writable or whose disk cannot hold a checkpoint: before training, not hours into it."""
-    created = not run_dir.exists()
     weights_bytes = checkpoint.tensor_bytes(model.state_dict().values())
     updated = [p for group in optimizer.param_groups for p in group["params"]]
     # SGD keeps one momentum buffer per updated tensor; fp16 also keeps float32 masters.
@@ -74,16 +93,11 @@ def claim(
         checkpoint.check_space(run_dir, weights_bytes + copies * checkpoint.tensor_bytes(updated))
         io.write_json_atomic(run_dir / CONFIG, config.to_dict())
     except OSError as err:
-        _remove_if_created(run_dir, created)
+        io.remove_if_unused(run_dir)
         raise UserError(
             f"output: cannot write in {run_dir} ({err.strerror or err}): choose a writable "
             "--output-dir"
         ) from None
     except UserError:
-        _remove_if_created(run_dir, created)
+        io.remove_if_unused(run_dir)
         raise
-
-
-def _remove_if_created(run_dir: Path, created: bool) -> None:
-    if created:
-        shutil.rmtree(run_dir, ignore_errors=True)

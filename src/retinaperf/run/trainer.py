@@ -1,23 +1,26 @@
 """The trainer: a run's parts built once, the loop over epochs and steps, and how it ends.
 
-Read top to bottom: `run` builds a `Trainer` (data, weights, model, optimizer, the checkpoint it
-goes on from), `Trainer.train` loops over epochs and steps, each step inside the meter's core
-window, with an evaluation and a checkpoint after every epoch; `finish.finish` reduces the
-metrics and writes the run directory with the run's status: completed, interrupted (by SIGTERM
-or SIGINT, after a checkpoint) or failed (divergence, out of memory, any error once training has
-started). What hangs around the step (logging, the divergence guard, checkpoints, energy
-phases, the profiler) is called from the loop, never from inside the step.
+Read top to bottom: `run` claims the run directory (its lock held to the end) and builds a
+`Trainer` (data, weights, model, optimizer, the checkpoint it goes on from); `Trainer.train`
+loops over epochs and steps, each step inside the meter's core window, with an evaluation and a
+checkpoint after every epoch; `finish.finish` reduces the metrics and writes the run directory
+with the run's status: completed, interrupted (by SIGTERM or SIGINT, after a checkpoint) or
+failed (divergence, out of memory, any error once training has started). What hangs around the
+step (logging, the divergence guard, checkpoints, energy phases, the profiler) is called from the
+loop, never from inside the step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from retinaperf import distributed
+from retinaperf import distributed, io
 from retinaperf.config import RunConfig, parse_step_window, workload
 from retinaperf.data import coco
 from retinaperf.distributed import DistEnv
@@ -58,9 +61,18 @@ def run(
     env = distributed.setup(config.device, config.dist_timeout)
     events = EventLog(None, command_start)
     trainer = None
-    with signals.StopRequest() as stop:
+    with signals.StopRequest() as stop, contextlib.ExitStack() as held:
         try:
-            trainer = Trainer(config, env, command_start, resume, stop, step_fn, evaluate_fn)
+            build.check_topology(config, env)
+            run_dir, lock = rundir.choose(config, env, resume)
+            if lock is not None:
+                # Last, once results are written: release the lock, then remove the folder if
+                # the run was refused before it wrote anything there.
+                held.callback(io.remove_if_unused, run_dir)
+                held.callback(lock.release)
+            trainer = Trainer(
+                config, env, run_dir, command_start, resume, stop, step_fn, evaluate_fn
+            )
             events = trainer.events
             trainer.train()
             return finish.finish(trainer, "completed")
@@ -86,16 +98,15 @@ class Trainer:
         self,
         config: RunConfig,
         env: DistEnv,
+        run_dir: Path,
         command_start: float,
         resume: bool,
         stop: signals.StopRequest,
         step_fn: StepFn = step.train_step,
         evaluate_fn: EvaluateFn = evaluation.evaluate_model,
     ) -> None:
-        self.config, self.env, self.stop = config, env, stop
+        self.config, self.env, self.run_dir, self.stop = config, env, run_dir, stop
         self.step_fn, self.evaluate_fn = step_fn, evaluate_fn
-        build.check_topology(config, env)
-        self.run_dir = rundir.choose(config, env, resume)
         if config.tensorboard:
             require_tensorboard()
         # Rank 0 decides, so that every rank trains in the same precision.

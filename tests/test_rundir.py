@@ -1,0 +1,90 @@
+"""One writer per run directory: default names never shared, a folder in use refused naming its
+holder (the holder goes on untouched), and a killed run's lock gone with it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cli_helpers import run_cli
+
+from retinaperf.run import checkpoint
+
+LONG = {"epochs": 4, "max_steps": 0, "monitor_interval": 0}  # 40 steps: some seconds
+
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    """`retinaperf ARGS` in a process of its own."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "retinaperf", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def has_stepped(out: Path) -> bool:
+    events = out / "events.jsonl"
+    return events.is_file() and '"event": "step"' in events.read_text()
+
+
+def test_runs_started_together_without_an_output_dir_each_get_their_own(
+    tiny_dataset, tiny_run_args, tmp_path
+):
+    args = [a for a in tiny_run_args(tiny_dataset, Path("unused")) if a != "--output-dir"]
+    args.remove("unused")
+    runs = [start(args, tmp_path) for _ in range(3)]
+    for process in runs:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err
+    made = sorted((tmp_path / "runs").iterdir())
+    assert len(made) == 3
+    for run_dir in made:
+        results = json.loads((run_dir / "results.json").read_text())
+        assert results["status"] == "completed" and Path(results["run_dir"]).name == run_dir.name
+
+
+@pytest.mark.parametrize("second", ["same --output-dir", "--resume"])
+def test_a_folder_a_live_run_writes_in_is_refused_and_the_live_run_goes_on(
+    second, tiny_dataset, tiny_run_args, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    live = start(tiny_run_args(tiny_dataset, out, **LONG), tmp_path)
+    wait_for(lambda: has_stepped(out), live)
+    args = (
+        ["run", "--resume", str(out)] if second == "--resume" else tiny_run_args(tiny_dataset, out)
+    )
+    assert run_cli(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{out} is in use by process {live.pid} on " in err[0]
+    _, stderr = live.communicate(timeout=600)
+    assert live.returncode == 0, stderr
+    assert json.loads((out / "results.json").read_text())["status"] == "completed"
+
+
+def test_a_killed_runs_lock_does_not_block_its_resume(tiny_dataset, tiny_run_args, tmp_path):
+    out = tmp_path / "run"
+    settings = {**LONG, "checkpoint_minutes": 1e-6}  # a checkpoint at every step
+    live = start(tiny_run_args(tiny_dataset, out, **settings), tmp_path)
+    wait_for(lambda: len(checkpoint.saved(out)) >= 2, live)
+    os.kill(live.pid, signal.SIGKILL)  # no stop of its own: its lock stays on disk
+    live.communicate()
+    assert run_cli(["run", "--resume", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "completed"
+    assert [s["ended"] for s in results["segments"]] == ["crashed", "completed"]
