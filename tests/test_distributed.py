@@ -148,7 +148,9 @@ def test_two_nodes_of_one_process(tiny_run_args, tiny_dataset, tmp_path):
         for _ in range(2)
     ]
     outputs = [node.communicate(timeout=300) for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(
+        f"node {i} stderr:\n{err[-3000:]}" for i, (_, err) in enumerate(outputs)
+    )
     m = results_of(out)
     assert (m["world_size"], m["nodes"], m["devices_per_node"]) == (2, 2, 1)
     assert m["trained_images"] == 2 * 2 * 2
