@@ -24,6 +24,9 @@ import torch
 from common import Comparison, print_comparisons, readme_section, replace_readme_section
 from retinaperf.io import write_text_atomic
 from retinaperf.measure import environment
+from retinaperf.measure.devices import registry
+
+CPU = torch.device("cpu")
 
 HERE = Path(__file__).parent
 LATEST = HERE / "results" / "latest.json"
@@ -66,7 +69,9 @@ def main() -> int:
             "command": "make bench",
             "seconds": time.perf_counter() - start,
             "seconds_per_benchmark": seconds,
-            "environment": environment.capture(torch.device("cpu"), [environment.hostname()]),
+            "environment": environment.capture(
+                CPU, [environment.hostname()], registry.plugin_for(CPU), "not monitored"
+            ),
             "comparisons": [c.to_dict() for c in comparisons],
         }
         LATEST.parent.mkdir(exist_ok=True)

@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny generated dataset and the settings of a fast CPU run."""
+"""Shared fixtures: a tiny generated dataset, the settings of a fast CPU run, and one run of it."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,14 @@ def _tiny_run_args(data_dir: Path, out: Path, *flags: str, **overrides: object) 
 def tiny_run_args():
     """Builds `retinaperf run` arguments: tiny_run_args(data_dir, out, *flags, **settings)."""
     return _tiny_run_args
+
+
+@pytest.fixture(scope="session")
+def one_run(tiny_run_args, tiny_dataset, tmp_path_factory) -> tuple[Path, dict]:
+    """One run of 3 steps with TensorBoard on, shared by the tests of what a run writes
+    (test_train.py, test_mlperf.py): its directory and its results."""
+    from cli_helpers import run_cli  # imports the trainer: only where a run is wanted
+
+    out = tmp_path_factory.mktemp("one") / "run"
+    assert run_cli(tiny_run_args(tiny_dataset, out, max_steps=3, tensorboard="true")) == 0
+    return out, json.loads((out / "results.json").read_text())

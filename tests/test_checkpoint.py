@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import run_cli, signal_at
+from mlperf_logging.mllog import constants as mlc
 
 from retinaperf import config, io
 from retinaperf.errors import UserError
+from retinaperf.report.mlperf import MLPERF_LOG, read_log
 from retinaperf.run import checkpoint, evaluation, step
 
 # Two epochs of 5 steps (the 20 of 24 images that have boxes, batch 4), every step logged,
@@ -93,6 +95,20 @@ def test_a_run_stopped_by_sigterm_and_resumed_equals_the_uninterrupted_run(
     assert second["resumed_from"] == f"step-{stopped_at:08d}.pt"
     assert second["time_lost_s"] >= 0
     assert resumed["metrics"]["segments"] == 2
+    # The MLPerf-format log goes on in the same file: each segment from init_start to its
+    # run_stop, the interrupted one's aborted; the evaluations of both are the run's.
+    keys = [(e["key"], e["metadata"].get(mlc.STATUS)) for e in read_log(out / MLPERF_LOG)]
+    bounds = [k for k in keys if k[0] in (mlc.INIT_START, mlc.RUN_START, mlc.RUN_STOP)]
+    assert bounds == [
+        (mlc.INIT_START, None),
+        (mlc.RUN_START, None),
+        (mlc.RUN_STOP, mlc.ABORTED),
+        (mlc.INIT_START, None),
+        (mlc.RUN_START, None),
+        (mlc.RUN_STOP, mlc.SUCCESS),
+    ]
+    accuracy = [e["value"] for e in read_log(out / MLPERF_LOG) if e["key"] == mlc.EVAL_ACCURACY]
+    assert accuracy == [e["mAP"] for e in resumed["metrics"]["evaluations"]] and accuracy
     # Times add up over the segments; the time between them is in none of them.
     m = resumed["metrics"]
     assert m["time_between_segments"] == pytest.approx(second["time_lost_s"])

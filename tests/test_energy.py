@@ -10,14 +10,14 @@ import pytest
 import torch
 from nvml_fake import NvmlFake
 
+from retinaperf.measure.devices.nvidia import Nvidia, bare_uuid, nvml_counter
 from retinaperf.measure.energy import (
-    INTEGRATED,
     PhaseEnergy,
     RunEnergy,
     integrate_power,
     job_energy,
 )
-from retinaperf.measure.energy_counters import nvml_counter, rapl_counters
+from retinaperf.measure.energy_counters import rapl_counters
 
 UUID = "5f3a9c1e-0b6d-4e2f-8a71-c0ffee000001"  # as torch writes it; NVML writes "GPU-" + this
 
@@ -325,18 +325,25 @@ class Clock:
         return self.now
 
 
+def gpu_energy(uuid: str, clock: Clock) -> RunEnergy:
+    """A GPU rank's energy, its counter NVML's as the NVIDIA plug-in gives it."""
+    return RunEnergy(
+        *nvml_counter(uuid), read_host=False, clock=clock, command_start=90.0, sampled_by="NVML"
+    )
+
+
 def gpu_rank(fake: FakeNvml, uuid: str, host: str = "n1") -> tuple[dict, Clock]:
     """A rank's summary after 10 s of training (300 W), 2 s of evaluation (100 W) and 8 s of
     training (300 W), read from the fake counter at each boundary."""
     clock = Clock()
-    energy = RunEnergy(uuid, read_host=False, clock=clock, command_start=90.0)
+    energy = gpu_energy(uuid, clock)
     energy.mark(None)
     for seconds, watts, phase in ((10, 300, "train"), (2, 100, "eval"), (8, 300, "train")):
         clock.now += seconds
         if energy.device is not None:
             fake.energy_mj["h0"] += seconds * watts * 1000
         energy.mark(phase)
-    return {"host": host, "uuid": uuid, "energy": energy.summary()}, clock
+    return {"host": host, "uuid": "GPU-" + bare_uuid(uuid), "energy": energy.summary()}, clock
 
 
 def test_two_gpus_with_counters_sum_to_the_job(fake_nvml):
@@ -345,7 +352,7 @@ def test_two_gpus_with_counters_sum_to_the_job(fake_nvml):
     assert first["energy"]["windows"] == [(10.0, 20.0, "train"), (20.0, 22.0, "eval"),
                                           (22.0, 30.0, "train")]  # fmt: skip
     job = job_energy(
-        [first, second], [], "cuda", trained_images=5400, train_seconds=18, segments=1,
+        [first, second], [], False, trained_images=5400, train_seconds=18, segments=1,
         expected_devices=2,
     )  # fmt: skip
     assert job["energy_train_j"] == pytest.approx(2 * 18 * 300)
@@ -359,7 +366,7 @@ def test_two_gpus_with_counters_sum_to_the_job(fake_nvml):
 def test_one_device_of_two_without_readings_leaves_the_job_total_null(fake_nvml):
     counted, _ = gpu_rank(fake_nvml, UUID)
     without, _ = gpu_rank(fake_nvml, K8, host="n2")
-    job = job_energy([counted, without], [], "cuda", 5400, 18, 1, 2)
+    job = job_energy([counted, without], [], False, 5400, 18, 1, 2)
     assert job["energy_train_j"] is None and job["images_per_joule"] is None  # never a part
     assert job["energy_eval_j"] is None and job["power_train_w"] is None
     assert "n2: no NVML energy counter on GPU-" in job["energy_note"]
@@ -375,18 +382,18 @@ def test_a_device_without_a_counter_falls_back_to_its_integrated_power(fake_nvml
         {"time": t, "host": "n2", "devices": [{"uuid": f"GPU-{K8}", "power_w": 250.0}]}
         for t in range(0, 40, 5)
     ]
-    job = job_energy([counted, without], samples, "cuda", 5400, 18, 1, 2)
+    job = job_energy([counted, without], samples, False, 5400, 18, 1, 2)
     assert job["energy_train_j"] == pytest.approx(18 * 300 + 18 * 250)
     assert job["energy_eval_j"] == pytest.approx(2 * 100 + 2 * 250)
-    assert job["energy_source"] == f"NVML energy counter; {INTEGRATED}"
+    assert job["energy_source"] == "NVML energy counter; NVML power samples, integrated"
     # ... but not for a resumed run, whose samples cover its last segment only.
-    resumed = job_energy([counted, without], samples, "cuda", 5400, 18, 2, 2)
+    resumed = job_energy([counted, without], samples, False, 5400, 18, 2, 2)
     assert resumed["energy_train_j"] is None and "last segment" in resumed["energy_note"]
 
 
 def test_a_counter_reset_marks_the_figure_a_lower_bound(fake_nvml):
     clock = Clock()
-    energy = RunEnergy(UUID, read_host=False, clock=clock, command_start=90.0)
+    energy = gpu_energy(UUID, clock)
     fake_nvml.energy_mj["h0"] = 50_000_000
     energy.mark(None)
     fake_nvml.energy_mj["h0"] = 1_000  # the driver reloaded: the counter started again
@@ -401,8 +408,8 @@ def test_a_counter_reset_marks_the_figure_a_lower_bound(fake_nvml):
 
 def cpu_rank(root: Path, local_rank: int, host: str = "n1") -> dict:
     clock = Clock()
-    energy = RunEnergy(None, read_host=local_rank == 0, clock=clock, command_start=90.0,
-                       rapl_root=root)  # fmt: skip
+    energy = RunEnergy(None, "the host's", read_host=local_rank == 0, clock=clock,
+                       command_start=90.0, rapl_root=root)  # fmt: skip
     energy.mark(None)
     for seconds, phase in ((10, "train"), (2, "eval")):
         clock.now += seconds
@@ -419,7 +426,7 @@ def test_a_cpu_device_counts_its_hosts_packages_once(tmp_path):
         write_domain(tmp_path, f"intel-rapl:{index}", f"package-{index}", 0, 2**32)
     ranks = [cpu_rank(tmp_path, 0), cpu_rank(tmp_path, 1)]  # two ranks on one host
     job = job_energy(
-        ranks, [], "cpu", trained_images=800, train_seconds=10, segments=1, expected_devices=1
+        ranks, [], True, trained_images=800, train_seconds=10, segments=1, expected_devices=1
     )
     assert len(job["energy"]["devices"]) == 1  # the host's packages, not once per rank
     assert job["energy_train_j"] == pytest.approx(2 * 40 * 10)
@@ -430,7 +437,7 @@ def test_a_cpu_device_counts_its_hosts_packages_once(tmp_path):
 
 def test_a_cpu_without_rapl_says_why_and_gives_no_figure(tmp_path):
     ranks = [cpu_rank(tmp_path / "absent", 0)]
-    job = job_energy(ranks, [], "cpu", 800, 10, 1, 1)
+    job = job_energy(ranks, [], True, 800, 10, 1, 1)
     assert job["energy_train_j"] is None and job["images_per_joule"] is None
     assert job["energy_note"].startswith("n1: no RAPL package domain under")
 
@@ -440,10 +447,8 @@ def test_the_gpus_counter_counts_the_energy_of_real_work():
     """On a GPU (the GPU check): its NVML counter reads, and work raises it by a plausible power."""
     import time
 
-    from retinaperf.measure.memory import device_uuid
-
     device = torch.device("cuda", 0)
-    counter, reason = nvml_counter(device_uuid(device))
+    counter, reason = Nvidia().energy_counter(device)
     if counter is None:
         pytest.skip(reason)  # a GPU older than Volta has none: the run says so, as here
     try:
@@ -462,14 +467,14 @@ def test_the_gpus_counter_counts_the_energy_of_real_work():
 def test_a_resumed_rank_goes_on_from_its_checkpointed_energy(fake_nvml):
     first, _ = gpu_rank(fake_nvml, UUID)
     clock = Clock()
-    saved = RunEnergy(UUID, read_host=False, clock=clock, command_start=90.0)
+    saved = gpu_energy(UUID, clock)
     saved.mark(None)
     fake_nvml.energy_mj["h0"] += 10 * 300 * 1000
     clock.now += 10
     saved.mark("train")
     state = saved.state_dict()
 
-    resumed = RunEnergy(UUID, read_host=False, clock=clock, command_start=90.0)
+    resumed = gpu_energy(UUID, clock)
     resumed.load_state_dict(state)
     fake_nvml.energy_mj["h0"] += 999_000_000  # between the processes: counted in no phase
     resumed.mark(None)
@@ -483,6 +488,6 @@ def test_a_resumed_rank_goes_on_from_its_checkpointed_energy(fake_nvml):
 def test_a_failed_runs_single_view_is_not_the_jobs_energy(fake_nvml):
     """A failed run gathers rank 0 alone: one device's joules are not the job's."""
     counted, _ = gpu_rank(fake_nvml, UUID)
-    job = job_energy([counted], [], "cuda", 5400, 18, 1, expected_devices=2)
+    job = job_energy([counted], [], False, 5400, 18, 1, expected_devices=2)
     assert job["energy_train_j"] is None and "the run failed" in job["energy_note"]
     assert job["energy"]["devices"][0]["train_j"] == pytest.approx(18 * 300)

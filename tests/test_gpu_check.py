@@ -33,9 +33,9 @@ def test_without_cuda_it_prints_what_it_would_run_and_exits_0(tmp_path):
     lines = done.stdout.splitlines()
     assert "no CUDA device here: dry run" in lines[0]
     (tests,) = [line for line in lines if "-m pytest -m gpu" in line]
-    for name in ("test_precision.py", "test_monitor.py", "test_distributed.py"):
+    for name in ("test_precision.py", "test_devices_nvidia.py", "test_distributed.py"):
         assert name in tests  # the files that hold tests marked gpu, and only those
-    assert "test_evaluate.py" not in tests
+    assert "test_evaluate.py" not in tests and "test_monitor.py" not in tests
     runs = [line for line in lines if "-m retinaperf run --preset A100-1x1 --synthetic" in line]
     names = [r.split("output_dir=")[1].split("/")[-1] for r in runs]
     assert names == [

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from retinaperf.distributed import DistEnv
-from retinaperf.measure.memory import DRIVER_VIEW, device_uuid, driver_peak, memory, memory_peak
+from retinaperf.measure.devices.cpu import Cpu
+from retinaperf.measure.devices.nvidia import Nvidia
+from retinaperf.measure.memory import driver_peak, memory, memory_peak
 from retinaperf.measure.meter import Meter, summarize
 
 CPU = torch.device("cpu")
@@ -272,27 +274,27 @@ def test_memory_is_the_largest_rank_and_labels_its_view():
 
 
 def test_the_table_shows_the_driver_view_when_the_monitor_read_it():
-    m = memory([memory_peak(CPU)], driver=(38.84, 40.0))
+    m = memory([memory_peak(CPU)], driver=(38.84, 40.0), driver_view=Nvidia.memory_view)
     assert (m["mem"], m["mem_driver"]) == ("38.8/40.0", "38.8/40.0")
-    assert m["mem_source"] == DRIVER_VIEW
+    assert m["mem_source"] == "driver peak used / device total (NVML, as nvidia-smi shows)"
     assert m["mem_process"] != m["mem"]  # the process's own view is kept beside it
 
 
-def test_driver_peak_takes_the_jobs_devices_only_matched_by_uuid():
+def test_driver_peak_takes_the_jobs_devices_only_matched_by_their_ids():
     devices = [
         {"uuid": "GPU-aaaa", "mem_used_peak_gib": 30.0, "mem_total_gib": 40.0},
         {"uuid": "GPU-bbbb", "mem_used_peak_gib": 39.0, "mem_total_gib": 40.0},  # not ours
         {"uuid": "GPU-cccc", "mem_used_peak_gib": 35.5, "mem_total_gib": 40.0},
         {"uuid": "GPU-dddd", "mem_used_peak_gib": None, "mem_total_gib": 40.0},
     ]
-    # torch writes UUIDs without NVML's "GPU-" prefix
-    assert driver_peak(devices, ["aaaa", "cccc", "dddd", None]) == (35.5, 40.0)
-    assert driver_peak(devices, ["eeee"]) is None
-    assert driver_peak([], ["aaaa"]) is None
+    # the ids are the plug-in's (`DevicePlugin.device_id`), spelled as its sampler spells them
+    assert driver_peak(devices, ["GPU-aaaa", "GPU-cccc", "GPU-dddd", None]) == (35.5, 40.0)
+    assert driver_peak(devices, ["GPU-eeee"]) is None
+    assert driver_peak([], ["GPU-aaaa"]) is None
 
 
-def test_cpu_has_no_device_uuid():
-    assert device_uuid(CPU) is None
+def test_cpu_has_no_device_id():
+    assert Cpu().device_id(CPU) is None
 
 
 def _proc_kib(path: str, field: str) -> int:

@@ -1,5 +1,6 @@
-"""The background monitor: scripted samplers and a fake clock for the thread, a fake pynvml for the
-NVML readings, this machine's own numbers for the host sampler, and hand-computed summaries."""
+"""The background monitor: scripted samplers and a fake clock for the thread, this machine's own
+numbers for the host sampler, and hand-computed summaries. The devices' samplers are their
+plug-ins' (tests/test_devices_*.py)."""
 
 import itertools
 import socket
@@ -7,19 +8,10 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
-import pynvml
 import pytest
-from nvml_fake import NvmlFake
 
-from retinaperf.measure.monitor import (
-    HostSampler,
-    Monitor,
-    NvmlSampler,
-    default_samplers,
-    summarize,
-)
+from retinaperf.measure.monitor import HostSampler, Monitor, summarize
 
 GIB = 1024**3
 MEMINFO = Path("/proc/meminfo")
@@ -197,165 +189,6 @@ def test_host_sampler_reads_this_machine():
     assert 0 < reading["mem_used_gib"] < reading["mem_total_gib"]
 
 
-def _nvml_absent() -> bool:
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError_LibraryNotFound:
-        return True
-    pynvml.nvmlShutdown()
-    return False
-
-
-@pytest.mark.skipif(not _nvml_absent(), reason="this machine has NVML")
-def test_without_nvml_only_the_host_is_sampled():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a machine without NVIDIA is normal, not worth a warning
-        samplers = default_samplers()
-    assert [type(s) for s in samplers] == [HostSampler]
-
-    monitor = Monitor(interval_s=0.02, command_start=time.perf_counter())
-    monitor.start()
-    time.sleep(0.06)
-    samples = monitor.stop()
-    assert len(samples) >= 2
-    assert all(s["devices"] == [] for s in samples)
-    assert 0.0 <= samples[-1]["cpu_util"] <= 100.0
-    assert 0 < samples[-1]["mem_used_gib"] < samples[-1]["mem_total_gib"]
-
-
-class FakeNvml(NvmlFake):
-    """Two devices: h0 reads everything; h1 does not support power readings."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count_error: pynvml.NVMLError | None = None
-        self.devices = {
-            "h0": {
-                "name": "NVIDIA A100-SXM4-80GB",
-                "uuid": "GPU-00000000-aaaa",
-                "util": 87,
-                "memory": SimpleNamespace(used=3 * 2**29, total=80 * 2**30, free=0),
-                "power_mw": 250_500,
-                "temp": 61,
-                "sm_clock": 1410,
-            },
-            "h1": {
-                "name": "NVIDIA A100-SXM4-40GB",
-                "uuid": "GPU-11111111-bbbb",
-                "util": 0,
-                "memory": SimpleNamespace(used=2**28, total=40 * 2**30, free=0),
-                "power_mw": None,
-                "temp": 35,
-                "sm_clock": 210,
-            },
-        }
-
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        def count() -> int:
-            if self.count_error is not None:
-                raise self.count_error
-            return len(self.devices)
-
-        def power(handle: str) -> int:
-            value = self.devices[handle]["power_mw"]
-            if value is None:
-                raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
-            return value
-
-        def temperature(handle: str, sensor: int) -> int:
-            assert sensor == pynvml.NVML_TEMPERATURE_GPU
-            return self.devices[handle]["temp"]
-
-        def clock(handle: str, kind: int) -> int:
-            assert kind == pynvml.NVML_CLOCK_SM
-            return self.devices[handle]["sm_clock"]
-
-        fakes = {
-            "nvmlDeviceGetCount": count,
-            "nvmlDeviceGetHandleByIndex": lambda i: f"h{i}",
-            "nvmlDeviceGetName": lambda h: self.devices[h]["name"],
-            "nvmlDeviceGetUUID": lambda h: self.devices[h]["uuid"],
-            "nvmlDeviceGetUtilizationRates": lambda h: SimpleNamespace(
-                gpu=self.devices[h]["util"], memory=0
-            ),
-            "nvmlDeviceGetMemoryInfo": lambda h: self.devices[h]["memory"],
-            "nvmlDeviceGetPowerUsage": power,
-            "nvmlDeviceGetTemperature": temperature,
-            "nvmlDeviceGetClockInfo": clock,
-        }
-        self.patch(monkeypatch, fakes)
-
-
-@pytest.fixture
-def fake_nvml(monkeypatch: pytest.MonkeyPatch) -> FakeNvml:
-    fake = FakeNvml()
-    fake.install(monkeypatch)
-    return fake
-
-
-def test_nvml_sampler_converts_units_and_leaves_unsupported_readings_none(fake_nvml):
-    sampler = NvmlSampler()
-    assert fake_nvml.inits == 1
-    reading = sampler.sample()
-    assert reading == {
-        "devices": [
-            {
-                "index": 0,
-                "uuid": "GPU-00000000-aaaa",
-                "name": "NVIDIA A100-SXM4-80GB",
-                "util": 87,
-                "mem_used_gib": 1.5,
-                "mem_total_gib": 80.0,
-                "power_w": 250.5,
-                "temp_c": 61,
-                "sm_clock_mhz": 1410,
-            },
-            {
-                "index": 1,
-                "uuid": "GPU-11111111-bbbb",
-                "name": "NVIDIA A100-SXM4-40GB",
-                "util": 0,
-                "mem_used_gib": 0.25,
-                "mem_total_gib": 40.0,
-                "power_w": None,
-                "temp_c": 35,
-                "sm_clock_mhz": 210,
-            },
-        ]
-    }
-    fake_nvml.devices["h0"]["power_mw"] = 300_000  # readings are fresh on every sample
-    assert sampler.sample()["devices"][0]["power_w"] == 300.0
-    assert fake_nvml.shutdowns == 0
-    sampler.close()
-    assert fake_nvml.shutdowns == 1
-
-
-def test_default_samplers_add_nvml_where_it_initialises(fake_nvml):
-    samplers = default_samplers()
-    assert [type(s) for s in samplers] == [HostSampler, NvmlSampler]
-    monitor = Monitor(interval_s=60.0, command_start=0.0, samplers=samplers, clock=StepClock())
-    monitor.start()
-    samples = monitor.stop()
-    assert [d["uuid"] for d in samples[-1]["devices"]] == ["GPU-00000000-aaaa", "GPU-11111111-bbbb"]
-    assert "cpu_util" in samples[-1]
-    assert fake_nvml.shutdowns == 1  # the monitor closed its samplers
-
-
-def test_default_samplers_warn_and_keep_the_host_when_nvml_fails(fake_nvml, monkeypatch):
-    fake_nvml.count_error = pynvml.NVMLError(pynvml.NVML_ERROR_UNKNOWN)
-    with pytest.warns(RuntimeWarning, match="NVML did not initialise"):
-        samplers = default_samplers()
-    assert [type(s) for s in samplers] == [HostSampler]
-    assert fake_nvml.inits == fake_nvml.shutdowns == 1  # initialised, then released
-
-    def driver_not_loaded() -> None:
-        raise pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
-
-    monkeypatch.setattr(pynvml, "nvmlInit", driver_not_loaded)
-    with pytest.warns(RuntimeWarning, match="Driver Not Loaded"):
-        assert [type(s) for s in default_samplers()] == [HostSampler]
-
-
 def _device(index: int, util, mem, power, temp, clock) -> dict:
     return {
         "index": index,
@@ -438,41 +271,3 @@ def test_summarize_two_hosts_means_peaks_and_none():
 
 def test_summarize_nothing():
     assert summarize([]) == {"samples": 0, "seconds": 0.0, "host": {}, "devices": []}
-
-
-@pytest.mark.gpu
-def test_nvml_readings_agree_with_torch_on_the_jobs_gpu():
-    """The driver's view (NVML) of the device torch uses: same device, same capacity, and it
-    sees an allocation torch makes."""
-    import torch
-
-    from retinaperf.measure.memory import device_uuid
-
-    device = torch.device("cuda", 0)
-    torch.ones(1, device=device)  # the CUDA context exists before the first reading
-    torch.cuda.synchronize(device)
-    wanted = device_uuid(device).lower().removeprefix("gpu-")
-    sampler = NvmlSampler()
-    try:
-
-        def reading() -> dict:
-            (mine,) = [
-                d
-                for d in sampler.sample()["devices"]
-                if d["uuid"].lower().removeprefix("gpu-") == wanted
-            ]
-            return mine
-
-        before = reading()
-        _free, total = torch.cuda.mem_get_info(device)
-        assert before["name"] == torch.cuda.get_device_name(device)
-        assert before["mem_total_gib"] == pytest.approx(total / GIB, rel=0.01)
-        block = torch.empty(2 * GIB, dtype=torch.uint8, device=device)
-        torch.cuda.synchronize(device)
-        after = reading()
-        assert after["mem_used_gib"] - before["mem_used_gib"] == pytest.approx(2.0, abs=0.2)
-        assert after["power_w"] is None or 0 < after["power_w"] < 2000
-        assert after["sm_clock_mhz"] is None or after["sm_clock_mhz"] > 0
-        del block
-    finally:
-        sampler.close()

@@ -18,11 +18,14 @@ from retinaperf import config
 from retinaperf.distributed import DistEnv
 from retinaperf.errors import UserError
 from retinaperf.measure import energy, environment, monitor, utilization
+from retinaperf.measure.devices.cpu import Cpu
+from retinaperf.measure.devices.nvidia import PEAKS, Nvidia
 from retinaperf.measure.memory import memory
 from retinaperf.measure.meter import Meter, summarize
 from retinaperf.model.precision import math_in_effect
-from retinaperf.report.results import SCHEMA_VERSION, Results, build_results, check, upgrade
+from retinaperf.report.results import SCHEMA_VERSION, Results, build_results, check
 from retinaperf.report.tables import compare, load_results, render_comparison, render_report
+from retinaperf.report.upgrade import upgrade
 from retinaperf.run.rounds import render_all_spreads, spread
 
 CPU = torch.device("cpu")
@@ -88,14 +91,15 @@ def _built(status: str = "completed", **overrides: Any) -> dict[str, Any]:
     }
     segment = {"started_at": "2026-12-01T10:00:00+00:00", "start_step": 0, "resumed_from": None}
     segment |= {"time_lost_s": None, "elastic_restart": 0, "ended": status, "end_step": 3}
+    a100_tf32 = PEAKS.peak("NVIDIA A100-SXM4-40GB", "tf32")
     return build_results(
         status=status,
         reason=None if status == "completed" else "stopped by SIGTERM",
         summary=summary,
-        memory=memory([peak], (38.1, 40.0)),
+        memory=memory([peak], (38.1, 40.0), Nvidia.memory_view),
         facts=facts,
-        energy=energy.job_energy(ranks, samples, "cuda", images, train_seconds, 1, 1),
-        utilization=utilization.utilization(1.3e12, p_core, "NVIDIA A100-SXM4-40GB", "tf32", 1),
+        energy=energy.job_energy(ranks, samples, False, images, train_seconds, 1, 1),
+        utilization=utilization.utilization(1.3e12, p_core, a100_tf32, "tf32", 1),
         config=run_config,
         world_size=1,
         nodes=1,
@@ -107,7 +111,7 @@ def _built(status: str = "completed", **overrides: Any) -> dict[str, Any]:
         checkpoint_failures=0,
         newest_checkpoint=Path("runs/x/checkpoints/step-3.pt"),
         monitor=monitored,
-        environment=environment.capture(CPU, ["node1"]),
+        environment=environment.capture(CPU, ["node1"], Cpu(), None),
         run_dir=Path("runs/x"),
         e2e_time=1234.4,
     )

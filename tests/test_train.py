@@ -7,7 +7,6 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -176,14 +175,6 @@ def test_compiled_parts_compute_the_same_steps_and_detections(monkeypatch):
     for a, b in zip(expected, got, strict=True):
         assert torch.equal(a["labels"], b["labels"])
         assert torch.allclose(a["boxes"], b["boxes"], atol=1e-4)
-
-
-@pytest.fixture(scope="module")
-def one_run(tiny_run_args, tiny_dataset, tmp_path_factory) -> tuple[Path, dict]:
-    """One run of 3 steps with TensorBoard on, shared by the tests of what a run writes."""
-    out = tmp_path_factory.mktemp("one") / "run"
-    assert run_cli(tiny_run_args(tiny_dataset, out, max_steps=3, tensorboard="true")) == 0
-    return out, json.loads((out / "results.json").read_text())
 
 
 def test_results_hold_the_metrics_of_the_run(one_run):

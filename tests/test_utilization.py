@@ -1,4 +1,4 @@
-"""FLOP counting checked against hand counts; the peak table against the datasheet numbers.
+"""FLOP counting checked against hand counts; MFU's arithmetic.
 
 The expected FLOPs below are worked out by hand from the layer shapes, with the counting rules of
 `torch.utils.flop_counter`: a convolution or matrix product costs 2 FLOPs per multiply-add; its
@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from retinaperf.config import ModelConfig
-from retinaperf.measure.utilization import peak_tflops, train_flops_per_image, utilization
+from retinaperf.measure.devices.base import Peak
+from retinaperf.measure.devices.nvidia import PEAKS
+from retinaperf.measure.utilization import train_flops_per_image, utilization
 from retinaperf.model.network import build_model
 
 
@@ -151,86 +153,39 @@ def test_real_model_count_grows_with_the_area_computed(flops_64):
     assert flops_128 > 2 * flops_64
 
 
-# The peak table: expected numbers typed from the vendor datasheets (dense, no sparsity).
-
-
-@pytest.mark.parametrize(
-    ("name", "fp32", "tf32", "fp16", "bf16"),
-    [
-        ("NVIDIA A100-SXM4-40GB", 19.5, 156, 312, 312),
-        ("NVIDIA A100-SXM4-80GB", 19.5, 156, 312, 312),
-        ("NVIDIA A100-PCIE-40GB", 19.5, 156, 312, 312),
-        ("NVIDIA A100 80GB PCIe", 19.5, 156, 312, 312),
-        ("NVIDIA H100 80GB HBM3", 67, 494.7, 989.4, 989.4),
-        ("NVIDIA H100 PCIe", 51, 378, 756, 756),
-        ("NVIDIA H200", 67, 494.7, 989.4, 989.4),
-        ("Tesla V100-SXM2-16GB", 15.7, None, 125, None),
-        ("Tesla V100-SXM2-32GB", 15.7, None, 125, None),
-        ("Tesla V100-PCIE-16GB", 14, None, 112, None),
-        ("NVIDIA A10", 31.2, 62.5, 125, 125),
-        ("NVIDIA L4", 30.3, 60, 121, 121),
-        ("NVIDIA L40S", 91.6, 183, 362, 362),
-    ],
-)
-def test_each_device_resolves_to_its_row(name, fp32, tf32, fp16, bf16):
-    got = {math: peak_tflops(name, math) for math in ("fp32", "tf32", "fp16", "bf16")}
-    assert got == {"fp32": fp32, "tf32": tf32, "fp16": fp16, "bf16": bf16}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        "cpu",
-        "AMD EPYC 7763 64-Core Processor",
-        "Intel(R) Xeon(R) Platinum 8480+",
-        "",
-        "NVIDIA A10G",  # AWS's A10 variant: not the A10's peaks
-        "NVIDIA L40",  # not the L40S
-        "NVIDIA H100 NVL",  # neither the SXM nor the PCIe part
-        "NVIDIA H200 NVL",
-        "Tesla V100S-PCIE-32GB",
-        "NVIDIA A100-SXM4-40GB MIG 1g.5gb",  # a slice of an A100, not the whole device
-        "NVIDIA GeForce RTX 4090",
-        "AMD Instinct MI300X",
-    ],
-)
-def test_unknown_devices_give_none(name):
-    assert all(peak_tflops(name, math) is None for math in ("fp32", "tf32", "fp16", "bf16"))
-
-
-def test_a_precision_name_is_not_a_math():
-    # amp's peak is fp16's: the caller asks Precision.peak_math, never passes a precision name
-    with pytest.raises(ValueError, match="amp"):
-        peak_tflops("NVIDIA H100 PCIe", "amp")
-
-
 def test_utilization_arithmetic():
     # 2e11 FLOPs/image x 3000 images/s = 6e14 FLOP/s = 600 TFLOP/s over 8 A100s in bf16
     # (8 x 312 = 2496 TFLOP/s peak): MFU 600 / 2496.
-    result = utilization(2e11, 3000.0, "NVIDIA A100-SXM4-80GB", "bf16", devices=8)
+    peak = PEAKS.peak("NVIDIA A100-SXM4-80GB", "bf16")
+    result = utilization(2e11, 3000.0, peak, "bf16", devices=8)
     assert result == {
         "flops_per_image": 2e11,
         "achieved_tflops": pytest.approx(600.0),
         "peak_math": "bf16",
         "peak_tflops": pytest.approx(2496.0),
+        "peak_source": "NVIDIA datasheet, A100, dense bf16",
+        "peak_note": None,
         "mfu": pytest.approx(600 / 2496),
     }
 
 
 def test_utilization_with_unknown_peak():
-    result = utilization(5e10, 40.0, "AMD EPYC 7763 64-Core Processor", "fp32", devices=1)
+    result = utilization(5e10, 40.0, Peak(None, note="no table"), "fp32", devices=1)
     assert result == {
         "flops_per_image": 5e10,
         "achieved_tflops": pytest.approx(2.0),
         "peak_math": "fp32",
         "peak_tflops": None,
+        "peak_source": None,
+        "peak_note": "no table",
         "mfu": None,
     }
-    assert utilization(5e10, 40.0, "Tesla V100-SXM2-16GB", "bf16", devices=2)["mfu"] is None
+    v100 = PEAKS.peak("Tesla V100-SXM2-16GB", "bf16")
+    assert utilization(5e10, 40.0, v100, "bf16", devices=2)["mfu"] is None
 
 
 def test_a_run_without_a_step_has_no_rate_and_so_no_utilisation():
     """A run that failed before its first step has no p_core: its results still get written."""
-    u = utilization(7.1e9, None, "NVIDIA H100 80GB HBM3", "bf16", 1)
+    u = utilization(7.1e9, None, PEAKS.peak("NVIDIA H100 80GB HBM3", "bf16"), "bf16", 1)
     assert u["achieved_tflops"] is None and u["mfu"] is None
     assert u["peak_tflops"] is not None and u["flops_per_image"] == 7.1e9

@@ -154,8 +154,9 @@ class DistEnv:
     def _collective_device(self) -> torch.device:
         import torch
 
-        # nccl reduces device tensors only; gloo reduces host tensors.
-        return self.device if self.backend == "nccl" else torch.device("cpu")
+        # gloo reduces host tensors; nccl and the vendors' backends (hccl, xccl, ...) reduce
+        # device tensors.
+        return torch.device("cpu") if self.backend == "gloo" else self.device
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
@@ -188,8 +189,14 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device(device_type, local_rank)
 
 
-def setup(requested_device: str, timeout_s: float) -> DistEnv:
-    """Join the process group torchrun describes (if any) and pick this rank's device."""
+def setup(
+    requested_device: str,
+    timeout_s: float,
+    backend_for: Callable[[torch.device], str | None] = lambda device: None,
+) -> DistEnv:
+    """Join the process group torchrun describes (if any) and pick this rank's device.
+    `backend_for(device)` names the collective backend (the device plug-in's); None: torch's
+    default for the device type."""
     import torch.distributed as dist
 
     launched = launch()
@@ -202,7 +209,7 @@ def setup(requested_device: str, timeout_s: float) -> DistEnv:
         # the workers before them, whose addresses are still there: each attempt gets keys of its
         # own, or the new ranks try to connect to the dead ones.
         dist.init_process_group(
-            backend=dist.get_default_backend_for_device(device),
+            backend=backend_for(device) or dist.get_default_backend_for_device(device),
             store=dist.PrefixStore(f"retinaperf/attempt-{launched.attempt}", store),
             rank=rank,
             world_size=world_size,

@@ -6,14 +6,16 @@ instead: the difference of two readings is the energy between them, however shor
 load. So the run reads each counter at the boundaries of its phases (`PhaseEnergy.mark`) and adds
 each interval to the phase that ended.
 
-Counters (energy_counters.py):
-- NVML's per GPU (`nvml_counter`): millijoules since the driver loaded, 64 bits, so it does not
-  wrap in practice; Volta and newer GPUs have one. It covers the whole board.
-- RAPL's per CPU package (`rapl_counters`), through Linux's powercap files: microjoules that wrap
-  at `max_energy_range_uj`, every few minutes to an hour at full load. Two readings tell one wrap
-  from none but not two from one, so mark the phase under way more often than that (at each log
-  step: two `mark("train")` in a row only split the interval). Intel CPUs, and AMD ones through
-  the same driver, both appear as `intel-rapl:N`. DRAM and the rest of the host are not counted.
+Counters:
+- the device's, from its plug-in (measure/devices/): NVML's per NVIDIA GPU counts millijoules
+  since the driver loaded, 64 bits, so it does not wrap in practice (Volta and newer GPUs have
+  one; it covers the whole board); amdsmi's per AMD GPU; a vendor plug-in's.
+- RAPL's per CPU package (energy_counters.py, `rapl_counters`), through Linux's powercap files:
+  microjoules that wrap at `max_energy_range_uj`, every few minutes to an hour at full load.
+  Two readings tell one wrap from none but not two from one, so mark the phase under way more
+  often than that (at each log step: two `mark("train")` in a row only split the interval).
+  Intel CPUs, and AMD ones through the same driver, both appear as `intel-rapl:N`. DRAM and the
+  rest of the host are not counted.
 
 A counter is an extra that must never stop a benchmark: where there is none the functions return
 the reason as a sentence for the report, and a reading that fails or goes backwards without a
@@ -29,8 +31,8 @@ import itertools
 from collections.abc import Callable
 from pathlib import Path
 
-from retinaperf.measure.energy_counters import POWERCAP, Counter, nvml_counter, rapl_counters
-from retinaperf.measure.monitor import bare_uuid
+from retinaperf.measure.devices.base import Counter
+from retinaperf.measure.energy_counters import POWERCAP, rapl_counters
 
 
 class PhaseEnergy:
@@ -125,23 +127,25 @@ def integrate_power(
 
 
 class RunEnergy:
-    """This rank's counters over a run: its GPU's (NVML, found by UUID) and, on one rank per node,
-    the CPU packages' (RAPL); and the phase windows (seconds since command start), to integrate a
-    GPU's sampled power where it has no counter. Mark it where `PhaseEnergy` says."""
+    """This rank's counters over a run: its device's (from the device's plug-in: `counter`, or
+    None and `reason`) and, on one rank per node, the CPU packages' (RAPL); and the phase windows
+    (seconds since command start), to integrate a device's sampled power where it has no
+    counter (`sampled_by` names where those samples come from). Mark it where `PhaseEnergy`
+    says."""
 
     def __init__(
         self,
-        device_uuid: str | None,
+        counter: Counter | None,
+        reason: str | None,
         read_host: bool,
         clock: Callable[[], float],
         command_start: float,
         rapl_root: Path | None = None,
+        sampled_by: str | None = None,
     ) -> None:
-        self.device: PhaseEnergy | None = None
-        self.device_reason: str | None = "the device is not an NVIDIA GPU: NVML counts no energy"
-        if device_uuid is not None:
-            counter, self.device_reason = nvml_counter(device_uuid)
-            self.device = PhaseEnergy(counter) if counter is not None else None
+        self.device = PhaseEnergy(counter) if counter is not None else None
+        self.device_reason = reason
+        self.sampled_by = sampled_by
         self.reads_host = read_host  # one rank per node: the packages serve every rank on it
         self.host: list[PhaseEnergy] = []
         self.host_reason: str | None = None
@@ -190,6 +194,7 @@ class RunEnergy:
         return {
             "device": self.device.summary() if self.device is not None else None,
             "device_reason": self.device_reason,
+            "sampled_by": self.sampled_by,
             "reads_host": self.reads_host,
             "host": [counter.summary() for counter in self.host],
             "host_reason": self.host_reason,
@@ -201,13 +206,15 @@ class RunEnergy:
             counter.counter.close()
 
 
-INTEGRATED = "NVML power samples, integrated"
+def integrated(sampled_by: str | None) -> str:
+    """The source of an energy figure integrated from the monitor's power samples."""
+    return f"{sampled_by or 'device'} power samples, integrated"
 
 
 def job_energy(
     ranks: list[dict],
     samples: list[dict],
-    device_type: str,
+    host_is_device: bool,
     trained_images: int,
     train_seconds: float,
     segments: int,
@@ -218,15 +225,16 @@ def job_energy(
     a CPU device: its host's RAPL packages), their sums, images per joule of training, the mean
     power per device while training (without evaluation), and the source of each figure. A sum
     is null, never 0 or a part, when a device has no figure; `energy_note` says why.
+    `host_is_device`: the device is the host's CPU (its plug-in's `energy_is_host`).
 
     `train_seconds` is the training time without evaluation; `segments` the run's segments (the
     monitor's samples cover only the last, so power is integrated only for a run of one);
-    `expected_devices` the job's devices (GPUs: ranks; a CPU: nodes): a failed run gathers only
-    rank 0's view, and the devices it lacks have no figure."""
-    if device_type == "cpu":
+    `expected_devices` the job's devices (accelerators: ranks; a CPU: nodes): a failed run
+    gathers only rank 0's view, and the devices it lacks have no figure."""
+    if host_is_device:
         devices = [_host_device(rank) for rank in ranks if rank["energy"]["reads_host"]]
     else:
-        devices = [_gpu_device(rank, samples, segments) for rank in ranks]
+        devices = [_accelerator(rank, samples, segments) for rank in ranks]
     devices += [
         _missing(f"device {index}", "not read: the run failed before the ranks' figures met")
         for index in range(len(devices), expected_devices)
@@ -234,7 +242,7 @@ def job_energy(
     hosts = [
         {"host": rank["host"], **_sum(rank["energy"]["host"])}
         for rank in ranks
-        if rank["energy"]["host"] and device_type != "cpu"
+        if rank["energy"]["host"] and not host_is_device
     ]
     missing = [d for d in devices if d["train_j"] is None]
     train, evaluation = _total(devices, "train_j"), _total(devices, "eval_j")
@@ -251,21 +259,20 @@ def job_energy(
     }
 
 
-def _gpu_device(rank: dict, samples: list[dict], segments: int) -> dict:
+def _accelerator(rank: dict, samples: list[dict], segments: int) -> dict:
     energy, label = rank["energy"], rank["uuid"]
     counted = energy["device"]
     if counted is not None and counted["train_j"] is not None:
         return {"host": rank["host"], **counted, "reason": None}
-    bare = bare_uuid(label or "")
     power = [
         (sample["time"], device.get("power_w"))
         for sample in samples
         if sample["host"] == rank["host"]
         for device in sample.get("devices", [])
-        if bare_uuid(device.get("uuid") or "") == bare
+        if label and device.get("uuid") == label
     ]
-    integrated = integrate_power(power, energy["windows"]) if segments == 1 and label else None
-    if integrated is None or "train" not in integrated:
+    joules = integrate_power(power, energy["windows"]) if segments == 1 and label else None
+    if joules is None or "train" not in joules:
         why = energy["device_reason"] or "its counter gave no reading while training"
         if segments > 1:
             why += " (power samples cover only the last segment of a resumed run)"
@@ -274,10 +281,10 @@ def _gpu_device(rank: dict, samples: list[dict], segments: int) -> dict:
         return _missing(rank["host"], why, label)
     return {
         "host": rank["host"],
-        "label": f"GPU-{bare}",
-        "source": INTEGRATED,
-        "train_j": integrated.get("train"),
-        "eval_j": integrated.get("eval"),
+        "label": label,
+        "source": integrated(energy.get("sampled_by")),
+        "train_j": joules.get("train"),
+        "eval_j": joules.get("eval"),
         "complete": True,
         "reason": None,
     }

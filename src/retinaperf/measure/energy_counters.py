@@ -1,17 +1,15 @@
-"""The hardware's cumulative energy counters, read the same way: NVML's per GPU, RAPL's per CPU
-package (Linux powercap). Where there is none, the functions give the reason as a sentence for
-the report; a reading that fails gives None (see energy.py for how the run uses them)."""
+"""The host's cumulative energy counters: RAPL's per CPU package (Linux powercap), read on every
+run whatever its device (a device's own counter comes from its plug-in, measure/devices/). Where
+there is none, `rapl_counters` gives the reason as a sentence for the report; a reading that
+fails gives None (see energy.py for how the run uses them)."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
-import pynvml
-
-from retinaperf.measure.monitor import bare_uuid
+from retinaperf.measure.devices.base import Counter
 
 POWERCAP = Path("/sys/class/powercap")
 
@@ -19,88 +17,6 @@ POWERCAP = Path("/sys/class/powercap")
 # Top-level RAPL domains only: "intel-rapl:0:0" (core, uncore, dram) are parts of a package, and
 # "intel-rapl-mmio:0" counts the same package again through another interface.
 _RAPL_DOMAIN = re.compile(r"^intel-rapl:(\d+)$")
-
-
-class Counter(Protocol):
-    """A cumulative energy counter."""
-
-    source: str
-    """What counts, e.g. "NVML energy counter"."""
-    label: str
-    """Which one: the GPU's UUID, the RAPL domain's name ("package-0")."""
-    wrap_j: float | None
-    """The value at which it starts again from 0; None where it never does in practice."""
-
-    def read(self) -> float | None:
-        """Joules counted so far; None when this reading failed."""
-        ...
-
-    def close(self) -> None:
-        """Release what the counter holds; called once, after its last reading."""
-        ...
-
-
-class NvmlCounter:
-    """A GPU's NVML energy counter. Holds a reference to NVML (nvmlInit) until `close()`."""
-
-    source = "NVML energy counter"
-    wrap_j = None  # a 64-bit count of mJ: 584 million years at 1 kW
-
-    def __init__(self, handle: Any, label: str) -> None:
-        self._handle = handle
-        self.label = label
-
-    def read(self) -> float | None:
-        try:
-            return pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle) / 1000  # mJ
-        except pynvml.NVMLError:
-            return None
-
-    def close(self) -> None:
-        pynvml.nvmlShutdown()
-
-
-def nvml_counter(uuid: str) -> tuple[Counter | None, str | None]:
-    """The NVML energy counter of the GPU with this UUID ("GPU-..." as NVML writes it, or without
-    the prefix as torch does), or (None, why there is none). Never raises an NVML error."""
-    label = "GPU-" + bare_uuid(uuid)
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as exc:
-        return None, (
-            f"no NVML energy counter for {label}: NVML did not initialise ({exc}); it comes "
-            "with the NVIDIA driver"
-        )
-    try:
-        handle, reason = _energy_handle(label)
-    except BaseException:
-        pynvml.nvmlShutdown()  # nvmlInit counts references: leave none behind
-        raise
-    if reason is not None:
-        pynvml.nvmlShutdown()
-        return None, reason
-    return NvmlCounter(handle, label), None
-
-
-def _energy_handle(label: str) -> tuple[Any, str | None]:
-    """(the handle of device `label`, None), or (None, why it has no readable energy counter)."""
-    try:
-        handle = pynvml.nvmlDeviceGetHandleByUUID(label)
-    except pynvml.NVMLError as exc:
-        return None, (
-            f"no NVML energy counter for {label}: NVML finds no such device ({exc}); give the "
-            "UUID of a GPU of this node"
-        )
-    try:
-        pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)  # one trial reading decides support
-    except pynvml.NVMLError_NotSupported:
-        return None, (
-            f"no NVML energy counter on {label}: NVML says Not Supported (Volta and newer GPUs "
-            "have one)"
-        )
-    except pynvml.NVMLError as exc:
-        return None, f"no NVML energy counter on {label}: its first reading failed ({exc})"
-    return handle, None
 
 
 @dataclass

@@ -12,26 +12,10 @@ from pathlib import Path
 import torch
 
 from retinaperf.distributed import cpu_count
+from retinaperf.measure.devices.base import DevicePlugin
+from retinaperf.measure.devices.cpu import cpu_model
 
 PACKAGES = ("retinaperf", "torch", "torchvision", "numpy", "pillow", "faster-coco-eval")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cpu":
-        return cpu_model()
-    # torch.cuda, torch.xpu, ... each offer get_device_name; the accelerator API does not (yet).
-    get_name = getattr(getattr(torch, device.type, None), "get_device_name", None)
-    return get_name(device) if get_name else device.type
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _version(package: str) -> str | None:
@@ -57,9 +41,13 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def capture(device: torch.device, hosts: list[str]) -> dict:
-    """Versions, devices and hosts; `hosts` is every rank's host name, in rank order."""
-    env = {
+def capture(
+    device: torch.device, hosts: list[str], plugin: DevicePlugin, readings_note: str | None
+) -> dict:
+    """Versions, devices and hosts; `hosts` is every rank's host name, in rank order. `plugin`
+    reads the device; `readings_note` says why the monitor has no device readings (None: it
+    has them)."""
+    return {
         "command": sys.argv,
         "python": platform.python_version(),
         "packages": {name: _version(name) for name in PACKAGES},
@@ -69,27 +57,14 @@ def capture(device: torch.device, hosts: list[str]) -> dict:
         "cpu_count": cpu_count(),
         "hosts": sorted(set(hosts)),
         "device_type": device.type,
-        "device_name": device_name(device),
+        "device_name": plugin.device_name(device),
         "device_count": torch.accelerator.device_count() if device.type != "cpu" else 1,
+        "device_plugin": plugin.name,
+        "device_readings": plugin.source if readings_note is None else None,
+        "device_readings_note": readings_note,
         "torch_cuda_runtime": torch.version.cuda,
+        **plugin.facts(device),
     }
-    if device.type == "cuda":
-        env["cuda_driver"] = _nvidia_driver()
-        env["cudnn"] = torch.backends.cudnn.version()
-    return env
-
-
-def _nvidia_driver() -> str | None:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return pynvml.nvmlSystemGetDriverVersion()
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # NVML absent or not usable: the driver version is simply unknown
-        return None
 
 
 def hostname() -> str:

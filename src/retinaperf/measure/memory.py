@@ -9,7 +9,6 @@ import sys
 
 import torch
 
-from retinaperf.measure.monitor import bare_uuid
 from retinaperf.units import GIB
 
 
@@ -50,12 +49,14 @@ def memory_peak(device: torch.device) -> dict[str, float | str]:
     }
 
 
-def memory(peaks: list[dict], driver: tuple[float, float] | None) -> dict:
+def memory(
+    peaks: list[dict], driver: tuple[float, float] | None, driver_view: str | None = None
+) -> dict:
     """SPEC §3's mem from every rank's `memory_peak`, the largest, from both views, labelled.
 
-    `mem` (the table's column) is the driver's view when the monitor read it (NVML: memory used
-    on the device by every context, what nvidia-smi shows, like the seed's table), else the
-    processes' view.
+    `mem` (the table's column) is the driver's view when the monitor read it (e.g. NVML: memory
+    used on the device by every context, what nvidia-smi shows, like the seed's table), labelled
+    `driver_view` (the device plug-in's `memory_view`), else the processes' view.
     """
     process_used = max(p["used"] for p in peaks)
     total = peaks[0]["total"]
@@ -64,7 +65,9 @@ def memory(peaks: list[dict], driver: tuple[float, float] | None) -> dict:
         "mem": f"{shown_used:.1f}/{shown_total:.1f}",
         "mem_used_gib": shown_used,
         "mem_total_gib": shown_total,
-        "mem_source": DRIVER_VIEW if driver else peaks[0]["source"],
+        "mem_source": (driver_view or "driver peak used / device total")
+        if driver
+        else peaks[0]["source"],
         "mem_process": f"{process_used:.1f}/{total:.1f}",
         "mem_process_source": peaks[0]["source"],
         "mem_driver": f"{driver[0]:.1f}/{driver[1]:.1f}" if driver else None,
@@ -72,26 +75,14 @@ def memory(peaks: list[dict], driver: tuple[float, float] | None) -> dict:
     }
 
 
-DRIVER_VIEW = "driver peak used / device total (NVML, as nvidia-smi shows)"
-
-
-def driver_peak(devices: list[dict], uuids: list[str | None]) -> tuple[float, float] | None:
+def driver_peak(devices: list[dict], ids: list[str | None]) -> tuple[float, float] | None:
     """(peak used, total) GiB of the job's busiest device in the monitor's summary, matched by
-    UUID; None when no monitored device is one of the job's."""
-    wanted = {bare_uuid(u) for u in uuids if u}
-    mine = [d for d in devices if d.get("uuid") and bare_uuid(d["uuid"]) in wanted]
+    the identifier the device plug-in gives each rank's device (`DevicePlugin.device_id`); None
+    when no monitored device is one of the job's."""
+    wanted = {i for i in ids if i}
+    mine = [d for d in devices if d.get("uuid") in wanted]
     mine = [d for d in mine if d.get("mem_used_peak_gib") is not None]
     if not mine:
         return None
     busiest = max(mine, key=lambda d: d["mem_used_peak_gib"])
     return busiest["mem_used_peak_gib"], busiest["mem_total_gib"]
-
-
-def device_uuid(device: torch.device) -> str | None:
-    """The device's UUID where its backend reports one (CUDA does), to find it in NVML's list."""
-    backend = getattr(torch, device.type, None)
-    get_properties = getattr(backend, "get_device_properties", None)
-    if device.type == "cpu" or get_properties is None:
-        return None
-    uuid = getattr(get_properties(device), "uuid", None)
-    return str(uuid) if uuid is not None else None

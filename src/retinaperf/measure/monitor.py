@@ -4,8 +4,8 @@ One `Monitor` per node (the caller starts it on local rank 0 only). It samples o
 thread every `interval_s`, so the training loop never waits for it, and every sampler call happens
 on that one thread. Monitoring is an extra that must never stop a benchmark: a reading a device
 does not support is None, a sampler that raises is warned about once and left out of the samples
-where it fails, a sampler stuck in a driver call cannot hang `stop()`, and a machine without NVML
-records `"devices": []`.
+where it fails, a sampler stuck in a driver call cannot hang `stop()`, and a machine whose device
+plug-in samples nothing (measure/devices/) records `"devices": []`.
 
 A sample (times in seconds since command start, memory in GiB, power in W):
     {"time", "host", "cpu_util", "mem_used_gib", "mem_total_gib",
@@ -20,24 +20,12 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import psutil
-import pynvml
 
+from retinaperf.measure.devices.base import Sampler
 from retinaperf.units import GIB
-
-
-class Sampler(Protocol):
-    """One source of readings. The Monitor calls both methods from its sampling thread only."""
-
-    def sample(self) -> dict[str, Any]:
-        """Fields to merge into the current sample."""
-        ...
-
-    def close(self) -> None:
-        """Release what the sampler holds; called once, after its last sample."""
-        ...
 
 
 class HostSampler:
@@ -67,86 +55,12 @@ class HostSampler:
         """Holds nothing."""
 
 
-class NvmlSampler:
-    """Per-device readings from NVML, the driver library behind nvidia-smi.
-
-    Raises pynvml.NVMLError where NVML does not initialise (no NVIDIA driver). Name and UUID are
-    read once; a reading the device does not support is None in every sample.
-    """
-
-    def __init__(self) -> None:
-        pynvml.nvmlInit()
-        try:
-            handles = [
-                pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())
-            ]
-            self._devices = [
-                (index, handle, pynvml.nvmlDeviceGetUUID(handle), pynvml.nvmlDeviceGetName(handle))
-                for index, handle in enumerate(handles)
-            ]
-        except BaseException:
-            pynvml.nvmlShutdown()  # nvmlInit counts references: leave none behind
-            raise
-
-    def sample(self) -> dict[str, Any]:
-        return {"devices": [self._read(*device) for device in self._devices]}
-
-    def _read(self, index: int, handle: Any, uuid: str, name: str) -> dict[str, Any]:
-        util = _supported(pynvml.nvmlDeviceGetUtilizationRates, handle)
-        memory = _supported(pynvml.nvmlDeviceGetMemoryInfo, handle)  # bytes
-        power_mw = _supported(pynvml.nvmlDeviceGetPowerUsage, handle)
-        return {
-            "index": index,
-            "uuid": uuid,
-            "name": name,
-            "util": None if util is None else util.gpu,
-            "mem_used_gib": None if memory is None else memory.used / GIB,
-            "mem_total_gib": None if memory is None else memory.total / GIB,
-            "power_w": None if power_mw is None else power_mw / 1000,
-            "temp_c": _supported(
-                pynvml.nvmlDeviceGetTemperature, handle, pynvml.NVML_TEMPERATURE_GPU
-            ),
-            "sm_clock_mhz": _supported(pynvml.nvmlDeviceGetClockInfo, handle, pynvml.NVML_CLOCK_SM),
-        }
-
-    def close(self) -> None:
-        pynvml.nvmlShutdown()
-
-
-def _supported(read: Callable[..., Any], *args: Any) -> Any:
-    """`read(*args)`, or None where NVML refuses it (a reading this device does not support)."""
-    try:
-        return read(*args)
-    except pynvml.NVMLError:
-        return None
-
-
-def bare_uuid(uuid: str) -> str:
-    """A GPU's UUID in one spelling for comparing: NVML writes "GPU-<hex>", torch "<hex>"."""
-    return uuid.lower().removeprefix("gpu-")
-
-
-def default_samplers() -> list[Sampler]:
-    """The host sampler, and the NVML sampler where NVML initialises. Never raises."""
-    samplers: list[Sampler] = [HostSampler()]
-    try:
-        samplers.append(NvmlSampler())
-    except pynvml.NVMLError_LibraryNotFound:
-        pass  # no NVIDIA driver installed: the usual case on CPUs and other accelerators
-    except Exception as exc:
-        warnings.warn(
-            f"NVML did not initialise ({type(exc).__name__}: {exc}); no device readings",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    return samplers
-
-
 class Monitor:
     """Samples every `interval_s` on a daemon thread, from `start()` to `stop()`.
 
     `command_start` is the `clock` reading at command start (the Meter's), so sample times line
-    up with the event log's. `samplers` defaults to `default_samplers()`; the Monitor closes them.
+    up with the event log's. `samplers` defaults to the host's alone; the caller adds the device
+    plug-in's (`devices.registry.open_sampler`). The Monitor closes them.
     """
 
     join_timeout_s: float = 10.0
@@ -164,7 +78,7 @@ class Monitor:
             raise ValueError(f"interval_s must be positive, got {interval_s}")
         self.interval_s = interval_s
         self.command_start = command_start
-        self.samplers = default_samplers() if samplers is None else samplers
+        self.samplers = [HostSampler()] if samplers is None else samplers
         self.clock = clock
         self._host = socket.gethostname()
         self._samples: list[dict] = []

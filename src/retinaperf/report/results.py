@@ -1,11 +1,11 @@
 """results.json: its schema, the pure function that builds it, and the upgrade of older files.
 
 Readers (the report, rounds, the GPU check) read a file through `report.tables.load_results`: it
-brings a file of any earlier version to the current shape (`upgrade`) and checks it (`check`), so
-that no reader needs to know which version wrote it. A field that a file's version did not record
-gets what it meant then (before issue 15 the transform was torchvision's), or None where nothing
-can be known (said at the field). Versions: 0, files without `schema_version` (their fields came
-in over several commits, back to the first committed results, of 966242c); 1, this schema.
+brings a file of any earlier version to the current shape (`upgrade.upgrade`) and checks it
+(`check`), so that no reader needs to know which version wrote it. Versions: 0, files without
+`schema_version` (their fields came in over several commits, back to the first committed
+results, of 966242c); 1, the first versioned schema; 2, this one (issue 18: device plug-ins name
+their readings and peaks).
 
 TypedDicts, not dataclasses: results.json is a JSON object that readers index by key and the
 builder writes as a dict; TypedDicts type those keys without a conversion at either end, and
@@ -14,7 +14,6 @@ msgspec (a dependency already) checks a file against them, naming the missing or
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Literal, NotRequired, TypedDict, cast
 
@@ -24,7 +23,7 @@ from retinaperf.config import RunConfig
 from retinaperf.errors import UserError
 
 RESULTS = "results.json"
-SCHEMA_VERSION = 1  # raised when a field is added or changes meaning; `upgrade` learns the step
+SCHEMA_VERSION = 2  # raised when a field is added or changes meaning; `upgrade` learns the step
 
 Status = Literal["completed", "interrupted", "failed"]
 
@@ -70,7 +69,7 @@ class Memory(TypedDict):
     mem_source: str
     mem_process: str
     mem_process_source: str
-    mem_driver: str | None  # None: NVML did not see the job's devices
+    mem_driver: str | None  # None: the device plug-in's sampler did not see the job's devices
     mem_per_rank_gib: list[float]
 
 
@@ -164,7 +163,9 @@ class Utilization(TypedDict):
     flops_per_image: float | None  # None: a run whose rank 0 counted none
     achieved_tflops: float | None  # None: no rate (a run that failed before its first step)
     peak_math: str
-    peak_tflops: float | None  # None: the device's peak is not in the table
+    peak_tflops: float | None  # None: the device's plug-in knows no peak (peak_note says why)
+    peak_source: str | None  # the datasheet the peak comes from
+    peak_note: str | None  # why there is no peak; None when there is one
     mfu: float | None
 
 
@@ -245,9 +246,15 @@ class Environment(TypedDict):
     device_type: str
     device_name: str
     device_count: int
+    device_plugin: str  # the plug-in that read the device (measure/devices/)
+    device_readings: str | None  # where the monitor's device readings come from; None: none
+    device_readings_note: str | None  # why there are none; None when there are
     torch_cuda_runtime: str | None
-    cuda_driver: NotRequired[str | None]  # CUDA devices only
+    # The plug-in's facts (DevicePlugin.facts): NVIDIA's, AMD's; a vendor plug-in's keys pass.
+    cuda_driver: NotRequired[str | None]
     cudnn: NotRequired[int | None]
+    rocm_driver: NotRequired[str | None]
+    hip_runtime: NotRequired[str | None]
 
 
 class Results(TypedDict):
@@ -335,108 +342,6 @@ def build_results(
         "environment": environment,
         "run_dir": str(run_dir),
     }
-
-
-def upgrade(results: dict[str, Any]) -> dict[str, Any]:
-    """`results` in the current schema's shape: a file of an earlier version gets the fields it
-    lacks, each with what it meant when that file was written; the current shape is returned as
-    it is. Raises UserError for what is not a results object, or of a version newer than this."""
-    if not all(isinstance(results.get(part), dict) for part in ("metrics", "config")):
-        raise UserError("no 'metrics' and 'config': it is not a retinaperf results file")
-    version = results.get("schema_version", 0)
-    if version == SCHEMA_VERSION:
-        return results
-    if not isinstance(version, int) or not 0 <= version < SCHEMA_VERSION:
-        raise UserError(
-            f"schema_version {version!r} is not one this retinaperf reads (0 to "
-            f"{SCHEMA_VERSION}): read it with the retinaperf that wrote it, or a newer one"
-        )
-    upgraded = copy.deepcopy(results)
-    _from_version_0(upgraded)
-    return {"schema_version": SCHEMA_VERSION, **upgraded}
-
-
-def _from_version_0(results: dict[str, Any]) -> None:
-    """Fill in, in place, what the unversioned files lacked; each such file has the fields of the
-    commit that wrote it, so every step is a default for one field, oldest first."""
-    m, config = results["metrics"], results["config"]
-    train, model = config.get("train", {}), config.get("model", {})
-    precision = m.get("precision")
-    # 40e3f7e: the precision's reason and math; before, fp32 was IEEE and only tf32 used TF32,
-    # and the device's peak was looked up by the precision's name.
-    requested = train.get("precision")
-    m.setdefault(
-        "precision_reason",
-        "as configured" if requested == precision else f"{requested}: its reason was not recorded",
-    )
-    mode = "tf32" if precision == "tf32" else "ieee"
-    m.setdefault(
-        "math",
-        {
-            "conv_fp32_precision": mode,
-            "matmul_fp32_precision": mode,
-            "cudnn_benchmark": False,
-            "cudnn_deterministic": False,
-            "deterministic_algorithms": train.get("deterministic", False),
-            "effective_conv": mode,
-            "effective_matmul": mode,
-        },
-    )
-    m.setdefault("peak_math", precision)
-    # cfaf473: no timing warm-up before, so p_core_steady is p_core; no throughput mode.
-    m.setdefault("timing_warmup_steps", 0)
-    m.setdefault("p_core_steady", m.get("p_core"))
-    m.setdefault("throughput_only", False)
-    m.setdefault("precision_requested", requested)
-    weights = str(m.get("backbone_weights"))
-    m.setdefault(
-        "backbone_init",
-        "random initialisation (batch norm and every layer trainable)"
-        if weights.strip().lower() == "none"
-        else f"ImageNet weights from {weights}",
-    )
-    config.setdefault("data", {}).setdefault("synth_profile", "shapes")  # its one generator
-    train.setdefault("profile_steps", "")
-    # 22f7d61: the step's choices; before, torchvision's loss and post-processing unless
-    # configured, torch's default SGD and DDP's default options; the trainer did not yet apply
-    # the channels_last and compile keys.
-    ddp_defaults = {"broadcast_buffers": True, "gradient_as_bucket_view": False}
-    m.setdefault(
-        "implementation",
-        {
-            "loss": model.get("loss", "torchvision"),
-            "postprocess": model.get("postprocess", "torchvision"),
-            "channels_last": False,
-            "compile": False,
-            "optimizer": "SGD (torch's default)",
-            "ddp": ddp_defaults if m.get("world_size", 1) > 1 else None,
-        },
-    )
-    # 20e631f: statuses, checkpoints and segments; before, results were written only by a
-    # completed run of one segment without checkpoints, and only amp and fp16 scale the loss.
-    results.setdefault("status", "completed")
-    results.setdefault("reason", None)
-    results.setdefault("segments", None)
-    results.setdefault("checkpoint", None)
-    m.setdefault("checkpoint_time", 0.0)
-    m.setdefault("skipped_steps", None if precision in ("amp", "fp16") else 0)
-    m.setdefault("segments", 1)
-    m.setdefault("time_between_segments", 0.0)
-    m.setdefault("checkpoint_failures", 0)
-    # 5a8162b: energy was not read before.
-    for key in ("energy_train_j", "energy_eval_j", "images_per_joule", "power_train_w"):
-        m.setdefault(key, None)
-    m.setdefault("energy_source", None)
-    m.setdefault("energy_note", "results written before retinaperf read energy")
-    results.setdefault("energy", {"devices": [], "hosts": []})
-    # b057cc9 (issue 15): before, torchvision's transform, constants recomputed at every step,
-    # torch.compile in its default mode; the batch shapes were not recorded.
-    impl = m["implementation"]
-    impl.setdefault("compile_mode", "default" if impl.get("compile") else None)
-    impl.setdefault("transform", "torchvision")
-    impl.setdefault("reuse_constants", False)
-    m.setdefault("batch_shapes", None)
-    results.setdefault("batch_shapes", None)
 
 
 def check(results: dict[str, Any]) -> Results:

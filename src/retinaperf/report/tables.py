@@ -17,7 +17,8 @@ from typing import Any
 
 from retinaperf.errors import UserError
 from retinaperf.io import read_json
-from retinaperf.report.results import RESULTS, check, upgrade
+from retinaperf.report.results import RESULTS, check
+from retinaperf.report.upgrade import upgrade
 from retinaperf.units import NO_VALUE
 
 REPORT = "report.md"
@@ -233,6 +234,7 @@ def render_report(results: dict) -> str:
         _utilization_line(m),
         *_energy_lines(results),
         *_monitor_lines(results["monitor"]),
+        _device_line(results["environment"]),
         f"- dataset: {m['train_images']} training images after filtering, {m['val_images']} "
         f"validation images ({m['dataset']})",
         "",
@@ -338,9 +340,12 @@ def _utilization_line(m: dict) -> str:
         f"{m['achieved_tflops']:.3g} TFLOP/s at p_core"
     )
     if m["mfu"] is None:
-        return line + " (the device's peak is not in the table: no MFU)"
+        return line + f"; no MFU: {m['peak_note']}"
     share = f"{100 * m['mfu']:.1f}%"
-    return line + f", {share} of the {m['peak_math']} peak {m['peak_tflops']:.4g} TFLOP/s (MFU)"
+    return line + (
+        f", {share} of the {m['peak_math']} peak {m['peak_tflops']:.4g} TFLOP/s (MFU; peak "
+        f"from the {m['peak_source']})"
+    )
 
 
 def _energy_lines(results: dict) -> list[str]:
@@ -388,6 +393,13 @@ def _monitor_lines(summary: dict | None) -> list[str]:
             f"{_maybe(d['power_peak_w'], ' W')} peak"
         )
     return lines
+
+
+def _device_line(environment: dict) -> str:
+    """Which plug-in read the device, and where its readings came from or why there are none."""
+    readings = environment["device_readings"]
+    where = f"from {readings}" if readings else f"none: {environment['device_readings_note']}"
+    return f"- device readings ({environment['device_plugin']} plug-in): {where}"
 
 
 def _maybe(value: float | None, unit: str = "") -> str:

@@ -16,7 +16,7 @@ import torch
 from retinaperf import io
 from retinaperf.errors import UserError
 from retinaperf.measure import energy, environment, monitor, utilization
-from retinaperf.measure.memory import device_uuid, driver_peak, memory_peak
+from retinaperf.measure.memory import driver_peak, memory_peak
 from retinaperf.measure.memory import memory as job_memory
 from retinaperf.measure.meter import summarize
 from retinaperf.report import plots, tables
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 def finish(t: Trainer, status: str, reason: str | None = None) -> dict:
     """Reduce the metrics and write results.json with the run's status; returns the results on
     rank 0 and {"status": ...} on the others."""
-    cfg, env, meter = t.config, t.env, t.meter
+    cfg, env, meter, plugin = t.config, t.env, t.meter, t.device_plugin
     reduce = status != "failed"
     if status != "completed":
         meter.stopped()
@@ -40,7 +40,7 @@ def finish(t: Trainer, status: str, reason: str | None = None) -> dict:
     # One gather of what only each rank knows: its host, device, memory peak, monitor samples.
     mine = {
         "host": environment.hostname(),
-        "uuid": device_uuid(env.device),
+        "uuid": plugin.device_id(env.device),
         "memory": memory_peak(env.device),
         "samples": t.monitor.stop() if t.monitor else [],
         "energy": t.energy.summary(),
@@ -54,18 +54,18 @@ def finish(t: Trainer, status: str, reason: str | None = None) -> dict:
     monitored = monitor.summarize(samples) if samples else None
     uuids = [rank["uuid"] for rank in ranks]
     driver = driver_peak(monitored["devices"], uuids) if monitored else None
-    memory = job_memory([rank["memory"] for rank in ranks], driver)
-    device_name = environment.device_name(env.device)
+    memory = job_memory([rank["memory"] for rank in ranks], driver, plugin.memory_view)
+    device_name = plugin.device_name(env.device)
     segments = t.checkpointer.segments.until(status, meter.steps)
     batch_shapes = sorted({tuple(shape) for rank in ranks for shape in rank["batch_shapes"]})
     spent = energy.job_energy(
         ranks,
         samples,
-        env.device.type,
+        plugin.energy_is_host,
         summary["trained_images"],
         summary["train_time"] - summary["eval_time"],
         len(segments),
-        env.nodes if env.device.type == "cpu" else env.world_size,
+        env.nodes if plugin.energy_is_host else env.world_size,
     )
     if samples:
         io.write_jsonl(t.run_dir / MONITOR, samples)
@@ -83,7 +83,7 @@ def finish(t: Trainer, status: str, reason: str | None = None) -> dict:
         utilization=utilization.utilization(
             t.flops_per_image,
             summary["p_core"],
-            device_name,
+            plugin.peak(device_name, t.precision.peak_math()),
             t.precision.peak_math(),
             env.world_size,
         ),
@@ -98,7 +98,9 @@ def finish(t: Trainer, status: str, reason: str | None = None) -> dict:
         checkpoint_failures=t.checkpointer.writer.failures,
         newest_checkpoint=t.checkpointer.newest,
         monitor=monitored,
-        environment=environment.capture(env.device, [rank["host"] for rank in ranks]),
+        environment=environment.capture(
+            env.device, [rank["host"] for rank in ranks], plugin, t.readings_note
+        ),
         run_dir=t.run_dir,
         # e2e_time ends here, as results.json is written (over every segment of the run).
         e2e_time=meter.e2e_time(),

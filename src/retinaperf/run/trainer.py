@@ -26,14 +26,21 @@ from retinaperf.data import coco
 from retinaperf.distributed import DistEnv
 from retinaperf.errors import UserError
 from retinaperf.measure import energy
-from retinaperf.measure.memory import device_uuid
+from retinaperf.measure.devices import registry
 from retinaperf.measure.meter import EvalRecord, Meter, device_events
-from retinaperf.measure.monitor import Monitor
+from retinaperf.measure.monitor import HostSampler, Monitor
 from retinaperf.measure.profiling import StepProfiler
 from retinaperf.model import precision
 from retinaperf.model.network import build_model
 from retinaperf.model.precision import Precision
-from retinaperf.report.events import EVENTS, EventLog, TensorBoardSink, require_tensorboard
+from retinaperf.report.events import (
+    EVENTS,
+    EventLog,
+    EventSink,
+    TensorBoardSink,
+    require_tensorboard,
+)
+from retinaperf.report.mlperf import MLPERF_LOG, MlperfLog
 from retinaperf.run import build, evaluation, finish, progress, rundir, signals, step
 from retinaperf.run.checkpoint import Position
 from retinaperf.run.checkpointer import Checkpointer, Generators
@@ -58,7 +65,11 @@ def run(
     newest checkpoint); returns the results written to `<run_dir>/results.json` on rank 0, and
     {"status": ...} on the other ranks. `step_fn` and `evaluate_fn` are the step and the
     evaluation (tests wrap them)."""
-    env = distributed.setup(config.device, config.dist_timeout)
+    env = distributed.setup(
+        config.device,
+        config.dist_timeout,
+        lambda device: registry.plugin_for(device).collective_backend,
+    )
     events = EventLog(None, command_start)
     trainer = None
     with signals.StopRequest() as stop, contextlib.ExitStack() as held:
@@ -142,9 +153,15 @@ class Trainer:
             )
         )
         self.watch = LossWatch(env.device)
+        # What is read of the device (samples, energy, peak FLOP/s) comes from its plug-in.
+        self.device_plugin = registry.plugin_for(env.device)
         # Each rank reads its own device's counter; one rank per node reads the CPU packages.
         self.energy = energy.RunEnergy(
-            device_uuid(env.device), env.local_rank == 0, self.meter.clock, command_start
+            *self.device_plugin.energy_counter(env.device),
+            read_host=env.local_rank == 0,
+            clock=self.meter.clock,
+            command_start=command_start,
+            sampled_by=self.device_plugin.source,
         )
         self.checkpointer = Checkpointer(
             self.run_dir,
@@ -185,7 +202,9 @@ class Trainer:
         self.events = EventLog(None, command_start)  # other ranks write no log
         if env.is_main:
             rundir.claim(self.run_dir, config, model, self.optimizer, self.precision)
-            sinks = (TensorBoardSink(self.run_dir / "tensorboard"),) if config.tensorboard else ()
+            sinks: tuple[EventSink, ...] = (MlperfLog(self.run_dir / MLPERF_LOG, command_start),)
+            if config.tensorboard:
+                sinks += (TensorBoardSink(self.run_dir / "tensorboard"),)
             self.events = EventLog(self.run_dir / EVENTS, command_start, sinks)
         self.checkpointer.events = self.events
         self.events.emit(
@@ -195,11 +214,11 @@ class Trainer:
             segment=self.checkpointer.segments.current,
             **self.facts,
         )
-        self.monitor = (
-            Monitor(config.monitor_interval, command_start)
-            if env.local_rank == 0 and config.monitor_interval > 0
-            else None
-        )
+        self.monitor, self.readings_note = None, "the monitor was off (monitor_interval = 0)"
+        if env.local_rank == 0 and config.monitor_interval > 0:
+            sampler, self.readings_note = registry.open_sampler(self.device_plugin)
+            samplers = [HostSampler()] + ([sampler] if sampler is not None else [])
+            self.monitor = Monitor(config.monitor_interval, command_start, samplers)
         self.profiler = StepProfiler(
             parse_step_window(config.train.profile_steps),
             self.run_dir,
@@ -218,6 +237,7 @@ class Trainer:
         self.env.barrier()  # every rank is built and ready: training time starts now
         self.checkpointer.restore_rank_parts()
         self.meter.train_started()
+        self.events.emit("train_start", step=self.meter.steps, warmup_steps=warmup_iters)
         self.energy.mark(None)
         if self.monitor is not None:
             self.monitor.start()
@@ -225,7 +245,9 @@ class Trainer:
             if self.finished():  # a resumed run whose last evaluation ended it
                 break
             first = start.step_in_epoch if epoch == start.epoch else 0
+            self.events.emit("epoch_start", epoch=epoch, step=self.meter.steps)
             self.train_epoch(epoch, first, warmup_iters)
+            self.events.emit("epoch_end", epoch=epoch, step=self.meter.steps)
             self.evaluate(epoch)
             after = Position(epoch + 1, 0, self.meter.steps)
             self.save_checkpoint(after)

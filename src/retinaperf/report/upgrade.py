@@ -1,0 +1,138 @@
+"""The upgrade of older results.json files to the current schema (results.py).
+
+A field that a file's version did not record gets what it meant then (before issue 15 the
+transform was torchvision's), or None where nothing can be known (said at the field).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from retinaperf.errors import UserError
+from retinaperf.report.results import SCHEMA_VERSION
+
+
+def upgrade(results: dict[str, Any]) -> dict[str, Any]:
+    """`results` in the current schema's shape: a file of an earlier version gets the fields it
+    lacks, each with what it meant when that file was written; the current shape is returned as
+    it is. Raises UserError for what is not a results object, or of a version newer than this."""
+    if not all(isinstance(results.get(part), dict) for part in ("metrics", "config")):
+        raise UserError("no 'metrics' and 'config': it is not a retinaperf results file")
+    version = results.get("schema_version", 0)
+    if version == SCHEMA_VERSION:
+        return results
+    if not isinstance(version, int) or not 0 <= version < SCHEMA_VERSION:
+        raise UserError(
+            f"schema_version {version!r} is not one this retinaperf reads (0 to "
+            f"{SCHEMA_VERSION}): read it with the retinaperf that wrote it, or a newer one"
+        )
+    upgraded = copy.deepcopy(results)
+    if version < 1:
+        _from_version_0(upgraded)
+    _from_version_1(upgraded)
+    return {"schema_version": SCHEMA_VERSION, **upgraded}
+
+
+def _from_version_0(results: dict[str, Any]) -> None:
+    """Fill in, in place, what the unversioned files lacked; each such file has the fields of the
+    commit that wrote it, so every step is a default for one field, oldest first."""
+    m, config = results["metrics"], results["config"]
+    train, model = config.get("train", {}), config.get("model", {})
+    precision = m.get("precision")
+    # 40e3f7e: the precision's reason and math; before, fp32 was IEEE and only tf32 used TF32,
+    # and the device's peak was looked up by the precision's name.
+    requested = train.get("precision")
+    m.setdefault(
+        "precision_reason",
+        "as configured" if requested == precision else f"{requested}: its reason was not recorded",
+    )
+    mode = "tf32" if precision == "tf32" else "ieee"
+    m.setdefault(
+        "math",
+        {
+            "conv_fp32_precision": mode,
+            "matmul_fp32_precision": mode,
+            "cudnn_benchmark": False,
+            "cudnn_deterministic": False,
+            "deterministic_algorithms": train.get("deterministic", False),
+            "effective_conv": mode,
+            "effective_matmul": mode,
+        },
+    )
+    m.setdefault("peak_math", precision)
+    # cfaf473: no timing warm-up before, so p_core_steady is p_core; no throughput mode.
+    m.setdefault("timing_warmup_steps", 0)
+    m.setdefault("p_core_steady", m.get("p_core"))
+    m.setdefault("throughput_only", False)
+    m.setdefault("precision_requested", requested)
+    weights = str(m.get("backbone_weights"))
+    m.setdefault(
+        "backbone_init",
+        "random initialisation (batch norm and every layer trainable)"
+        if weights.strip().lower() == "none"
+        else f"ImageNet weights from {weights}",
+    )
+    config.setdefault("data", {}).setdefault("synth_profile", "shapes")  # its one generator
+    train.setdefault("profile_steps", "")
+    # 22f7d61: the step's choices; before, torchvision's loss and post-processing unless
+    # configured, torch's default SGD and DDP's default options; the trainer did not yet apply
+    # the channels_last and compile keys.
+    ddp_defaults = {"broadcast_buffers": True, "gradient_as_bucket_view": False}
+    m.setdefault(
+        "implementation",
+        {
+            "loss": model.get("loss", "torchvision"),
+            "postprocess": model.get("postprocess", "torchvision"),
+            "channels_last": False,
+            "compile": False,
+            "optimizer": "SGD (torch's default)",
+            "ddp": ddp_defaults if m.get("world_size", 1) > 1 else None,
+        },
+    )
+    # 20e631f: statuses, checkpoints and segments; before, results were written only by a
+    # completed run of one segment without checkpoints, and only amp and fp16 scale the loss.
+    results.setdefault("status", "completed")
+    results.setdefault("reason", None)
+    results.setdefault("segments", None)
+    results.setdefault("checkpoint", None)
+    m.setdefault("checkpoint_time", 0.0)
+    m.setdefault("skipped_steps", None if precision in ("amp", "fp16") else 0)
+    m.setdefault("segments", 1)
+    m.setdefault("time_between_segments", 0.0)
+    m.setdefault("checkpoint_failures", 0)
+    # 5a8162b: energy was not read before.
+    for key in ("energy_train_j", "energy_eval_j", "images_per_joule", "power_train_w"):
+        m.setdefault(key, None)
+    m.setdefault("energy_source", None)
+    m.setdefault("energy_note", "results written before retinaperf read energy")
+    results.setdefault("energy", {"devices": [], "hosts": []})
+    # b057cc9 (issue 15): before, torchvision's transform, constants recomputed at every step,
+    # torch.compile in its default mode; the batch shapes were not recorded.
+    impl = m["implementation"]
+    impl.setdefault("compile_mode", "default" if impl.get("compile") else None)
+    impl.setdefault("transform", "torchvision")
+    impl.setdefault("reuse_constants", False)
+    m.setdefault("batch_shapes", None)
+    results.setdefault("batch_shapes", None)
+
+
+def _from_version_1(results: dict[str, Any]) -> None:
+    """Issue 18: the readings came from NVML on CUDA devices and from the host on a CPU; the
+    peaks from the NVIDIA table, which knew no other device."""
+    m, env = results["metrics"], results.setdefault("environment", {})
+    env.setdefault(
+        "device_plugin", {"cuda": "nvidia", "cpu": "cpu"}.get(env.get("device_type"), "none")
+    )
+    sampled = bool((results.get("monitor") or {}).get("devices"))
+    env.setdefault("device_readings", "NVML" if sampled else None)
+    env.setdefault(
+        "device_readings_note",
+        None if sampled else "no device readings (written before device plug-ins)",
+    )
+    known = m.get("peak_tflops") is not None
+    m.setdefault("peak_source", "NVIDIA datasheet" if known else None)
+    m.setdefault(
+        "peak_note",
+        None if known else "no peak for this device in the table of the retinaperf that wrote it",
+    )
