@@ -40,6 +40,7 @@ from retinaperf.io import write_text_atomic  # noqa: E402
 from retinaperf.report import tables  # noqa: E402
 from retinaperf.report.events import EVENTS, read_events  # noqa: E402
 from retinaperf.report.results import RESULTS  # noqa: E402
+from retinaperf.units import NO_VALUE  # noqa: E402
 
 PRESET = "A100-1x1"
 PROFILED = "40:45"  # the steps bf16-profile records: after the warm-up, before the end
@@ -217,17 +218,17 @@ def _extra_row(results: dict) -> dict[str, str]:
         f"{impl['postprocess']}, channels-last {'on' if impl['channels_last'] else 'off'}, "
         f"cudnn.benchmark {'on' if m['math']['cudnn_benchmark'] else 'off'}, compile {compiled}",
         "p_core": tables.significant(m["p_core"]),
-        "p_core_steady": "–" if steady is None else tables.significant(steady),
+        "p_core_steady": NO_VALUE if steady is None else tables.significant(steady),
         "TFLOP/s": tables.significant(m["achieved_tflops"]),
-        "MFU": "–" if m["mfu"] is None else f"{100 * m['mfu']:.1f}% of {m['peak_math']}",
+        "MFU": NO_VALUE if m["mfu"] is None else f"{100 * m['mfu']:.1f}% of {m['peak_math']}",
         # NVML's utilisation: the share of sample periods in which a kernel ran (monitor mean)
-        "GPU util": f"{max(utilisation):.1f}%" if utilisation else "–",
-        "device busy": "–" if busy is None else f"{100 * busy:.1f}% of steps {PROFILED}",
+        "GPU util": f"{max(utilisation):.1f}%" if utilisation else NO_VALUE,
+        "device busy": NO_VALUE if busy is None else f"{100 * busy:.1f}% of steps {PROFILED}",
         "batch shapes": str(m["batch_shapes"]),
         "float32 math": f"conv {m['math']['effective_conv']}, matmul "
         f"{m['math']['effective_matmul']}",
         "mem": m["mem"],
-        "img/J": "–" if per_joule is None else tables.significant(per_joule),
+        "img/J": NO_VALUE if per_joule is None else tables.significant(per_joule),
         "energy": m["energy_source"] or m["energy_note"],
     }
 

@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "src" / "retinaperf"
 LAYERS = {
     "errors": 0,
     "io": 0,
+    "invocation": 0,
     "units": 0,
     "config": 0,
     "distributed": 0,

@@ -2,9 +2,11 @@
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,6 +108,7 @@ def test_presets_lists_the_shipped_presets_with_their_purpose(capsys):
     for name in ("smoke", "A100-1x1", "A100-1x8", "A100-2x8"):
         assert any(line.startswith(name + " ") for line in out.splitlines())
     assert "lr 0.08" in out
+    assert "seed" not in out and "The recipe of FlagPerf RetinaNet's A100 1x8 result" in out
 
 
 def test_presets_keys_lists_settable_keys_with_default_type_and_help(capsys):
@@ -123,6 +126,49 @@ def test_presets_keys_lists_settable_keys_with_default_type_and_help(capsys):
     help_of_lr = lines[lines.index(keys["train.lr"]) + 1]
     assert help_of_lr == "    Peak learning rate after warm-up."
     assert all(len(line) <= 100 for line in lines if line.startswith(" "))  # help is wrapped
+    # what the first column is, said before it; every key's line shows its default
+    assert lines[0].startswith("KEY=DEFAULT  (what it takes)")
+    assert keys["output_dir"] == "output_dir=  (string)"  # an empty default, its help says why
+    assert keys["train.deterministic"] == "train.deterministic=false  (true|false)"
+    assert "the seed" not in " ".join(lines).lower()  # the benchmark reproduced is named
+
+
+def help_of(capsys, *argv: str) -> str:
+    """`retinaperf ARGV --help`, as one line whatever argparse's wrapping."""
+    with pytest.raises(SystemExit) as done:
+        cli.main([*argv, "--help"])
+    assert done.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_synth_help_says_what_each_option_does_and_its_default(capsys):
+    text = help_of(capsys, "synth")
+    assert "--seed N the same seed and arguments write the same files" in text
+    assert "another seed, other images (default: 0)" in text
+    assert "--train-images N images in train2017/ (default: 512)" in text
+    assert "--val-images N images in val2017/ (default: 96)" in text
+
+
+def test_run_help_says_synthetic_takes_a_dataset_synth_wrote(capsys):
+    text = help_of(capsys, "run")
+    assert "With --data-dir D: on a dataset `retinaperf synth` wrote into D" in text
+    assert "With `run --synthetic`: only a folder `retinaperf synth` wrote." in text  # --data-dir
+
+
+@pytest.mark.parametrize("command", ["run", "synth", "evaluate", "presets"])
+def test_help_speaks_of_no_seed_table(capsys, command):
+    """`the seed` (the benchmark this one reproduces) meant nothing to a user: it is named."""
+    assert "the seed" not in help_of(capsys, command).lower()
+
+
+def test_report_help_says_what_it_takes_and_what_each_format_gives(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["report", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # as one line, whatever the wrapping
+    assert "--format {md,csv,json} md: the table" in text and "(default: md)" in text
+    assert "csv, json: one row per run with ASCII keys" in text
+    assert "the folder of a `run --repeat`" in text and "the seed" not in text
 
 
 def test_synth_command_writes_a_dataset(tmp_path, capsys):
@@ -170,3 +216,66 @@ def test_corrupt_jpeg_found_during_training_fails_the_run_in_its_results(
     assert results["status"] == "failed" and victim.name in results["reason"]
     assert results["metrics"]["steps"] == 2 and results["metrics"]["mAP"] is None
     assert "cannot read image" in line
+
+
+def test_messages_name_the_command_the_way_this_process_was_started(tmp_path, monkeypatch):
+    """After `make run` the script is `.venv/bin/retinaperf`, not on PATH: a message that tells
+    the user a command names it so that it can be pasted as it is."""
+    from retinaperf import invocation
+
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    script = bin_dir / "retinaperf"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    no_env: dict[str, str] = {}
+    prefix = invocation.prefix
+    assert prefix(".venv/bin/retinaperf", tmp_path, no_env) == ".venv/bin/retinaperf"
+    assert prefix(str(script), tmp_path, no_env) == ".venv/bin/retinaperf"  # inside: relative
+    assert prefix(str(script), bin_dir, no_env) == "./retinaperf"
+    elsewhere = tmp_path / "elsewhere"
+    assert prefix(str(script), elsewhere, no_env) == str(script)  # outside: absolute
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert prefix(str(script), elsewhere, no_env) == "retinaperf"  # PATH finds this very file
+    # `python -m retinaperf` (and torchrun's workers): this interpreter, as a shell reaches it
+    python = Path(sys.executable)
+    module = str(Path(cli.__file__).with_name("__main__.py"))
+    assert prefix(module, python.parent, no_env) == f"./{python.name} -m retinaperf"
+    assert prefix(module, tmp_path, no_env) == f"{python} -m retinaperf"
+    # the processes a command starts (torchrun's workers, --repeat's rounds) name that command
+    assert prefix(module, tmp_path, {invocation.COMMAND_ENV: "bin/rp"}) == "bin/rp"
+    monkeypatch.setattr(sys, "argv", [str(script), "run"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(invocation.COMMAND_ENV, raising=False)
+    with invocation.handed_down():
+        assert os.environ[invocation.COMMAND_ENV] == "retinaperf"
+        monkeypatch.setattr(sys, "argv", [module, "run"])
+        assert invocation.command("run", "--resume", "my runs/a") == (
+            "retinaperf run --resume 'my runs/a'"
+        )
+    assert invocation.COMMAND_ENV not in os.environ
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    assert invocation.command("report", "runs/a") == f"{python} -m retinaperf report runs/a"
+
+
+def test_an_interrupted_jobs_resume_command_starts_it_as_it_was_started(monkeypatch):
+    from retinaperf import invocation
+
+    monkeypatch.delenv(invocation.COMMAND_ENV, raising=False)
+    for name in ("LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli._resume_command("runs/a") == invocation.command("run", "--resume", "runs/a")
+    # torchrun's workers: under `run --nproc-per-node 2`, that command again
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv(invocation.COMMAND_ENV, ".venv/bin/retinaperf")
+    assert cli._resume_command("runs/a") == (
+        ".venv/bin/retinaperf run --resume runs/a --nproc-per-node 2"
+    )
+    # under a torchrun the user typed, which this process cannot spell out
+    monkeypatch.delenv(invocation.COMMAND_ENV)
+    assert cli._resume_command("runs/a") == (
+        "the same torchrun command with `-m retinaperf run --resume runs/a`"
+    )

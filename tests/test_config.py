@@ -105,14 +105,17 @@ def test_values_are_typed():
     assert type(parsed["lr_steps"]) is tuple
 
 
-@pytest.mark.parametrize(("text", "expected"), [("true", True), ("false", False), ("True", True)])
+@pytest.mark.parametrize(("text", "expected"), [("true", True), ("false", False), (" true", True)])
 def test_bool_spellings(text, expected):
     assert parse_overrides([f"deterministic={text}"]) == {"deterministic": expected}
 
 
-@pytest.mark.parametrize("text", ["yes", "no", "1", "0", "on", "off", ""])
+@pytest.mark.parametrize("text", ["yes", "no", "1", "0", "on", "off", "", "True", "FALSE"])
 def test_bool_takes_true_or_false_alone(text):
-    # The keys' list says true|false; a preset file holds TOML's true/false too.
+    # The keys' list says true|false, and that is what is taken: a preset file holds TOML's
+    # true/false, which has no other spelling either.
+    (deterministic,) = [key for key in config.all_keys() if key.name == "train.deterministic"]
+    assert deterministic.kind == "true|false"
     with pytest.raises(UserError) as err:
         parse_overrides([f"deterministic={text}"])
     assert str(err.value) == f"--set: deterministic={text!r} is not valid: use true or false"
@@ -224,6 +227,17 @@ def test_max_size_below_min_size_is_refused():
     with pytest.raises(UserError, match="max_size"):
         ModelConfig(min_size=800, max_size=799)
     assert ModelConfig(min_size=800, max_size=800).max_size == 800
+
+
+def test_every_choice_key_lists_its_choices_as_words():
+    """A bad choice is answered with the choices comma-separated, never a Python tuple."""
+    choice_keys = [key for key in config.all_keys() if "|" in key.kind and key.kind != "true|false"]
+    assert {key.name for key in choice_keys} >= {"train.precision", "data.synth_profile"}
+    for key in choice_keys:
+        with pytest.raises(UserError) as err:
+            parse_overrides([f"{key.name}=bogus"])
+        need = str(err.value).partition(" is not valid: ")[2]
+        assert need == f"use one of {key.kind.replace('|', ', ')}"
 
 
 def test_every_precision_choice_is_accepted():
@@ -452,9 +466,47 @@ def test_synthetic_mode_sits_between_the_preset_and_the_command_line():
     assert resolve("A100-1x1", {}).throughput_only is False  # only when asked
 
 
-def test_synthetic_mode_refuses_a_dataset_and_random_weights_need_it():
-    with pytest.raises(UserError, match="--synthetic generates its own data"):
-        resolve("A100-1x1", parse_overrides(["data_dir=/data/coco"]), synthetic=True)
+def _dataset(root: Path, info: dict | None) -> Path:
+    """A folder whose val2017 annotation file holds `info` (None: no annotation file)."""
+    if info is not None:
+        (root / "annotations").mkdir(parents=True)
+        content = {"info": info, "images": [], "annotations": [], "categories": []}
+        (root / "annotations" / "instances_val2017.json").write_text(json.dumps(content))
+    return root
+
+
+def test_synthetic_mode_takes_a_dataset_synth_wrote(tmp_path):
+    """`run --synthetic --data-dir D` on what `retinaperf synth` wrote (tests/test_synth.py runs
+    on a real one): the throughput mode as it is, on D."""
+    root = _dataset(tmp_path / "d", {"description": "retinaperf generated dataset (val), seed 0"})
+    cfg = resolve("A100-1x1", parse_overrides([f"data_dir={root}"]), synthetic=True)
+    assert cfg.data.data_dir == str(root)
+    assert cfg.model.backbone_weights == "random" and cfg.throughput_only is True
+    assert (cfg.train.target_map, cfg.train.max_steps) == (0.0, 200)
+
+
+@pytest.mark.parametrize(
+    ("info", "needles"),
+    [
+        ({"description": "COCO 2017 Dataset"}, ["not a dataset", "'COCO 2017 Dataset'"]),
+        ({}, ["not a dataset", "''"]),
+        (None, ["does not exist", "synth --profile coco --out"]),
+    ],
+)
+def test_synthetic_mode_refuses_any_other_dataset(tmp_path, info, needles):
+    root = _dataset(tmp_path / "coco", info)
+    with pytest.raises(UserError) as err:
+        resolve("A100-1x1", parse_overrides([f"data_dir={root}"]), synthetic=True)
+    message = str(err.value)
+    assert message.startswith(f"--synthetic --data-dir {root}: ") and "\n" not in message
+    assert all(needle in message for needle in needles), message
+    if info is not None:
+        assert "drop --synthetic to train on this dataset" in message
+    # Without --synthetic the same folder is an ordinary data_dir (checked when the run reads it).
+    assert resolve("A100-1x1", parse_overrides([f"data_dir={root}"])).data.data_dir == str(root)
+
+
+def test_random_weights_need_the_throughput_mode():
     with pytest.raises(UserError, match=r"backbone_weights='random'.*throughput_only=true"):
         resolve("A100-1x1", parse_overrides(["backbone_weights=random"]))
     given = resolve("A100-1x1", parse_overrides(["backbone_weights=/w/resnet50.pth"]), True)

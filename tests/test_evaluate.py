@@ -718,13 +718,39 @@ def test_cli_evaluate_empty_detections_list(cli, files):
 
 
 def test_evaluate_files_ignores_detections_of_unknown_categories(files):
-    """As pycocotools does, however large the category id."""
+    """As pycocotools does, however large the category id; saying how many and which."""
     case, gt_path, dets_path = files
-    extra = [{**d, "category_id": 10**30 + i} for i, d in enumerate(case.detections[:5])]
+    extra = [{**d, "category_id": 10**30 + i % 2} for i, d in enumerate(case.detections[:5])]
     dets_path.write_text(json.dumps(case.detections + extra))
     expected = reference(case.gt, case.detections + extra)
-    assert_stats_equal(evaluate_files(gt_path, dets_path), expected)
+    with pytest.warns(UserWarning) as caught:
+        assert_stats_equal(evaluate_files(gt_path, dets_path), expected)
     assert_stats_equal(expected, reference(case.gt, case.detections))
+    (warning,) = caught
+    assert str(warning.message).startswith(
+        f"evaluate: 5 detection(s) in {dets_path} have a category_id that {gt_path} does not "
+        f"list ({10**30}, {10**30 + 1}): "
+    )
+
+
+def test_cli_evaluate_names_unknown_category_ids_in_one_warning_and_scores(cli, files):
+    case, gt_path, dets_path = files
+    extra = [{**d, "category_id": 1000 + i} for i, d in enumerate(case.detections[:13])]
+    dets_path.write_text(json.dumps(case.detections + extra))
+    status, out, err = cli(
+        "evaluate", "--annotations", str(gt_path), "--detections", str(dets_path)
+    )
+    assert status == 0
+    assert_stats_equal(json.loads(out), reference(case.gt, case.detections))
+    (line,) = err.strip().splitlines()
+    assert line.startswith("retinaperf: warning: evaluate: 13 detection(s) in ")
+    assert "(1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007, 1008, 1009 and 3 more)" in line
+
+
+def test_cli_evaluate_known_categories_only_warns_nothing(cli, files):
+    _, gt_path, dets_path = files
+    status, _, err = cli("evaluate", "--annotations", str(gt_path), "--detections", str(dets_path))
+    assert status == 0 and err == ""
 
 
 def bad_detections(case: Case):
@@ -780,6 +806,7 @@ def test_cli_evaluate_bad_annotations_file(cli, files, tmp_path, content):
         "evaluate", "--annotations", str(gt_path), "--detections", str(dets_path)
     )
     assert_one_line_error(status, out, err, [str(gt_path)])
+    assert err.startswith("retinaperf: error: evaluate: ")  # the command's, not the run's "data:"
 
 
 def assert_one_line_error(status: int, out: str, err: str, names: list[str]) -> None:

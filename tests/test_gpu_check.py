@@ -100,8 +100,11 @@ def test_the_whole_check_on_the_cpu_writes_runs_and_a_generated_summary(tmp_path
     readme = (folder / "README.md").read_text()
     assert "python benchmarks/gpu_check.py --cpu --steps 2" in readme
     assert "tests marked gpu:" in readme and "failed: nothing" in readme
-    rows = [line for line in readme.splitlines() if line.startswith("| ") and "bs=2" in line]
-    assert [row.split("|")[2].strip() for row in rows] == ["fp32", "bf16"]
+    lines = readme.splitlines()
+    header = next(line for line in lines if line.startswith("| run |")).split("|")
+    rows = [line.split("|") for line in lines if line.startswith("| ") and "bs=2" in line]
+    precision = header.index(" precision ")
+    assert [row[precision].strip() for row in rows] == ["fp32", "bf16"]
     assert (
         "| bf16-torchvision | bf16 | transform torchvision, reuse constants off, loss torchvision, "
         "postprocess torchvision" in readme

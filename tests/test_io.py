@@ -117,3 +117,35 @@ def test_a_new_or_empty_folder_is_taken_and_any_other_refused(tmp_path):
     with pytest.raises(UserError) as err:
         io.require_empty(tmp_path / "file", "synth", "give a folder")
     assert str(err.value) == f"synth: {tmp_path / 'file'} is not a folder: give a folder"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_files_get_the_permissions_open_gives(tmp_path, umask):
+    """mkstemp's 0o600 would keep results.json, report.md and config.json from the other users
+    of a shared machine: an atomic file is created as `open()` creates one."""
+    previous = os.umask(umask)
+    try:
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+        io.write_text_atomic(tmp_path / "report.md", "x")
+        io.write_json_atomic(tmp_path / "results.json", {"a": 1})
+        with io.atomic_file(tmp_path / "step-1.pt", "wb", durable=True) as f:
+            f.write(b"x")
+    finally:
+        os.umask(previous)
+    expected = 0o666 & ~umask
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == expected
+    for name in ("report.md", "results.json", "step-1.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "plain.txt", "report.md", "results.json", "step-1.pt",
+    ]  # fmt: skip
+
+
+def test_an_atomic_file_that_fails_leaves_neither_file_nor_temporary(tmp_path):
+    (tmp_path / "results.json").write_text("old")
+    with pytest.raises(RuntimeError), io.atomic_file(tmp_path / "results.json") as f:
+        f.write("half")
+        raise RuntimeError("disk gone")
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    assert (tmp_path / "results.json").read_text() == "old"

@@ -3,6 +3,7 @@ carry exactly the numbers of the event log and the monitor samples."""
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,10 @@ from retinaperf.report.plots import (
     throughput_figure,
     write_plots,
 )
+
+# Most cases here leave some plot out on purpose; the tests of the warning that says so catch it
+# themselves (pytest.warns sees warnings whatever the filters).
+pytestmark = pytest.mark.filterwarnings("ignore:plots. not drawn")
 
 
 def step_events(losses: list[float], lrs: list[float] | None = None) -> list[dict]:
@@ -171,6 +176,56 @@ def test_absent_data_writes_no_plot(tmp_path: Path) -> None:
     assert write_plots(bookends, [], tmp_path / "c") == []
     assert write_plots([], None, tmp_path / "d") == []
     assert not any((tmp_path / d).exists() for d in "bcd")
+
+
+def test_a_tiny_run_says_which_plots_it_did_not_draw_and_why(tmp_path: Path) -> None:
+    """max_steps below log_every: no step logged, so no loss or throughput plot; the monitor off.
+    One warning line names each plot left out, with the setting that left it out."""
+    events = [
+        {"event": "run_start", "time": 0.5, "config": {"train": {"log_every": 20},
+                                                       "monitor_interval": 0.0}},
+        *eval_events(),
+        {"event": "run_end", "time": 41.0, "steps": 2},
+    ]  # fmt: skip
+    with pytest.warns(UserWarning) as caught:
+        assert names(write_plots(events, None, tmp_path)) == ["map.png"]
+    (warning,) = caught
+    assert str(warning.message) == (
+        "plots: not drawn: loss.png and throughput.png: no step was logged (a step is logged "
+        "every log_every=20 steps, and the run took 2: set log_every to 2 or less); "
+        "devices.png/host.png: monitor_interval=0 turned the monitor off"
+    )
+    with pytest.warns(UserWarning, match=r"^plots: not drawn: map.png: no evaluation recorded"):
+        write_plots([e for e in run_events() if e["event"] != "eval"], cpu_samples(), tmp_path)
+
+
+def test_a_run_with_every_plot_warns_nothing(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(write_plots(run_events(), cpu_samples(), tmp_path)) == 4
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: loss_figure(step_events([2.0, 1.5, 1.2, 1.0], lrs=[0.01, 0.02, 0.04, 0.04])),
+        lambda: map_figure(eval_events()),
+        lambda: host_figure(cpu_samples()),
+        lambda: devices_figure(gpu_samples()),
+    ],
+    ids=["loss", "map", "host", "devices"],
+)
+def test_legends_lie_outside_every_data_area(build) -> None:
+    """A legend inside the axes covers some line wherever it goes (loss.png's covered the lr
+    curve, host.png's the CPU line): each legend's box meets no axes' data area."""
+    fig = build()
+    fig.canvas.draw()  # lays the figure out: the boxes are where the PNG has them
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]
+    assert legends
+    for legend in legends:
+        box = legend.get_window_extent()
+        assert not any(box.overlaps(ax.bbox) for ax in fig.axes), (box, [a.bbox for a in fig.axes])
+        assert fig.bbox.contains(box.x1 - 1, box.y0 + 1)  # and it is on the image, not cut off
 
 
 def test_identical_data_gives_identical_bytes(gpu_run, tmp_path: Path) -> None:

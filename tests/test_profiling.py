@@ -14,7 +14,15 @@ from torch import nn
 
 from retinaperf.config import parse_step_window
 from retinaperf.errors import UserError
-from retinaperf.measure.profiling import TOP_OPS, TOP_ROWS, TRACE, StepProfiler, device_busy
+from retinaperf.measure.profiling import (
+    TOP_OPS,
+    TOP_ROWS,
+    TRACE,
+    StepProfiler,
+    _format_table,
+    device_busy,
+)
+from retinaperf.units import NO_VALUE
 
 CPU = torch.device("cpu")
 
@@ -150,6 +158,58 @@ def test_a_run_that_ends_before_the_window_says_so(
     ((event, fields),) = events.records
     assert event == "profile" and fields["steps"] is None and fields["requested"] == [5, 6]
     assert "ended before step 5" in capsys.readouterr().out
+
+
+PROFILE_CPU = """
+import sys, torch
+from pathlib import Path
+from retinaperf.measure.profiling import StepProfiler
+profiler = StepProfiler((1, 2), Path(sys.argv[1]), torch.device("cpu"))
+for step in (1, 2):
+    profiler.before_step(step)
+    torch.randn(64, 64) @ torch.randn(64, 64)
+    profiler.after_step(step)
+"""
+
+
+@pytest.mark.parametrize("user_level", [None, "5"])
+def test_a_cpu_window_keeps_kinetos_log_off_the_console(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, user_level: str | None
+) -> None:
+    """Kineto logs to stderr on its own (its trace points everywhere, "gpuGetDeviceCount failed"
+    from a CUDA build without a GPU): a fresh process, as kineto starts once per process. A level
+    the user set is theirs."""
+    if user_level is None:
+        monkeypatch.delenv("KINETO_LOG_LEVEL", raising=False)
+    else:
+        monkeypatch.setenv("KINETO_LOG_LEVEL", user_level)
+    ran = subprocess.run(
+        [sys.executable, "-c", PROFILE_CPU, str(tmp_path)], capture_output=True, text=True
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert "steps 1-2" in (tmp_path / TOP_OPS).read_text(encoding="utf-8")
+    if user_level is None:
+        assert ran.stderr == ""
+    else:
+        assert "profiler_start" in ran.stderr  # kineto's own trace point, at the user's level
+
+
+def test_the_cpu_table_shows_cpu_time_alone(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """On a CPU the device's time is the CPU time: one time column, named so, no empty one."""
+    profiler = StepProfiler((1, 2), tmp_path, CPU)
+    train(profiler, steps=2)
+    heading, header, *rows = (tmp_path / TOP_OPS).read_text(encoding="utf-8").splitlines()
+    assert heading.endswith("operators by self CPU time")
+    assert header.split() == ["self", "CPU", "ms", "calls", "operator"]
+    assert len(rows) == TOP_ROWS and all(float(row.split()[0]) >= 0 for row in rows)
+    assert NO_VALUE not in "\n".join(rows)
+
+
+def test_a_device_table_has_the_device_time_first() -> None:
+    ops = [{"name": "aten::mm", "calls": 3, "self_device_us": 2500.0, "self_cpu_us": 40.0}]
+    header, row = _format_table(ops, "CUDA").splitlines()
+    assert header.split() == ["self", "CUDA", "ms", "self", "CPU", "ms", "calls", "operator"]
+    assert row.split() == ["2.500", "0.040", "3", "aten::mm"]
 
 
 def test_the_parser_imports_without_torch() -> None:

@@ -9,7 +9,17 @@ from test_results import made_results
 
 from retinaperf import cli
 from retinaperf.io import write_json_atomic
-from retinaperf.run.rounds import SUMMARY, configuration_key, groups, render_spread, spread
+from retinaperf.report.tables import REPORT, load_results
+from retinaperf.run.rounds import (
+    SUMMARY,
+    configuration_key,
+    groups,
+    render_spread,
+    round_dir,
+    run_dirs,
+    spread,
+    write_summary,
+)
 
 
 def results(p_core: float, precision: str = "fp32", **metrics) -> dict:
@@ -76,6 +86,29 @@ def test_report_shows_the_spread_of_runs_of_one_configuration(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Spread over 2 runs of one configuration" in out
     assert "| p_core | 2 | 11.0 | 10.0 | 12.0 |" in out
+
+
+def test_report_of_a_repeat_folder_shows_its_rounds_and_their_spread(tmp_path, capsys):
+    rep = tmp_path / "rep"
+    for k, p in ((1, 10.0), (2, 12.0), (10, 14.0)):  # round 10 comes after round 2
+        folder = round_dir(rep, k)
+        folder.mkdir(parents=True)
+        full = results(p, p_whole=p / 2, p_train=p * 0.9, mAP=0.3, local_batch=16, lr=0.04)
+        write_json_atomic(folder / "results.json", {**full, "run_dir": str(folder)})
+    assert run_dirs(rep) == [rep / "round-1", rep / "round-2", rep / "round-10"]
+    assert run_dirs(rep / "round-2") == [rep / "round-2"]  # a run directory stands for itself
+    write_summary(rep, [load_results(d) for d in run_dirs(rep)])
+    assert cli.main(["report", str(rep)]) == 0
+    out = capsys.readouterr().out
+    runs = [line.split("|")[1].strip() for line in out.splitlines()[2:5]]
+    assert runs == ["round-1 (A100-1x1)", "round-2 (A100-1x1)", "round-10 (A100-1x1)"]
+    assert "| p_core | 3 | 12.0 | 10.0 | 14.0 |" in out
+    # what `run --repeat` wrote beside the rounds is the same text, under its title
+    title, body = (rep / REPORT).read_text().split("\n\n", 1)
+    assert title == "# retinaperf: 3 rounds of preset A100-1x1" and body == out
+    assert cli.main(["report", str(rep), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["run"] for row in rows] == ["round-1", "round-2", "round-10"]
 
 
 def test_run_repeat_runs_rounds_in_their_own_processes_and_summarizes(

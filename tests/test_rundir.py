@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from cli_helpers import run_cli
 
 from retinaperf.run import checkpoint
@@ -88,3 +89,37 @@ def test_a_killed_runs_lock_does_not_block_its_resume(tiny_dataset, tiny_run_arg
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "completed"
     assert [s["ended"] for s in results["segments"]] == ["crashed", "completed"]
+
+
+@pytest.mark.parametrize(
+    ("results", "ended"),
+    [
+        ({"status": "interrupted"}, "was interrupted"),
+        (None, "stopped without results (killed or crashed)"),
+        ({"status": "failed"}, "failed"),
+    ],
+)
+def test_a_new_run_into_a_run_that_can_go_on_is_offered_its_resume(results, ended, tmp_path):
+    from retinaperf import config, invocation
+    from retinaperf.distributed import DistEnv
+    from retinaperf.errors import UserError
+    from retinaperf.run import rundir
+
+    out = tmp_path / "int"
+    checkpoint.folder(out).mkdir(parents=True)
+    (checkpoint.folder(out) / "step-4.pt").write_bytes(b"state")
+    (out / rundir.CONFIG).write_text("{}")
+    if results is not None:
+        (out / "results.json").write_text(json.dumps(results))
+    resolved = config.resolve("smoke", config.parse_overrides([f"output_dir={out}"]))
+    env = DistEnv(0, 1, 0, 1, torch.device("cpu"))
+    with pytest.raises(UserError) as refused:
+        rundir.choose(resolved, env, resume=False)
+    assert str(refused.value) == (
+        f"output: {out} holds a run that {ended}, with checkpoint step-4.pt: continue it with "
+        f"`{invocation.command('run', '--resume', str(out))}`, or choose a new --output-dir"
+    )
+    # a completed run (its checkpoints gone) or a folder of other files: only not empty
+    (out / "results.json").write_text(json.dumps({"status": "completed"}))
+    with pytest.raises(UserError, match=r"is not empty: choose a new --output-dir$"):
+        rundir.choose(resolved, env, resume=False)

@@ -187,10 +187,14 @@ def test_failed_generation_leaves_nothing(tmp_path, monkeypatch):
     assert list((tmp_path / "cache").iterdir()) == []  # no half-written staging folder
 
 
-def test_cached_generates_once_then_reuses(tmp_path, monkeypatch):
+def test_cached_generates_once_then_reuses(tmp_path, monkeypatch, capsys):
     spec = SynthSpec(seed=2, train_images=2, val_images=1, image_size=32)
     first = cached(spec, tmp_path)
     assert first.parent == tmp_path
+    # one line says what is being generated, where, before it starts; none when reused
+    (line,) = capsys.readouterr().out.splitlines()
+    assert "generating the shapes dataset (2 training + 1 validation images, 32 px" in line
+    assert line.endswith(f"into {first}; later runs reuse it")
     assert (first / "annotations" / "instances_train2017.json").is_file()
     before = _tree(first)
     stamp = (first / "annotations" / "instances_val2017.json").stat().st_mtime_ns
@@ -200,6 +204,7 @@ def test_cached_generates_once_then_reuses(tmp_path, monkeypatch):
 
     monkeypatch.setattr(synth, "generate", must_not_run)
     assert cached(spec, tmp_path) == first
+    assert capsys.readouterr().out == ""
     assert _tree(first) == before
     assert (first / "annotations" / "instances_val2017.json").stat().st_mtime_ns == stamp
 
@@ -449,3 +454,33 @@ def test_cli_synth_writes_a_coco_profile_dataset(flags, workers, tmp_path, monke
     assert len(list((out / "train2017").iterdir())) == 3
     assert {c["id"] for c in _coco(out, "train")["categories"]} == COCO_IDS
     assert all(max(im["width"], im["height"]) <= 640 for im in _all(out, "images"))
+
+
+def test_run_synthetic_trains_on_a_dataset_synth_wrote(tiny_run_args, tmp_path, capsys):
+    """`synth --profile coco --out D`, then `run --preset A100-1x1 --synthetic --data-dir D` (the
+    README's way to a throughput run on a dataset written beforehand), shrunk for a CPU: the
+    throughput mode on D, with no download; D with another `info` is refused in one line."""
+    from cli_helpers import run_cli  # imports the trainer: only where a run is wanted
+
+    data = tmp_path / "synth"
+    synth_args = ["synth", "--out", str(data), "--profile", "coco", "--image-size", "64"]
+    counts = ["--train-images", "6", "--val-images", "2", "--workers", "1"]
+    assert cli.main([*synth_args, *counts]) == 0
+    out = tmp_path / "run"
+    args = tiny_run_args(data, out, "--preset", "A100-1x1", "--synthetic", monitor_interval=0)
+    assert run_cli(args) == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    m = results["metrics"]
+    assert m["dataset"] == str(data) and (m["train_images"], m["val_images"]) == (6, 2)
+    assert m["throughput_only"] is True and m["steps"] == 2
+    assert m["backbone_init"].startswith("random values in the pretrained structure")
+    assert results["config"]["model"]["backbone_weights"] == "random"
+
+    annotations = data / "annotations" / "instances_val2017.json"
+    content = json.loads(annotations.read_text())
+    annotations.write_text(json.dumps({**content, "info": {"description": "COCO 2017 Dataset"}}))
+    capsys.readouterr()
+    assert run_cli(tiny_run_args(data, tmp_path / "refused", "--synthetic")) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not a dataset `retinaperf synth` wrote" in err
+    assert not (tmp_path / "refused").exists()

@@ -363,8 +363,10 @@ def test_synthetic_mode_measures_a_presets_recipe_on_coco_like_data(tmp_path, ca
     # the float32 math in force is recorded: on a CPU, IEEE whatever the TF32 flags say
     assert m["math"]["effective_conv"] == "ieee" and m["math"]["conv_fp32_precision"] == "tf32"
     report = (out / "report.md").read_text()
+    head = next(line for line in report.splitlines() if line.startswith("| ") and " mAP " in line)
     row = next(line for line in report.splitlines() if line.startswith("| ") and "bs=2" in line)
-    assert row.split("|")[8].strip() == "–"  # the mAP column
+    cells = dict(zip(head.split("|"), row.split("|"), strict=True))
+    assert cells[" mAP "].strip() == "–"
     assert "throughput-only run" in report and "float32 convolutions in IEEE" in report
     assert "p_core_steady" in report
     assert "steps 2:3 ran under torch.profiler" in report
@@ -375,7 +377,21 @@ def test_synthetic_mode_measures_a_presets_recipe_on_coco_like_data(tmp_path, ca
     trace = json.loads((out / profiled["trace"]).read_text())
     labels = {e["name"] for e in trace["traceEvents"] if e["name"].startswith("ProfilerStep#")}
     assert labels == {"ProfilerStep#2", "ProfilerStep#3"}
-    assert profiled["top_ops"][0]["name"] in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert profiled["top_ops"][0]["name"] in printed
+    # the console: the dataset made before it is used; a header naming the mode; no mAP that
+    # the run does not report, but the evaluation's time; the report named last
+    lines = printed.splitlines()
+    assert lines[0].startswith("retinaperf: generating the coco dataset (12 training + 4 ")
+    assert lines[1] == (
+        "retinaperf run: preset A100-1x1 (throughput mode: speed and memory, mAP not reported)"
+    )
+    assert "mAP 0." not in printed and "AP50" not in printed
+    (evaluated,) = [line for line in lines if line.startswith("epoch 0: ")]
+    seconds = m["evaluations"][0]["seconds"]
+    assert evaluated == f"epoch 0: evaluated in {seconds:.1f} s; mAP not reported (throughput mode)"
+    assert "throughput-only run" in lines[-3]
+    assert lines[-2:] == [f"report: {out / 'report.md'}", f"results: {out / 'results.json'}"]
 
 
 def test_a_loss_that_stays_nan_under_amp_fails_the_run_keeping_the_last_good_checkpoint(
@@ -519,3 +535,87 @@ def test_cuda_step_and_its_timing_never_wait_for_the_device(precision_name):
     assert all(torch.isfinite(v).all() for step_losses in losses for v in step_losses.values())
     meter.settle()
     assert meter.steps == 4 and meter.core_seconds > 0
+
+
+def test_a_run_says_what_runs_where_and_a_resumed_one_from_where(
+    tiny_run_args, tiny_dataset, tmp_path, capsys
+):
+    """The header before training; the command that continues an interrupted run; the same
+    folder given to a new run offers that command; the resumed run's header says from where."""
+    import signal
+
+    from cli_helpers import signal_at
+
+    from retinaperf import invocation
+    from retinaperf.run import step
+
+    out = tmp_path / "run"
+    args = tiny_run_args(tiny_dataset, out, precision="auto", monitor_interval=0)
+    assert run_cli(args, step_fn=signal_at(step.train_step, 1)) == 128 + signal.SIGTERM
+    stopped = json.loads((out / "results.json").read_text())
+    m = stopped["metrics"]
+    chosen = f"{m['precision']} ({m['precision_reason']})"  # auto: what it chose, and why
+    header = [
+        "retinaperf run: preset smoke",
+        f"  device     cpu ({m['device_name']}), 1 process (1 node x 1 per node)",
+        f"  precision  {chosen}",
+        f"  dataset    {tiny_dataset}: {m['train_images']} training images, "
+        f"{m['val_images']} validation images",
+        f"  run dir    {out}",
+    ]
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[: len(header)] == header
+    resume = invocation.command("run", "--resume", str(out))
+    assert captured.err.rstrip().endswith(f"continue with: {resume}")
+
+    # the folder again, for a new run: refused, offering the resume
+    assert run_cli(tiny_run_args(tiny_dataset, out)) == 1
+    err = capsys.readouterr().err
+    assert "holds a run that was interrupted, with checkpoint step-00000001.pt" in err
+    assert f"continue it with `{resume}`" in err
+
+    assert run_cli(["run", "--resume", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[: len(header)] == header
+    assert lines[len(header)] == (
+        f"  resumed    from step 1 (epoch 0, batch 1), checkpoint "
+        f"{checkpoint.folder(out) / 'step-00000001.pt'}"
+    )
+    # the table, then where the report and the results are
+    assert sum("| 配置 |" in line for line in lines) == 1
+    assert lines[-2:] == [f"report: {out / 'report.md'}", f"results: {out / 'results.json'}"]
+
+
+def test_more_loader_workers_than_cpus_is_one_line_naming_the_key(monkeypatch):
+    """PyTorch's paragraph names no setting, and comes once per loader: one line of ours, and
+    PyTorch's kept quiet."""
+    import warnings
+
+    from retinaperf import distributed
+    from retinaperf.distributed import DistEnv
+    from retinaperf.run import build
+
+    monkeypatch.setattr(distributed, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch._utils, "cpu_count", lambda: 2)  # what DataLoader asks
+    env = DistEnv(0, 1, 0, 1, CPU)
+    with warnings.catch_warnings(record=True) as caught:  # its filters are restored after
+        warnings.simplefilter("always")
+        build.check_workers(2, env)  # as many as the CPUs: nothing said, nothing hidden
+        torch.utils.data.DataLoader(range(4), num_workers=4)
+        assert [str(w.message) for w in caught] == [
+            "This DataLoader will create 4 worker processes in total. Our suggested max number "
+            "of worker in current system is 2, which is smaller than what this DataLoader is "
+            "going to create. Please be aware that excessive worker creation might get "
+            "DataLoader running slow or even freeze, lower the worker number to avoid potential "
+            "slowness/freeze if necessary."
+        ]
+        caught.clear()
+        build.check_workers(4, env)
+        torch.utils.data.DataLoader(range(4), num_workers=4)
+        assert [str(w.message) for w in caught] == [
+            "num_workers=4: more loader worker processes than the 2 CPUs this process may use, "
+            "which slows data loading or stalls it: set --set num_workers=2 or fewer"
+        ]
+        caught.clear()
+        build.check_workers(4, DistEnv(1, 2, 1, 2, CPU))  # the node's other ranks: quiet
+        assert caught == []

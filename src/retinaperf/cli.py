@@ -13,7 +13,7 @@ import warnings  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from retinaperf import io  # noqa: E402
+from retinaperf import invocation, io  # noqa: E402
 from retinaperf.distributed import launch  # noqa: E402
 from retinaperf.errors import UserError  # noqa: E402
 
@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--synthetic",
         action="store_true",
         help="throughput mode: the preset's recipe on generated COCO-like data with random "
-        "weights in the pretrained structure (no download); measures speed and memory, not mAP",
+        "weights in the pretrained structure (no download); measures speed and memory, not mAP. "
+        "With --data-dir D: on a dataset `retinaperf synth` wrote into D (e.g. `synth --profile "
+        "coco`) instead of generating one; another dataset is refused",
     )
     run.add_argument(
         "--repeat",
@@ -71,9 +73,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("synth", help="write the generated COCO-layout dataset")
     gen.add_argument("--out", required=True, help="new or empty folder to write into")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--train-images", type=int, default=512)
-    gen.add_argument("--val-images", type=int, default=96)
+    gen.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the same seed and arguments write the same files; another seed, other images "
+        "(default: %(default)s)",
+    )
+    gen.add_argument(
+        "--train-images",
+        type=int,
+        default=512,
+        metavar="N",
+        help="images in train2017/ (default: %(default)s)",
+    )
+    gen.add_argument(
+        "--val-images",
+        type=int,
+        default=96,
+        metavar="N",
+        help="images in val2017/ (default: %(default)s)",
+    )
     gen.add_argument(
         "--image-size",
         type=int,
@@ -98,13 +119,30 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--annotations", required=True, help="COCO instances JSON (ground truth)")
     ev.add_argument("--detections", required=True, help="COCO results JSON (list of detections)")
 
-    rep = commands.add_parser("report", help="put runs side by side in the seed's table")
-    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
-    rep.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    rep = commands.add_parser(
+        "report", help="put finished runs side by side in the table of FlagPerf's RetinaNet case"
+    )
+    rep.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run directories, or the folder of a `run --repeat` (its rounds, and their spread)",
+    )
+    rep.add_argument(
+        "--format",
+        choices=("md", "csv", "json"),
+        default="md",
+        help="md: the table with notes, then the spread of runs of one configuration; csv, json: "
+        "one row per run with ASCII keys and plain numbers, for scripts (default: %(default)s)",
+    )
     rep.add_argument("--plots", action="store_true", help="also draw each run's plots again")
 
     presets = commands.add_parser("presets", help="list presets (or every configuration key)")
-    presets.add_argument("--keys", action="store_true", help="list configuration keys instead")
+    presets.add_argument(
+        "--keys",
+        action="store_true",
+        help="list every configuration key instead, as KEY=DEFAULT with its type and meaning",
+    )
     return parser
 
 
@@ -132,7 +170,7 @@ def main(argv: list[str] | None = None, run_fn: Callable[..., dict] | None = Non
 
 def _run(args: argparse.Namespace) -> int:
     from retinaperf import config
-    from retinaperf.report.tables import format_table, table_row
+    from retinaperf.report.tables import REPORT, THROUGHPUT_ONLY_NOTE, format_table, table_row
     from retinaperf.run import rundir, trainer
 
     flags = {
@@ -158,7 +196,8 @@ def _run(args: argparse.Namespace) -> int:
             # Chosen here, not by each worker: workers torchrun starts again after a failure
             # must find the same directory.
             pairs.append(f"output_dir={io.new_timestamped_dir()}")
-        return _launch(args.nproc_per_node, _child_args(args, pairs))
+        with invocation.handed_down():
+            return _launch(args.nproc_per_node, _child_args(args, pairs))
     run = args.run_fn or trainer.run
     if launch().error_file is not None:
         # Under torchrun: record this worker's error where torchrun's failure summary reads it,
@@ -172,15 +211,32 @@ def _run(args: argparse.Namespace) -> int:
             print(
                 f"retinaperf: interrupted at step {results['metrics']['steps']} "
                 f"({results['reason']}); checkpoint {results['checkpoint']}; continue with: "
-                f"retinaperf run --resume {results['run_dir']}",
+                f"{_resume_command(results['run_dir'])}",
                 file=sys.stderr,
             )
         # As a process the signal had stopped: 143 for SIGTERM, 130 for SIGINT.
         return 128 + signal.Signals[results["signal"]].value
     if "run_dir" in results:
+        run_dir = Path(results["run_dir"])
         print(format_table([table_row(results)]))
-        print(f"results: {Path(results['run_dir']) / 'results.json'}")
+        if results["metrics"]["throughput_only"]:
+            print(THROUGHPUT_ONLY_NOTE)
+        print(f"report: {run_dir / REPORT}")
+        print(f"results: {run_dir / 'results.json'}")
     return 0
+
+
+def _resume_command(run_dir: str) -> str:
+    """The command that continues the run in `run_dir`, as this job was started: its launcher's
+    `--nproc-per-node` again; a torchrun the user typed, which this process cannot repeat,
+    named as such."""
+    launched = launch()
+    if not launched.by_torchrun:
+        return invocation.command("run", "--resume", run_dir)
+    if os.environ.get(invocation.COMMAND_ENV):  # `run --nproc-per-node N` started this job
+        nproc = str(launched.local_world_size)
+        return invocation.command("run", "--resume", run_dir, "--nproc-per-node", nproc)
+    return f"the same torchrun command with `-m retinaperf run --resume {run_dir}`"
 
 
 def _check_resume(args: argparse.Namespace, pairs: list[str]) -> None:
@@ -223,9 +279,10 @@ def _repeat(args: argparse.Namespace, resolved, pairs: list[str]) -> int:
     from retinaperf.run import rounds
 
     if launch().by_torchrun:
+        instead = invocation.command("run", "--repeat", "N", "--nproc-per-node", "M")
         raise UserError(
             "--repeat: this process is one of torchrun's workers; repeat the torchrun command "
-            "instead, or use `retinaperf run --repeat N --nproc-per-node M`"
+            f"instead, or use `{instead}`"
         )
     out_dir = Path(resolved.output_dir) if resolved.output_dir else io.new_timestamped_dir()
     # Each round gets its own output_dir, given last.
@@ -235,7 +292,8 @@ def _repeat(args: argparse.Namespace, resolved, pairs: list[str]) -> int:
         command = _torchrun_command(args.nproc_per_node, child)
     else:
         command = [sys.executable, "-m", "retinaperf", *child]
-    return rounds.run_rounds(args.repeat, out_dir, command, START_ENV)
+    with invocation.handed_down():  # so that a round's messages name the command typed
+        return rounds.run_rounds(args.repeat, out_dir, command, START_ENV)
 
 
 def _check_launch(nproc_per_node: int) -> None:
@@ -298,6 +356,7 @@ def _presets(args: argparse.Namespace) -> int:
 
         # Each key as `--set` takes it, with its default, then its help: most run to two lines.
         indent = " " * 4
+        print("KEY=DEFAULT  (what it takes), then its meaning; change one with --set KEY=VALUE")
         for key in config.all_keys():
             print(f"{key.name}={key.default}  ({key.kind})")
             print(textwrap.fill(key.help, 100, initial_indent=indent, subsequent_indent=indent))
@@ -311,15 +370,14 @@ def _report(args: argparse.Namespace) -> int:
     from retinaperf.report import events, tables
     from retinaperf.run import rounds
 
-    runs = [tables.load_results(Path(run_dir)) for run_dir in args.run_dirs]
-    print(tables.render_comparison(tables.compare(runs), args.format))
-    spreads = rounds.render_all_spreads(runs) if args.format == "md" else ""
-    if spreads:  # runs of one configuration: how much their numbers vary
-        print(f"\n{spreads}")
+    run_dirs = [d for given in args.run_dirs for d in rounds.run_dirs(Path(given))]
+    # Named where they are now, as given: a run directory may have moved since it was written.
+    runs = [{**tables.load_results(d), "run_dir": str(d)} for d in run_dirs]
+    print(rounds.render_runs(runs, args.format))
     if args.plots:
         from retinaperf.report.plots import write_plots
 
-        for run_dir in map(Path, args.run_dirs):
+        for run_dir in run_dirs:
             written = write_plots(
                 events.read_events(run_dir / events.EVENTS),
                 events.read_monitor(run_dir),

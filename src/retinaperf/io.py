@@ -9,9 +9,9 @@ import datetime
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -193,8 +193,7 @@ def atomic_file(path: Path, mode: str = "w", durable: bool = False) -> Iterator[
     ends and removed if it raises, so that nothing half-written ever has the name. `durable`:
     the bytes and the rename are on disk (fsync) before this returns, as a checkpoint's must be
     before a crash."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    tmp = _new_file_beside(path)
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
@@ -212,6 +211,19 @@ def atomic_file(path: Path, mode: str = "w", durable: bool = False) -> Iterator[
             os.fsync(folder)
         finally:
             os.close(folder)
+
+
+def _new_file_beside(path: Path) -> str:
+    """Create a new empty file of an unused name beside `path` and return its name. Created with
+    mode 0o666 as `open()` creates files, so that the umask alone decides who may read it
+    (mkstemp's 0o600 would keep results from the other users of a shared machine)."""
+    while True:
+        tmp = os.path.join(path.parent, f".{path.name}.{secrets.token_hex(6)}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:  # a name another writer drew: draw again
+            continue
+        return tmp
 
 
 def jsonable(value: Any) -> Any:

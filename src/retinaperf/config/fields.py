@@ -108,7 +108,9 @@ def _from_text(text: str, kind: Any) -> Any:
     none of the type's (then `_valid` says what to use)."""
     try:
         if kind is bool:
-            return {"true": True, "false": False}.get(text.strip().lower(), text)
+            # Exactly what the keys' list says (true|false), as TOML spells them: `True` or `yes`
+            # is refused with what to use, not taken.
+            return {"true": True, "false": False}.get(text.strip(), text)
         if kind is int:
             return int(text)
         if kind is float:

@@ -18,8 +18,9 @@ from retinaperf.errors import UserError
 BACKBONE_URL = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
 
 
-# `run --synthetic`: a preset's recipe on generated COCO-like data, for speed alone. A layer above
-# the preset and below --set: the user can still change any of these.
+# `run --synthetic`: a preset's recipe on generated COCO-like data (generated for the run, or one
+# `retinaperf synth` wrote, given with --data-dir), for speed alone. A layer above the preset and
+# below --set: the user can still change any of these.
 THROUGHPUT_MODE: dict[str, Any] = {
     "synth_profile": "coco",
     # COCO2017's ratio of validation to training images (5000 / 117266), so that evaluation
@@ -36,7 +37,9 @@ THROUGHPUT_MODE: dict[str, Any] = {
 @dataclass
 class DataConfig(_Checked):
     data_dir: str = setting(
-        "", "COCO2017 root (train2017/, val2017/, annotations/). Empty: the generated dataset."
+        "",
+        "COCO2017 root (train2017/, val2017/, annotations/). Empty: the generated dataset. With "
+        "`run --synthetic`: only a folder `retinaperf synth` wrote.",
     )
     num_workers: int = setting(
         4,
@@ -178,8 +181,9 @@ class TrainConfig(_Checked):
     )
     precision: Literal["auto", "fp32", "fp32-strict", "tf32", "amp", "bf16", "fp16"] = setting(
         "fp32",
-        "fp32 (the framework's default float32 math, as the seed's: TF32 convolutions on NVIDIA "
-        "Ampere and newer), fp32-strict (IEEE float32 everywhere), tf32 (TF32 convolutions and "
+        "fp32 (the framework's default float32 math, as FlagPerf's RetinaNet results, which this "
+        "benchmark reproduces, measured it: TF32 convolutions on NVIDIA Ampere and newer), "
+        "fp32-strict (IEEE float32 everywhere), tf32 (TF32 convolutions and "
         "matmuls), amp (fp16 autocast + loss scaling), bf16 (autocast), fp16 (half model with "
         "fp32 master weights), or auto (bf16 where the device computes it natively, else fp32).",
     )

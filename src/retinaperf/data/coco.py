@@ -72,16 +72,17 @@ def check_root(root: Path) -> None:
             raise UserError(f"data: {image_dir(root, split)} is missing: {layout}")
 
 
-def read_annotations(path: Path) -> dict:
-    """The instances JSON, with a clear error for a missing, unreadable or malformed file."""
+def read_annotations(path: Path, what: str = "data") -> dict:
+    """The instances JSON, with a clear error for a missing, unreadable or malformed file; `what`
+    begins the error: the command or part that reads it."""
     # msgspec: COCO's files are large, and it decodes them faster than json (1.3 s, not 2.1 s, for
     # 120 MB on this project's CPU).
-    data = io.read_json(path, "data", if_invalid=coco_index.REEXTRACT, decode=msgspec.json.decode)
+    data = io.read_json(path, what, if_invalid=coco_index.REEXTRACT, decode=msgspec.json.decode)
     if not isinstance(data, dict):
-        raise UserError(f"data: {path} is not a COCO instances file: it holds no JSON object")
+        raise UserError(f"{what}: {path} is not a COCO instances file: it holds no JSON object")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
-            raise UserError(f"data: {path} has no list {key!r}: it is not a COCO instances file")
+            raise UserError(f"{what}: {path} has no list {key!r}: it is not a COCO instances file")
     return data
 
 

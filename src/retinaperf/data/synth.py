@@ -143,6 +143,13 @@ def cached(spec: SynthSpec, cache_dir: Path, workers: int = 1) -> Path:
         if complete.is_file():
             return target
         io.require_empty(target, "synth", f"remove {target}: a partial copy of the cache")
+        # Seconds to minutes of silence otherwise, on the first run of a configuration.
+        print(
+            f"retinaperf: generating the {spec.profile} dataset ({spec.train_images} training + "
+            f"{spec.val_images} validation images, {spec.image_size} px, {workers} "
+            f"process{'es' if workers > 1 else ''}) into {target}; later runs reuse it",
+            flush=True,
+        )
         try:
             return _generate(spec, target, workers)
         except OSError:

@@ -36,6 +36,7 @@ a window starts.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -44,13 +45,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 from tqdm import tqdm
 
 from retinaperf.distributed import synchronize
-from retinaperf.units import NO_VALUE
 
 if TYPE_CHECKING:
     import torch
     from torch.autograd.profiler_util import EventList
     from torch.profiler import profile, record_function
 
+# Kineto's log levels run from 0 (verbose) to 5 (its trace points, "USDT"); above them it logs
+# nothing.
+KINETO_LOG_LEVEL = "KINETO_LOG_LEVEL"
+KINETO_SILENT = "6"
 TRACE = "profile/rank0.pt.trace.json"
 TOP_OPS = "profile/top_ops.txt"
 TOP_ROWS = 15
@@ -125,6 +129,13 @@ class StepProfiler:
         # this torch build can record it; without it only host-side operators are timed.
         device_activity = getattr(ProfilerActivity, self._device.type.upper(), None)
         self._by_device = self._device.type != "cpu" and device_activity in supported_activities()
+        if not self._by_device:
+            # Kineto, the profiler's library, logs to stderr on its own: a CUDA build on a
+            # machine without a GPU prints "gpuGetDeviceCount failed" at every window, and every
+            # build its "profiler_start" trace points. With host-side operators alone none of it
+            # concerns what is recorded. Read when kineto starts (the first window of the
+            # process); a level the user set is kept.
+            os.environ.setdefault(KINETO_LOG_LEVEL, KINETO_SILENT)
         activities = [ProfilerActivity.CPU, *([device_activity] if self._by_device else [])]
         self._prof = profile(activities=activities)
         self._prof.start()
@@ -227,12 +238,12 @@ def _top_ops(averages: EventList, sort_by: str, by_device: bool) -> list[dict]:
 
 
 def _format_table(top_ops: list[dict], device_name: str | None) -> str:
-    """top_ops as fixed-width text, times in ms; `device_name` None: no device time recorded."""
-    device_column = f"self {device_name or 'device'} ms"
-    lines = [f"{device_column:>16}  {'self CPU ms':>12}  {'calls':>8}  operator"]
+    """top_ops as fixed-width text, times in ms; `device_name` None: no device time recorded,
+    and the table has the CPU time alone (on a CPU that is the device's time)."""
+    device_column = [f"{f'self {device_name} ms':>16}"] if device_name else []
+    lines = ["  ".join([*device_column, f"{'self CPU ms':>12}", f"{'calls':>8}", "operator"])]
     for op in top_ops:
-        device = NO_VALUE if op["self_device_us"] is None else f"{op['self_device_us'] / 1e3:.3f}"
-        lines.append(
-            f"{device:>16}  {op['self_cpu_us'] / 1e3:>12.3f}  {op['calls']:>8}  {op['name']}"
-        )
+        device = [f"{op['self_device_us'] / 1e3:>16.3f}"] if device_name else []
+        cpu = f"{op['self_cpu_us'] / 1e3:>12.3f}"
+        lines.append("  ".join([*device, cpu, f"{op['calls']:>8}", op["name"]]))
     return "\n".join(lines)

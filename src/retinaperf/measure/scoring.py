@@ -16,6 +16,8 @@ from __future__ import annotations
 import copy
 import gc
 import math
+import warnings
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -218,7 +220,7 @@ class CocoEvaluator:
 
 def evaluate_files(annotations_path: Path, detections_path: Path) -> dict[str, float]:
     """`retinaperf evaluate`: score a COCO results file against an instances file."""
-    gt = load_ground_truth(read_annotations(Path(annotations_path)))
+    gt = load_ground_truth(read_annotations(Path(annotations_path), "evaluate"))
     detections = _read_detections(Path(detections_path))
     known = set(gt.getImgIds())
     strangers = [d["image_id"] for d in detections if d["image_id"] not in known]
@@ -230,10 +232,29 @@ def evaluate_files(annotations_path: Path, detections_path: Path) -> dict[str, f
         )
     # Detections of categories the ground truth does not list are never scored (COCOeval
     # evaluates the ground truth's categories only): leaving them out changes nothing, and keeps
-    # ids too large for a float out of the array.
+    # ids too large for a float out of the array. A file of such ids is usually a label mapping
+    # gone wrong (contiguous 1..80 for COCO's 1..90), so the user is told.
     categories = set(gt.getCatIds())
+    unknown = Counter(d["category_id"] for d in detections if d["category_id"] not in categories)
+    if unknown:
+        warnings.warn(_unknown_categories(unknown, detections_path, annotations_path), stacklevel=2)
     scored = (d for d in detections if d["category_id"] in categories)
     return score(gt, detections_to_array(scored))
+
+
+UNKNOWN_IDS_SHOWN = 10
+
+
+def _unknown_categories(unknown: Counter, detections_path: Path, annotations_path: Path) -> str:
+    """One line: how many detections have a category id the ground truth lacks, and which ids."""
+    ids = sorted(unknown)
+    shown = ", ".join(map(str, ids[:UNKNOWN_IDS_SHOWN]))
+    more = f" and {len(ids) - UNKNOWN_IDS_SHOWN} more" if len(ids) > UNKNOWN_IDS_SHOWN else ""
+    return (
+        f"evaluate: {sum(unknown.values())} detection(s) in {detections_path} have a category_id "
+        f"that {annotations_path} does not list ({shown}{more}): they count for no category and "
+        "are left out of the scores; check the detections' label mapping"
+    )
 
 
 def _read_detections(path: Path) -> list[dict]:

@@ -8,6 +8,7 @@ this without a display and without touching pyplot's global state.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ def write_plots(
     """Write the PNGs whose data exists into `out_dir` and return their paths, in this order:
     loss.png, throughput.png, map.png, then devices.png (samples with devices) or host.png
     (samples without: a CPU machine). Nothing is written, not even `out_dir`, when nothing has data.
+    A plot left out for want of data is named in one warning line, with the reason.
     """
     steps = [e for e in events if e.get("event") == "step"]
     evals = [e for e in events if e.get("event") == "eval"]
@@ -53,6 +55,9 @@ def write_plots(
         plans.append(("devices.png", lambda: devices_figure(samples)))
     elif _has_any(samples, ("cpu_util", "mem_used_gib")):
         plans.append(("host.png", lambda: host_figure(samples)))
+    not_drawn = _not_drawn(events, steps, [name for name, _ in plans])
+    if not_drawn:
+        warnings.warn(f"plots: not drawn: {not_drawn}", stacklevel=2)
     if not plans:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -62,6 +67,32 @@ def write_plots(
         build().savefig(path, dpi=DPI, metadata=PNG_METADATA)
         paths.append(path)
     return paths
+
+
+def _not_drawn(events: list[Record], steps: list[Record], drawn: list[str]) -> str:
+    """Which plots `drawn` lacks and why, in one line ("" when none), from the run's settings in
+    its run_start event and its step count in run_end, where the log holds them."""
+    start = next((e for e in events if e.get("event") == "run_start"), {})
+    end = next((e for e in events if e.get("event") == "run_end"), {})
+    config = start.get("config") or {}
+    parts = []
+    step_plots = [name for name in ("loss.png", "throughput.png") if name not in drawn]
+    if step_plots:
+        why = "no logged step holds their numbers" if steps else "no step was logged"
+        log_every, ran = (config.get("train") or {}).get("log_every"), end.get("steps")
+        if not steps and log_every is not None and ran is not None:
+            why += (
+                f" (a step is logged every log_every={log_every} steps, and the run took {ran}: "
+                f"set log_every to {max(ran, 1)} or less)"
+            )
+        parts.append(f"{' and '.join(step_plots)}: {why}")
+    if "map.png" not in drawn:
+        parts.append("map.png: no evaluation recorded an AP")
+    if "devices.png" not in drawn and "host.png" not in drawn:
+        off = config.get("monitor_interval") == 0
+        why = "monitor_interval=0 turned the monitor off" if off else "no monitor sample"
+        parts.append(f"devices.png/host.png: {why}")
+    return "; ".join(parts)
 
 
 def loss_figure(steps: list[Record]) -> Figure:
@@ -84,7 +115,9 @@ def loss_figure(steps: list[Record]) -> Figure:
             lr_ax.set_yscale("log")
     lr_ax.set_ylabel("learning rate")
     handles = ax.get_lines() + lr_ax.get_lines()
-    ax.legend(handles, [h.get_label() for h in handles], loc="best")
+    # Outside both axes, right of the lr axis's labels: inside, "best" placement sees only the
+    # loss lines and covered the lr curve.
+    fig.legend(handles, [h.get_label() for h in handles], loc="outside right upper")
     return fig
 
 
@@ -106,7 +139,9 @@ def map_figure(evals: list[Record]) -> Figure:
     ax.set_xlabel("step")
     ax.set_ylabel("AP (fraction)")
     ax.set_ylim(bottom=0)
-    ax.legend(loc="lower right")
+    # Outside the data area: a throughput-only run's APs lie along the bottom, where an inner
+    # corner legend would hide them.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 
@@ -155,7 +190,8 @@ def host_figure(samples: list[Record]) -> Figure:
     for ax in (cpu_ax, mem_ax):
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
-    cpu_ax.legend(loc="upper right", fontsize="small")
+    # Outside the data area, as in the device plot: inside it sat on the CPU line.
+    cpu_ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     return fig
 
 

@@ -11,10 +11,12 @@ import csv
 import io
 import json
 import math
+import statistics
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from retinaperf import invocation
 from retinaperf.errors import UserError
 from retinaperf.io import read_json
 from retinaperf.report.results import RESULTS, check
@@ -23,15 +25,24 @@ from retinaperf.units import NO_VALUE
 
 REPORT = "report.md"
 PLOTS = "plots"
+# The markdown table keeps the headers of FlagPerf's table (the seed; 配置: the device and the
+# topology), with the run's name in front; CSV and JSON have ASCII keys and numbers instead.
 SEED_COLUMNS = (
     "配置", "precision", "fix_hp", "e2e_time", "p_whole", "p_train", "p_core", "mAP", "mem",
 )  # fmt: skip
-# Columns the seed's table does not have, marked with * and explained under every table.
+# Columns FlagPerf's table does not have, marked with * and explained under every table.
 IMAGES_PER_JOULE = "img/J*"
-COLUMNS = (*SEED_COLUMNS, IMAGES_PER_JOULE)
+COLUMNS = ("run", *SEED_COLUMNS, IMAGES_PER_JOULE)
+THROUGHPUTS = ("p_whole", "p_train", "p_core")
 ADDED_COLUMNS_NOTE = (
-    f"*{IMAGES_PER_JOULE[:-1]}: not a column of the seed's table: trained images per joule of "
-    "the devices' training energy (evaluation left out); – where no device's energy was readable."
+    f"*{IMAGES_PER_JOULE[:-1]}: not a column of FlagPerf's table: trained images per joule of "
+    f"the devices' training energy (evaluation left out); {NO_VALUE} where no device's energy "
+    "was readable."
+)
+PROFILED_MARK = "†"
+PROFILED_NOTE = (
+    f"{PROFILED_MARK}: a run with profile_steps set: some of its steps ran under torch.profiler, "
+    "so its throughputs include the profiler's overhead and are not benchmark numbers."
 )
 
 
@@ -44,36 +55,45 @@ def significant(value: float, digits: int = 3) -> str:
     return f"{value:.{decimals}f}"
 
 
-def row_values(results: dict) -> dict[str, Any]:
-    """The seed's columns of one run: labels as text, numbers as numbers; mAP is None for a
-    throughput-only run, whose data or weights make it meaningless."""
-    m = results["metrics"]
+def row_values(results: dict, run: str | None = None) -> dict[str, Any]:
+    """One run's row as CSV and JSON give it: ASCII keys, numbers as numbers. `run` names the
+    run (default: its directory's name); mAP is None for a throughput-only run, whose data or
+    weights make it meaningless."""
+    m, config = results["metrics"], results["config"]
     return {
-        "配置": f"{m['device_name']} {m['nodes']}x{m['devices_per_node']}",
-        "precision": m["precision"],
-        "fix_hp": f"bs={m['local_batch']},lr={m['lr']:g}",
-        **{column: m[column] for column in ("e2e_time", "p_whole", "p_train", "p_core")},
+        "run": Path(results["run_dir"]).name if run is None else run,
+        "preset": config["preset"],
+        "run_dir": results["run_dir"],
+        "profiled": bool(config["train"]["profile_steps"]),
+        "config": f"{m['device_name']} {m['nodes']}x{m['devices_per_node']}",
+        **{key: m[key] for key in ("precision", "local_batch", "lr", "e2e_time", *THROUGHPUTS)},
         "mAP": None if m["throughput_only"] else m["mAP"],
-        "mem": m["mem"],
-        IMAGES_PER_JOULE: m["images_per_joule"],
+        "mem_used_gib": m["mem_used_gib"],
+        "mem_total_gib": m["mem_total_gib"],
+        "img_per_j": m["images_per_joule"],
     }
 
 
 def table_row(results: dict) -> dict[str, str]:
-    """One row of the seed's table from a results.json object."""
+    """One row of the markdown table from a results.json object."""
     return format_cells(row_values(results))
 
 
 def format_cells(row: dict[str, Any]) -> dict[str, str]:
-    """The seed's columns as the seed writes them: e2e in whole seconds, throughputs to three
-    significant figures, mAP to four decimals."""
-    cells = {}
-    for column in COLUMNS:
-        value = row[column]
+    """The markdown cells of a `row_values` row, written as the seed writes them: e2e in whole
+    seconds, throughputs to three significant figures, mAP to four decimals, mem used/total."""
+    cells = {
+        "run": f"{row['run']} ({row['preset']})" + (PROFILED_MARK if row["profiled"] else ""),
+        "配置": row["config"],
+        "precision": row["precision"],
+        "fix_hp": f"bs={row['local_batch']},lr={row['lr']:g}",
+        # as `measure.memory` writes results.json's `mem`
+        "mem": f"{row['mem_used_gib']:.1f}/{row['mem_total_gib']:.1f}",
+    }
+    numbers = {column: row[column] for column in ("e2e_time", *THROUGHPUTS, "mAP")}
+    for column, value in {**numbers, IMAGES_PER_JOULE: row["img_per_j"]}.items():
         if value is None:
             cells[column] = NO_VALUE
-        elif isinstance(value, str):
-            cells[column] = value
         elif column == "e2e_time":
             cells[column] = f"{value:.0f}"
         elif column == "mAP":
@@ -94,7 +114,6 @@ THROUGHPUT_ONLY_NOTE = (
     f"mAP {NO_VALUE}: a throughput-only run (generated COCO-like data or random weights) "
     "measures speed and memory; its accuracy means nothing."
 )
-THROUGHPUTS = ("p_whole", "p_train", "p_core")
 COMPARISON_COLUMNS = (*COLUMNS, "scaling", "vs A100 ref")
 
 
@@ -106,7 +125,9 @@ def load_results(run_dir: Path, completed_only: bool = True) -> dict:
     `report.results`); by default only a completed run's, since the numbers of a run that
     stopped early do not stand beside others."""
     path = Path(run_dir) / RESULTS
-    results = read_json(path, "report", if_missing="give run directories of finished runs")
+    results = read_json(
+        path, "report", if_missing="give finished runs' directories or a `run --repeat` folder"
+    )
     if not isinstance(results, dict):
         raise UserError(f"report: {path} is not a JSON object: it is not a retinaperf results file")
     try:
@@ -118,7 +139,7 @@ def load_results(run_dir: Path, completed_only: bool = True) -> dict:
         raise UserError(
             f"report: {run_dir} is a run that {_STATUS_WORDS.get(status, status)} "
             f"({results['reason']}): resume it "
-            f"with `retinaperf run --resume {run_dir}`, or leave it out"
+            f"with `{invocation.command('run', '--resume', run_dir)}`, or leave it out"
         )
     return results
 
@@ -130,39 +151,55 @@ def seed_reference() -> dict:
 
 
 def compare(runs: list[dict]) -> list[dict]:
-    """One row per run: the seed's columns as numbers, plus scaling efficiency and the ratio to
-    the seed's A100 row of the same topology.
+    """One row per run (`row_values`, named by `run_labels`), plus scaling efficiency and the
+    ratio to the seed's A100 row of the same topology.
 
-    Scaling efficiency of a run of W ranks: p / (W x p of the one-device run), for each
-    throughput p, against a run among `runs` with world size 1 on the same device, precision and
-    local batch; None when there is no such run. The reference ratio is given only for runs of
-    the seed's workload shape: COCO2017, or generated data of COCO's statistics (`--synthetic`),
-    at 800/1333 px; the smoke preset's shapes are another workload.
+    Scaling efficiency of a run of W > 1 ranks: p / (W x p of the one-device run), for each
+    throughput p, against the runs among `runs` with world size 1 on the same device, precision,
+    local batch and image sizes (the mean of their p where there are several); None for a
+    one-device run (its ratio to another run of one device is noise, not scaling) and where
+    there is no such run. The reference ratio is given only for runs of the seed's workload
+    shape: COCO2017, or generated data of COCO's statistics (`--synthetic`), at 800/1333 px; the
+    smoke preset's shapes are another workload.
     """
     reference = seed_reference()["rows"]
     rows = []
-    for results in runs:
+    for results, label in zip(runs, run_labels([r["run_dir"] for r in runs]), strict=True):
         m = results["metrics"]
         topology = f"{m['nodes']}x{m['devices_per_node']}"
-        single = next(
-            (
-                other["metrics"]
-                for other in runs
-                if other["metrics"]["world_size"] == 1
-                and all(
-                    other["metrics"][k] == m[k] for k in ("device_name", "precision", "local_batch")
-                )
-            ),
-            None,
-        )
+        singles = [
+            other["metrics"]
+            for other in runs
+            if other["metrics"]["world_size"] == 1 and _workload(other) == _workload(results)
+        ]
+        scaled = m["world_size"] > 1 and bool(singles)
         ref_row = reference.get(topology, {}) if _is_seed_shape(results["config"]) else {}
-        row = {"run_dir": results["run_dir"], **row_values(results)}
+        row = row_values(results, label)
         for p in THROUGHPUTS:
-            short = p.removeprefix("p_")
-            row[f"scaling_{short}"] = m[p] / (m["world_size"] * single[p]) if single else None
-            row[f"ref_{short}"] = m[p] / ref_row[p] if ref_row.get(p) else None
+            single = statistics.fmean(s[p] for s in singles) if scaled else None
+            row[f"scaling_{p[2:]}"] = m[p] / (m["world_size"] * single) if single else None
+        for p in THROUGHPUTS:
+            row[f"ref_{p[2:]}"] = m[p] / ref_row[p] if ref_row.get(p) else None
         rows.append(row)
     return rows
+
+
+def run_labels(run_dirs: list[str]) -> list[str]:
+    """Each run directory's name, with as many of its parent folders as it takes to tell the
+    runs apart (`rep-a/round-1` beside `rep-b/round-1`)."""
+    parts = [Path(run_dir).parts for run_dir in run_dirs]
+    for depth in range(1, max(map(len, parts), default=0) + 1):
+        named = ["/".join(p[-depth:]) for p in parts]
+        if len(set(named)) == len(named):
+            return named
+    return [str(run_dir) for run_dir in run_dirs]  # the same directory given twice
+
+
+def _workload(results: dict) -> tuple:
+    """What a run's one-device counterpart must share with it for scaling to mean anything."""
+    m, model = results["metrics"], results["config"]["model"]
+    sizes = (model["min_size"], model["max_size"])
+    return (m["device_name"], m["precision"], m["local_batch"], *sizes)
 
 
 def _is_seed_shape(config: dict) -> bool:
@@ -174,7 +211,9 @@ def _is_seed_shape(config: dict) -> bool:
 
 
 def render_comparison(rows: list[dict], fmt: str) -> str:
-    """`retinaperf report`'s output: a markdown table (the seed's layout), CSV or JSON."""
+    """`retinaperf report`'s table of `compare`'s rows: markdown (FlagPerf's headers, numbers
+    formatted, notes under it), or CSV or JSON (ASCII keys, numbers; a missing one empty or
+    null)."""
     if fmt == "json":
         return json.dumps(rows, indent=2, ensure_ascii=False)
     if fmt == "csv":
@@ -195,16 +234,23 @@ def render_comparison(rows: list[dict], fmt: str) -> str:
             else NO_VALUE
         )
         text_rows.append(cells)
-    notes = (
-        "scaling: p_train / (ranks x p_train of the one-device run of the same device, "
-        "precision and batch). vs A100 ref: p_whole/p_train/p_core over the seed's A100 row of "
-        "the same topology (FlagPerf, PyTorch 1.8: its fp32 computed convolutions in TF32), for "
-        "runs on COCO2017 or COCO-like generated data at 800/1333 px."
-    )
+    notes = [
+        "scaling: for a run of several devices, p_train / (devices x p_train of the one-device "
+        "run given beside it on the same device, precision, batch and image size; their mean "
+        f"where there are several); {NO_VALUE} for a run of one device, or without such a run.",
+        "vs A100 ref: p_whole/p_train/p_core over FlagPerf's A100 row of the same topology "
+        "(PyTorch 1.8: its fp32 computed convolutions in TF32), for runs on COCO2017 or COCO-like "
+        "generated data at 800/1333 px.",
+    ]
     if any(row["mAP"] is None for row in rows):
-        notes += " " + THROUGHPUT_ONLY_NOTE
-    notes += " " + ADDED_COLUMNS_NOTE
-    return format_table(text_rows, COMPARISON_COLUMNS) + "\n\n" + notes
+        notes.append(THROUGHPUT_ONLY_NOTE)
+    notes += table_notes(rows)
+    return format_table(text_rows, COMPARISON_COLUMNS) + "\n\n" + "\n".join(notes)
+
+
+def table_notes(rows: list[dict]) -> list[str]:
+    """What every table says under it about its columns and marks (rows as `row_values`)."""
+    return [ADDED_COLUMNS_NOTE] + ([PROFILED_NOTE] if any(row["profiled"] for row in rows) else [])
 
 
 def render_report(results: dict) -> str:
@@ -215,7 +261,7 @@ def render_report(results: dict) -> str:
         "",
         format_table([table_row(results)]),
         "",
-        ADDED_COLUMNS_NOTE,
+        *table_notes([row_values(results)]),
         "",
         _accuracy_line(m),
         _precision_line(m),
@@ -315,8 +361,8 @@ def _resilience_lines(results: dict) -> list[str]:
 def _steady_line(m: dict) -> str:
     if m["p_core_steady"] is None:
         return (
-            f"- p_core_steady: – (no step after the first {m['timing_warmup_steps']}, which it "
-            "leaves out)"
+            f"- p_core_steady: {NO_VALUE} (no step after the first "
+            f"{m['timing_warmup_steps']}, which it leaves out)"
         )
     return (
         f"- p_core_steady {significant(m['p_core_steady'])} images/s: p_core without the first "

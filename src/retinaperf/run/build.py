@@ -6,12 +6,14 @@ weights) runs on one process per node first; the others wait for it, then read w
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from retinaperf import distributed
 from retinaperf.config import RunConfig
 from retinaperf.data import coco, sampling, synth
 from retinaperf.distributed import DistEnv
@@ -84,6 +86,7 @@ def build_data(config: RunConfig, env: DistEnv, cache: Path) -> Loaders:
     )
     val_set = coco.CocoDetection(root, "val", val_records, hflip_prob=0.0, seed=0)
     workers, pin = config.data.num_workers, env.device.type != "cpu"
+    check_workers(workers, env)
     return Loaders(
         train_loader=coco.make_loader(
             train_set, train_sampler, workers, pin, signals.ignore_in_worker
@@ -97,6 +100,28 @@ def build_data(config: RunConfig, env: DistEnv, cache: Path) -> Loaders:
             "val_images": len(val_records),
         },
     )
+
+
+# PyTorch's warning of each loader whose workers outnumber the CPUs (torch 2.14's words).
+TORCH_WORKERS_WARNING = r"This DataLoader will create \d+ worker processes in total"
+
+
+def check_workers(num_workers: int, env: DistEnv) -> None:
+    """Loader workers (per loader, per rank) beyond the CPUs this process may use: one line of
+    our own naming the key to set, once per node, in place of PyTorch's paragraph, which names
+    none and would come once per loader."""
+    cpus = distributed.cpu_count()
+    if num_workers <= cpus:
+        return
+    # For this process's life: DataLoader warns again when its workers start.
+    warnings.filterwarnings("ignore", message=TORCH_WORKERS_WARNING, category=UserWarning)
+    if env.local_rank == 0:
+        warnings.warn(
+            f"num_workers={num_workers}: more loader worker processes than the {cpus} CPUs "
+            f"this process may use, which slows data loading or stalls it: set --set "
+            f"num_workers={cpus} or fewer",
+            stacklevel=1,
+        )
 
 
 def train_index(root: Path, env: DistEnv, cache: Path) -> list[coco.ImageRecord]:

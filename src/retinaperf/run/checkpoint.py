@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from retinaperf import io
+from retinaperf import invocation, io
 from retinaperf.errors import UserError
 from retinaperf.model import weights
 
@@ -217,8 +217,8 @@ def load(path: Path, workload: dict[str, Any], world_size: int) -> dict[str, Any
             raise UserError(
                 f"checkpoint: {path} belongs to another configuration ({key} is "
                 f"{theirs.get(key)!r} there, {workload.get(key)!r} in this run): resume a run "
-                "with `retinaperf run --resume RUN_DIR`, which takes the configuration saved "
-                "with it, or start a new run in a new --output-dir"
+                f"with `{invocation.command('run', '--resume', 'RUN_DIR')}`, which takes the "
+                "configuration saved with it, or start a new run in a new --output-dir"
             )
     if state["world_size"] != world_size:
         raise UserError(

@@ -4,7 +4,8 @@
 round is a command of its own, in a fresh process (through torchrun with `--nproc-per-node`), so
 that e2e_time and init_time mean in every round what they mean in a single run: imports, start-up
 and data indexing included. Then `summary.json` and `report.md` are written beside the rounds.
-`retinaperf report` shows the same spread for any run directories of one configuration.
+`retinaperf report` shows the same table and spread for such a folder (`run_dirs` finds its
+rounds), and the spread for any run directories of one configuration.
 
 Spread of a metric over n runs: mean, min, max and cv, the coefficient of variation: the sample
 standard deviation (n - 1 in the denominator) over the mean; None for fewer than two values.
@@ -22,10 +23,12 @@ from retinaperf import io
 from retinaperf.config import PLACE_KEYS
 from retinaperf.errors import UserError
 from retinaperf.report import tables
+from retinaperf.report.results import RESULTS
 from retinaperf.run import signals
 from retinaperf.units import NO_VALUE
 
 SUMMARY = "summary.json"
+ROUND = "round-"  # round K's directory is round-K
 # What varies between rounds of one configuration; None values (a metric a run has no figure
 # for) are skipped.
 SPREAD_METRICS = (
@@ -113,6 +116,33 @@ def render_all_spreads(runs: list[dict]) -> str:
     return "\n\n".join(render_spread(group) for group in groups(runs) if len(group) > 1)
 
 
+def render_runs(runs: list[dict], fmt: str) -> str:
+    """Runs side by side in format `fmt` (`tables.render_comparison`); in markdown, then the
+    spread of each configuration given more than once: `retinaperf report`'s output, and the
+    body of a `--repeat` folder's report.md."""
+    text = tables.render_comparison(tables.compare(runs), fmt)
+    spreads = render_all_spreads(runs) if fmt == "md" else ""
+    return f"{text}\n\n{spreads}" if spreads else text
+
+
+def round_dir(out_dir: Path, k: int) -> Path:
+    """Where round k (from 1) of a `--repeat` into `out_dir` runs."""
+    return Path(out_dir) / f"{ROUND}{k}"
+
+
+def run_dirs(path: Path) -> list[Path]:
+    """The run directories a folder given to `retinaperf report` stands for: itself, or the
+    rounds of a `--repeat` folder in order; itself where it is neither (the report says what is
+    missing)."""
+    path = Path(path)
+    if (path / RESULTS).exists():
+        return [path]
+    numbers = sorted(
+        int(k) for p in path.glob(f"{ROUND}*") if (k := p.name.removeprefix(ROUND)).isdigit()
+    )
+    return [round_dir(path, k) for k in numbers] or [path]
+
+
 def run_rounds(count: int, out_dir: Path, command: list[str], start_variable: str) -> int:
     """Run `command` (a `retinaperf run` that takes `--set output_dir=...` last) `count` times,
     round K into `out_dir/round-K`; then write summary.json and report.md. Returns the exit
@@ -137,11 +167,11 @@ def run_rounds(count: int, out_dir: Path, command: list[str], start_variable: st
 
 
 def _rounds(count: int, out_dir: Path, command: list[str], start_variable: str) -> int:
-    round_dirs = [out_dir / f"round-{k}" for k in range(1, count + 1)]
-    for k, round_dir in enumerate(round_dirs, start=1):
-        print(f"retinaperf: round {k} of {count} -> {round_dir}", flush=True)
+    round_dirs = [round_dir(out_dir, k) for k in range(1, count + 1)]
+    for k, folder in enumerate(round_dirs, start=1):
+        print(f"retinaperf: round {k} of {count} -> {folder}", flush=True)
         environment = {**os.environ, start_variable: repr(time.time())}
-        code = signals.run_child([*command, "--set", f"output_dir={round_dir}"], environment)
+        code = signals.run_child([*command, "--set", f"output_dir={folder}"], environment)
         if code != 0:
             print(
                 f"retinaperf: round {k} of {count} failed (exit status {code}); no summary written",
@@ -156,8 +186,9 @@ def _rounds(count: int, out_dir: Path, command: list[str], start_variable: str) 
 
 
 def write_summary(out_dir: Path, runs: list[dict]) -> dict:
-    """summary.json (the spread, the rounds, the configuration) and report.md (the seed's table
-    with one row per round, then the spread) in `out_dir`, each written atomically."""
+    """summary.json (the spread, the rounds, the configuration) and report.md (the table with
+    one row per round, then the spread: what `retinaperf report out_dir` prints) in `out_dir`,
+    each written atomically."""
     summary = {
         "rounds": len(runs),
         "run_dirs": [r["run_dir"] for r in runs],
@@ -167,10 +198,9 @@ def write_summary(out_dir: Path, runs: list[dict]) -> dict:
         "config": runs[0]["config"],
     }
     io.write_json_atomic(Path(out_dir) / SUMMARY, summary)
-    table = tables.render_comparison(tables.compare(runs), "md")
     text = (
         f"# retinaperf: {len(runs)} rounds of preset {runs[0]['config']['preset']}\n\n"
-        f"{table}\n\n{render_spread(runs)}\n"
+        f"{render_runs(runs, 'md')}\n"
     )
     io.write_text_atomic(Path(out_dir) / tables.REPORT, text)
     return summary

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from retinaperf import io
+from retinaperf import invocation, io
 from retinaperf.config import RunConfig
 from retinaperf.distributed import DistEnv
 from retinaperf.errors import UserError
@@ -55,7 +55,33 @@ def _check_usable(path: Path, resume: bool, env: DistEnv) -> None:
     if resume:
         _check_resumable(path)
     elif not env.attempt:
+        _offer_resume(path)
         io.require_empty(path, "output", "choose a new --output-dir")
+
+
+# How a run that can go on ended, by the status in its results.json (none: killed, or crashed).
+_ENDED = {None: "stopped without results (killed or crashed)", "interrupted": "was interrupted"}
+
+
+def _offer_resume(path: Path) -> None:
+    """Refuse a new run into the folder of a run that can go on (its configuration and a
+    checkpoint, not completed), offering `--resume` instead of a new folder."""
+    newest = checkpoint.newest(path)
+    if newest is None or not (path / CONFIG).is_file():
+        return
+    status = None
+    if (path / RESULTS).is_file():
+        try:
+            status = io.read_json(path / RESULTS, "output").get("status")
+        except (UserError, AttributeError):  # not a results file: the plain refusal says enough
+            return
+    if status == "completed":
+        return
+    raise UserError(
+        f"output: {path} holds a run that {_ENDED.get(status, status)}, with checkpoint "
+        f"{newest.name}: continue it with `{invocation.command('run', '--resume', path)}`, or "
+        "choose a new --output-dir"
+    )
 
 
 def _check_resumable(path: Path) -> None:

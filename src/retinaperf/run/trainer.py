@@ -180,7 +180,20 @@ class Trainer:
             },
         )
         started = time.time() - (time.perf_counter() - command_start)
-        self.checkpointer.restore(rundir.continuing(self.run_dir, env, resume), started)
+        continuing = rundir.continuing(self.run_dir, env, resume)
+        self.checkpointer.restore(continuing, started)
+        if env.is_main:  # what runs where, before the progress bars
+            went_on_from = self.checkpointer.position, self.checkpointer.resumed_from
+            text = progress.header(
+                config,
+                env,
+                self.device_plugin.device_name(env.device),
+                self.precision,
+                self.loaders.facts,
+                run_dir,
+                went_on_from if continuing else None,
+            )
+            print(text, flush=True)
         # Counted before compiling (compiled kernels bypass the FLOP counter) and before DDP
         # wraps the model (so that no gradient hook fires).
         self.flops_per_image = (
@@ -374,7 +387,8 @@ class Trainer:
             seconds=record.seconds,
         )
         if self.env.is_main:
-            tqdm.write(f"epoch {epoch}: mAP {stats['AP']:.4f} (AP50 {stats['AP50']:.4f})")
+            throughput_only = self.config.throughput_only
+            tqdm.write(progress.eval_line(epoch, stats, record.seconds, throughput_only))
         return record
 
     def close(self) -> None:
