@@ -4,6 +4,7 @@ for bit; what is refused on the way (another configuration, pickled code, no dis
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from mlperf_logging.mllog import constants as mlc
 
 from retinaperf import config, io
 from retinaperf.errors import UserError
+from retinaperf.report.events import read_events
 from retinaperf.report.mlperf import MLPERF_LOG, read_log
 from retinaperf.run import checkpoint, evaluation, step
 
@@ -54,7 +56,7 @@ def uninterrupted(tiny_dataset, tiny_run_args, tmp_path_factory) -> Path:
     ("where", "call", "stopped_at"),
     [
         ("train_step", 4, 4),  # inside epoch 0: resumes at its 5th batch
-        ("evaluate_model", 1, 5),  # during the first evaluation: it finishes, then stops
+        ("evaluate_model", 1, 5),  # during the first evaluation: abandoned, run again after
     ],
 )
 def test_a_run_stopped_by_sigterm_and_resumed_equals_the_uninterrupted_run(
@@ -71,6 +73,7 @@ def test_a_run_stopped_by_sigterm_and_resumed_equals_the_uninterrupted_run(
     stopped = results(out)
     assert stopped["status"] == "interrupted" and "SIGTERM" in stopped["reason"]
     assert stopped["metrics"]["steps"] == stopped_at
+    assert stopped["metrics"]["evaluations"] == []  # none finished, none recorded
     assert Path(stopped["checkpoint"]).name == f"step-{stopped_at:08d}.pt"
     assert not (out / "model.pt").exists() and not (out / "report.md").exists()
 
@@ -117,6 +120,46 @@ def test_a_run_stopped_by_sigterm_and_resumed_equals_the_uninterrupted_run(
     assert m["e2e_time"] > m["train_time"] + m["init_time"] - 1e-6
     report = (out / "report.md").read_text()
     assert f"- run in 2 segments (interrupted at step {stopped_at});" in report
+
+
+def test_a_signal_during_an_evaluation_stops_the_run_after_the_batch_under_way(
+    tiny_dataset, tiny_run_args, tmp_path
+):
+    """SIGTERM during the evaluation's 2nd batch: the run checkpoints and exits after that batch,
+    in less time than the rest of the evaluation would have taken (a scheduler kills a job a
+    fixed time after its SIGTERM), and logs how long it took."""
+    slow_s, signal_batch = 5.0, 2
+    served, signalled = [], []
+
+    def slow_evaluation(model, loader, *args):
+        def batches():
+            for batch in loader:
+                served.append(1)
+                if len(served) == signal_batch:
+                    signalled.append(time.monotonic())
+                    os.kill(os.getpid(), signal.SIGTERM)
+                elif signalled:
+                    time.sleep(slow_s)  # each batch after the signal: a slow evaluation
+                yield batch
+
+        return evaluation.evaluate_model(model, batches(), *args)
+
+    out = tmp_path / "run"
+    args = tiny_run_args(tiny_dataset, out, **{**SETTINGS, "epochs": 1, "eval_batch_size": 1})
+    assert run_cli(args, evaluate_fn=slow_evaluation) == 128 + signal.SIGTERM
+    returned = time.monotonic()
+    stopped = results(out)
+    assert len(served) == signal_batch  # the batch under way finished, no other began
+    batches_left = stopped["metrics"]["val_images"] - signal_batch
+    assert stopped["status"] == "interrupted" and stopped["metrics"]["evaluations"] == []
+    assert torch.load(stopped["checkpoint"], weights_only=True)["position"] == {
+        "epoch": 0,
+        "step_in_epoch": 5,
+        "step": 5,
+    }
+    (logged,) = [e for e in read_events(out / "events.jsonl") if e["event"] == "stopped"]
+    assert logged["signal"] == "SIGTERM"
+    assert 0 < logged["seconds"] <= returned - signalled[0] < batches_left * slow_s
 
 
 def test_checkpoints_are_kept_newest_first_hold_the_state_and_go_when_the_run_completes(

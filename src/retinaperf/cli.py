@@ -210,8 +210,8 @@ def _run(args: argparse.Namespace) -> int:
         if "run_dir" in results:
             print(
                 f"retinaperf: interrupted at step {results['metrics']['steps']} "
-                f"({results['reason']}); checkpoint {results['checkpoint']}; continue with: "
-                f"{_resume_command(results['run_dir'])}",
+                f"({results['reason']}, {results['stopped_in_s']:.1f} s after it); checkpoint "
+                f"{results['checkpoint']}; continue with: {_resume_command(results['run_dir'])}",
                 file=sys.stderr,
             )
         # As a process the signal had stopped: 143 for SIGTERM, 130 for SIGINT.

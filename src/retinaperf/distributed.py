@@ -121,14 +121,15 @@ class DistEnv:
         return result
 
     def all_reduce(self, values: list[float], op: str) -> list[float]:
-        """Element-wise "sum" or "max" of `values` over ranks (float64 on the wire)."""
+        """Element-wise "sum", "max" or "min" of `values` over ranks (float64 on the wire)."""
         import torch
         import torch.distributed as dist
 
         if not dist.is_initialized():
             return list(values)
         tensor = torch.tensor(values, dtype=torch.float64, device=self._collective_device())
-        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        dist.all_reduce(tensor, op=ops[op])
         return tensor.tolist()
 
     def gather(self, obj: Any) -> list[Any] | None:

@@ -145,15 +145,19 @@ class Meter:
 
     @contextlib.contextmanager
     def evaluation(self) -> Iterator[None]:
+        """Times an evaluation; one cut short (abandoned at a stop, failed) counts as evaluation
+        time too, for the time it took."""
         self.synchronize(self.device)
         start = self.clock()
-        yield
-        self.synchronize(self.device)
-        end = self.clock()
-        self._last_eval_seconds = end - start
-        self.eval_seconds += self._last_eval_seconds
-        self.train_end = end
-        self._interval_start, self._interval_images = end, 0
+        try:
+            yield
+        finally:
+            self.synchronize(self.device)
+            end = self.clock()
+            self._last_eval_seconds = end - start
+            self.eval_seconds += self._last_eval_seconds
+            self.train_end = end
+            self._interval_start, self._interval_images = end, 0
 
     @contextlib.contextmanager
     def checkpointing(self) -> Iterator[None]:

@@ -1,10 +1,11 @@
 """SIGTERM and SIGINT, what Slurm and Kubernetes send before they kill a job (and Ctrl-C).
 
-The first signal sets a flag: the training loop finishes its step (or the evaluation under way),
-writes a checkpoint and results.json with "status": "interrupted", and exits non-zero. A second
-signal exits at once. The same signal often arrives twice within a moment: Slurm and a terminal
-signal every process of the job, and torchrun forwards what it receives to its workers; a repeat
-within `repeat_window_s` of the first is taken as the same request.
+The first signal sets a flag: the training loop finishes its step (an evaluation under way is
+abandoned after its batch, and run again when the run goes on), writes a checkpoint and
+results.json with "status": "interrupted", and exits non-zero, saying how long after the signal.
+A second signal exits at once. The same signal often arrives twice within a moment: Slurm and a
+terminal signal every process of the job, and torchrun forwards what it receives to its
+workers; a repeat within `repeat_window_s` of the first is taken as the same request.
 
 DataLoader workers ignore both signals (`ignore_in_worker`): the training process decides, and
 shuts them down as it exits.
@@ -41,6 +42,10 @@ class StopRequest:
     def name(self) -> str:
         return signal.Signals(self.signal).name if self.signal is not None else ""
 
+    def seconds_since(self) -> float:
+        """Seconds since the (first) signal arrived."""
+        return time.monotonic() - self._received_at
+
     def __enter__(self) -> StopRequest:
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -56,7 +61,7 @@ class StopRequest:
         if self.signal is None:
             self.signal, self._received_at = signum, time.monotonic()
             _say(
-                f"{name} received: stopping after this step (or the evaluation under way) with a "
+                f"{name} received: stopping after this step (or this evaluation batch) with a "
                 "checkpoint; send it again to exit at once"
             )
         elif time.monotonic() - self._received_at > self.repeat_window_s:

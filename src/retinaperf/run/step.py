@@ -7,6 +7,8 @@ logging, evaluation and checkpoints hang around it in the trainer's loop.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -85,8 +87,9 @@ def wrap_ddp(model: nn.Module, env: DistEnv) -> tuple[nn.Module, dict | None]:
     if env.world_size == 1:
         return model, None
     options = {
-        # Batch norm that trains keeps running statistics, which rank 0 must hand to every rank;
-        # frozen batch norm (the real recipe) keeps none, and the broadcast is a per-step cost.
+        # Batch norm that trains keeps running statistics, which rank 0 must hand to every rank
+        # before each forward; frozen batch norm (the real recipe) keeps none that change, and
+        # the broadcast is a per-step cost.
         "broadcast_buffers": any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
         ),
@@ -94,7 +97,18 @@ def wrap_ddp(model: nn.Module, env: DistEnv) -> tuple[nn.Module, dict | None]:
         "gradient_as_bucket_view": True,
     }
     device_ids = [env.device] if env.device.type != "cpu" else None
-    return DistributedDataParallel(model, device_ids=device_ids, **options), options
+    kwargs = {**options}
+    if _DDP_TAKES_FORWARD_SYNC:
+        # torch 2.13 renamed the per-forward broadcast (and warns on every rank at the old
+        # name); unlike the old False, the new one still syncs buffers once at init, which is
+        # harmless here: every rank starts from the same weights.
+        kwargs["forward_sync_buffers"] = kwargs.pop("broadcast_buffers")
+    return DistributedDataParallel(model, device_ids=device_ids, **kwargs), options
+
+
+_DDP_TAKES_FORWARD_SYNC = (
+    "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+)
 
 
 def implementation(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -89,16 +90,28 @@ def run(
             return finish.finish(trainer, "completed")
         except Interrupted:
             results = finish.finish(trainer, "interrupted", f"stopped by {stop.name}")
-            return {**results, "signal": stop.name}
+            # What a scheduler's grace time must cover (the step or evaluation batch under
+            # way, the checkpoint, the results), for the admin who sets it.
+            stopped_in = stop.seconds_since()
+            events.emit("stopped", signal=stop.name, seconds=stopped_in)
+            return {**results, "signal": stop.name, "stopped_in_s": stopped_in}
         except BaseException as err:
             events.emit("run_failed", error=f"{type(err).__name__}: {err}")
             if trainer is not None:
                 finish.record_failure(trainer, err)
+            # The traceback keeps the frames it passed through, and their locals (the trainer,
+            # the DDP model of a step) alive while the error rises past the teardown below:
+            # the printed traceback needs the code and lines alone.
+            _clear_frames(err)
             raise
         finally:
             if trainer is not None:
                 trainer.close()
             events.close()
+            # The process group goes once nothing holds it, and its Gloo or NCCL threads with
+            # it; a thread that outlives it dies with the interpreter and can abort the process
+            # (std::terminate) after a run that had completed.
+            trainer = None
             distributed.teardown()
 
 
@@ -147,11 +160,7 @@ class Trainer:
         )
         # The padded batch shapes of the training steps (cuDNN's benchmark mode and CUDA
         # graphs work per shape): the model's transform makes them.
-        model.transform.register_forward_hook(
-            lambda module, args, out: (
-                self.meter.saw_batch(out[0].tensors.shape) if module.training else None
-            )
-        )
+        model.transform.register_forward_hook(_batch_shapes_to(self.meter))
         self.watch = LossWatch(env.device)
         # What is read of the device (samples, energy, peak FLOP/s) comes from its plug-in.
         self.device_plugin = registry.plugin_for(env.device)
@@ -242,6 +251,7 @@ class Trainer:
         # One rank polls its own flag at every step; several agree at logged steps, where the
         # loop already waits for the device.
         self.poll_every = 1 if env.world_size == 1 else config.train.log_every
+        self.eval_batches_everywhere = int(env.all_reduce([len(self.loaders.val_loader)], "min")[0])
 
     def train(self) -> None:
         """Every epoch from where the run stands: its steps, its evaluation, its checkpoint."""
@@ -259,26 +269,29 @@ class Trainer:
                 break
             first = start.step_in_epoch if epoch == start.epoch else 0
             self.events.emit("epoch_start", epoch=epoch, step=self.meter.steps)
-            self.train_epoch(epoch, first, warmup_iters)
+            trained = self.train_epoch(epoch, first, warmup_iters)
             self.events.emit("epoch_end", epoch=epoch, step=self.meter.steps)
-            self.evaluate(epoch)
+            self.evaluate(epoch, trained)
             after = Position(epoch + 1, 0, self.meter.steps)
             self.save_checkpoint(after)
             self.poll(after)  # a signal during the evaluation
 
     def finished(self) -> bool:
-        """Whether the last evaluation reached the target, or the step budget is spent."""
+        """Whether the last evaluation, of the last step trained, reached the target, or the
+        step budget is spent (a run stopped during that evaluation has it still to do)."""
         cfg, meter = self.config.train, self.meter
-        if not meter.evals:
+        if not meter.evals or meter.evals[-1].step != meter.steps:
             return False
         reached = cfg.target_map > 0 and meter.evals[-1].stats["AP"] >= cfg.target_map
         return reached or bool(cfg.max_steps and meter.steps >= cfg.max_steps)
 
-    def train_epoch(self, epoch: int, start: int, warmup_iters: int) -> None:
-        """The steps of `epoch` from batch `start` on: the timed windows of the run."""
+    def train_epoch(self, epoch: int, start: int, warmup_iters: int) -> Position:
+        """The steps of `epoch` from batch `start` on: the timed windows of the run. Returns
+        where training stands after them."""
         cfg, meter = self.config.train, self.meter
+        trained = Position(epoch, start, meter.steps)
         if cfg.max_steps and meter.steps >= cfg.max_steps:
-            return  # resumed after the last step, before its evaluation
+            return trained  # resumed after the last step, before its evaluation
         self.loaders.train_sampler.set_epoch(epoch, start)
         self.model.train()
         bar = tqdm(
@@ -305,10 +318,12 @@ class Trainer:
                 bar.update()
                 if meter.steps % cfg.log_every == 0:
                     self.log_step(epoch, lr, losses, bar)
+                trained = Position(epoch, step_in_epoch + 1, meter.steps)
                 if meter.steps % self.poll_every == 0:
-                    self.poll(Position(epoch, step_in_epoch + 1, meter.steps))
+                    self.poll(trained)
                 if cfg.max_steps and meter.steps >= cfg.max_steps:
-                    return
+                    break
+        return trained
 
     def step(
         self, number: int, images: list[torch.Tensor], targets: list[dict]
@@ -359,22 +374,41 @@ class Trainer:
         if due:
             self.save_checkpoint(position)
 
+    def stop_in_evaluation(self, batches_done: int) -> bool:
+        """Whether the ranks agree to abandon the evaluation under way, asked after each of its
+        batches. One rank reads its own flag; several agree every `poll_every` batches, at the
+        batches every rank reaches (their shares of the validation set differ by one batch at
+        most), so that the collective is the same on all of them."""
+        if self.env.world_size == 1:
+            return self.stop.requested
+        if batches_done % self.poll_every or batches_done > self.eval_batches_everywhere:
+            return False
+        return self.env.all_reduce([self.stop.requested], "max")[0] > 0
+
     def save_checkpoint(self, position: Position, ended: str = "running") -> None:
         # A state whose loss has stopped being finite is not kept over the last good one.
         healthy = self.env.all_reduce([self.watch.streak.item()], "max")[0] == 0
         self.energy.mark("train")  # so that the checkpoint holds the energy so far
         self.checkpointer.save(position, healthy, self.meter.checkpointing, ended)
 
-    def evaluate(self, epoch: int) -> EvalRecord:
+    def evaluate(self, epoch: int, trained: Position) -> EvalRecord:
+        """The evaluation after `trained`; a stop asked for during it abandons it, checkpoints
+        at `trained` (so that the run goes on with this evaluation) and ends the run."""
         self.energy.mark("train")
-        with self.meter.evaluation():
-            stats, detections = self.evaluate_fn(
-                self.inference_model,
-                self.loaders.val_loader,
-                self.loaders.evaluator,
-                self.precision.autocast,
-                self.env.is_main,
-            )
+        try:
+            with self.meter.evaluation():
+                stats, detections = self.evaluate_fn(
+                    self.inference_model,
+                    self.loaders.val_loader,
+                    self.loaders.evaluator,
+                    self.precision.autocast,
+                    self.env.is_main,
+                    self.stop_in_evaluation,
+                )
+        except evaluation.Abandoned:
+            self.energy.mark("eval")
+            self.save_checkpoint(trained, ended="interrupted")
+            raise Interrupted from None
         self.energy.mark("eval")
         record = self.meter.eval_done(epoch, stats)
         self.events.emit(
@@ -392,10 +426,36 @@ class Trainer:
         return record
 
     def close(self) -> None:
-        """Stop what runs beside training; in a `finally`, whatever happened."""
+        """Stop what runs beside training; in a `finally`, whatever happened. Lets go of the
+        DDP wrapper, whose reducer holds the process group: the trainer itself may outlive the
+        run (a library's reference cycle can keep a frame that holds it), the group must not."""
         self.loaders.shut_down()
         self.checkpointer.close()
         self.energy.close()
         self.profiler.close()  # writes what a window cut short recorded
         if self.monitor is not None:
             self.monitor.stop()  # its thread must not outlive the run
+        self.model = self.inference_model
+
+
+def _clear_frames(err: BaseException) -> None:
+    """Drop the locals of the finished frames in `err`'s traceback and in those of the errors
+    it was raised from or during (the frames still running are left as they are)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        traceback.clear_frames(err.__traceback__)
+        err = err.__cause__ or err.__context__
+
+
+def _batch_shapes_to(meter: Meter) -> Callable[..., None]:
+    """A forward hook of the model's transform that tells `meter` each training batch's padded
+    shape. It holds the meter alone: a hook that held the trainer would make a reference cycle
+    (trainer -> model -> hook -> trainer) that keeps the model, its DDP reducer and so the
+    process group alive until the cyclic collector runs, at interpreter exit."""
+
+    def hook(module: torch.nn.Module, args: object, out: tuple) -> None:
+        if module.training:
+            meter.saw_batch(out[0].tensors.shape)
+
+    return hook
