@@ -146,7 +146,7 @@ def test_built_results_are_laid_out_as_the_trainer_wrote_them():
     built = _built()
     assert list(built) == [
         "schema_version", "status", "reason", "metrics", "segments", "batch_shapes", "energy",
-        "checkpoint", "monitor", "config", "environment", "run_dir",
+        "checkpoint", "monitor", "config", "environment", "run_dir", "notes",
     ]  # fmt: skip
     keys = list(built["metrics"])
     # the summary, memory and set-up facts first, e2e_time last (it ends as the file is written)
@@ -160,6 +160,11 @@ def test_upgrade_leaves_current_results_as_they_are():
     built = _built()
     assert upgrade(built) is built
     assert upgrade(copy.deepcopy(built)) == built
+
+
+def test_a_version_2_file_gets_no_notes():
+    older = {key: value for key, value in _built().items() if key != "notes"}
+    assert upgrade({**older, "schema_version": 2}) == _built()
 
 
 @pytest.mark.parametrize("run_dir", COMMITTED, ids=lambda p: str(p.relative_to(DOCS)))

@@ -4,8 +4,9 @@ Readers (the report, rounds, the GPU check) read a file through `report.tables.l
 brings a file of any earlier version to the current shape (`upgrade.upgrade`) and checks it
 (`check`), so that no reader needs to know which version wrote it. Versions: 0, files without
 `schema_version` (their fields came in over several commits, back to the first committed
-results, of 966242c); 1, the first versioned schema; 2, this one (issue 18: device plug-ins name
-their readings and peaks).
+results, of 966242c); 1, the first versioned schema; 2, issue 18: device plug-ins name their
+readings and peaks; 3, this one: `notes`, what went wrong after the outcome was written (issue
+23).
 
 TypedDicts, not dataclasses: results.json is a JSON object that readers index by key and the
 builder writes as a dict; TypedDicts type those keys without a conversion at either end, and
@@ -23,7 +24,7 @@ from retinaperf.config import RunConfig
 from retinaperf.errors import UserError
 
 RESULTS = "results.json"
-SCHEMA_VERSION = 2  # raised when a field is added or changes meaning; `upgrade` learns the step
+SCHEMA_VERSION = 3  # raised when a field is added or changes meaning; `upgrade` learns the step
 
 Status = Literal["completed", "interrupted", "failed"]
 
@@ -272,6 +273,9 @@ class Results(TypedDict):
     config: dict[str, Any]
     environment: Environment
     run_dir: str
+    notes: list[str]
+    """What went wrong once the outcome was written (report.md or the plots not drawn): never a
+    change of status or numbers."""
 
 
 def build_results(
@@ -341,6 +345,7 @@ def build_results(
         "config": config.to_dict(),
         "environment": environment,
         "run_dir": str(run_dir),
+        "notes": [],
     }
 
 

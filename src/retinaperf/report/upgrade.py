@@ -30,8 +30,14 @@ def upgrade(results: dict[str, Any]) -> dict[str, Any]:
     upgraded = copy.deepcopy(results)
     if version < 1:
         _from_version_0(upgraded)
-    _from_version_1(upgraded)
-    return {"schema_version": SCHEMA_VERSION, **upgraded}
+    if version < 2:
+        _from_version_1(upgraded)
+    upgraded.setdefault("notes", [])  # version 3: nothing was noted after the outcome before
+    # First, as written; a versioned file's own (older) number must not win over it.
+    return {
+        "schema_version": SCHEMA_VERSION,
+        **{k: v for k, v in upgraded.items() if k != "schema_version"},
+    }
 
 
 def _from_version_0(results: dict[str, Any]) -> None:

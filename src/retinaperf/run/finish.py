@@ -1,5 +1,6 @@
-"""How a run ends: the metrics reduced over the ranks, and the run directory written (results.json
-with the run's status; for a completed run also the report and plots, and its checkpoints go).
+"""How a run ends: the metrics reduced over the ranks and results.json written with the run's
+status (`finish`), once; then, for a completed run, the report and plots, and its checkpoints go
+(`publish`), which never changes that outcome.
 
 Collectives run unless the run failed: then the other ranks may be gone, and rank 0's own view
 stands for the job.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,8 +22,8 @@ from retinaperf.measure.memory import driver_peak, memory_peak
 from retinaperf.measure.memory import memory as job_memory
 from retinaperf.measure.meter import summarize
 from retinaperf.report import plots, tables
-from retinaperf.report.events import EVENTS, MONITOR, read_events
-from retinaperf.report.results import RESULTS, build_results
+from retinaperf.report.events import EVENTS, MONITOR, read_events, read_monitor
+from retinaperf.report.results import RESULTS, Results, build_results
 from retinaperf.run import checkpoint
 
 if TYPE_CHECKING:
@@ -112,12 +114,30 @@ def finish(t: Trainer, status: str, reason: str | None = None) -> dict:
         reason=reason,
         **{k: v for k, v in results["metrics"].items() if k != "evaluations"},
     )
-    if completed:
-        io.write_text_atomic(t.run_dir / tables.REPORT, tables.render_report(results))
-        plots.write_plots(read_events(t.run_dir / EVENTS), samples, t.run_dir / tables.PLOTS)
-        # Checkpoints are for going on, and cost hundreds of MB each; only once results.json
-        # is written (save_model=true keeps the trained weights).
-        shutil.rmtree(checkpoint.folder(t.run_dir), ignore_errors=True)
+    return results
+
+
+def publish(run_dir: Path, results: Results) -> Results:
+    """What a completed run writes once its results.json is: report.md and the plots (from the
+    event log and monitor.jsonl); then its checkpoints go (they are for going on, and cost
+    hundreds of MB each; save_model=true keeps the trained weights). The numbers were measured:
+    a report or plot that cannot be drawn (a full disk, a plot of an unusual run) is a warning
+    and a note in results.json, never a change of status or numbers. Returns the results as
+    written."""
+    try:
+        io.write_text_atomic(run_dir / tables.REPORT, tables.render_report(results))
+        samples = read_monitor(run_dir)
+        plots.write_plots(read_events(run_dir / EVENTS), samples, run_dir / tables.PLOTS)
+    except Exception as err:
+        note = (
+            f"report: {tables.REPORT} or {tables.PLOTS}/ not written ({type(err).__name__}: "
+            f"{err}); results.json holds every number: `retinaperf report --plots {run_dir}` "
+            "draws them again"
+        )
+        warnings.warn(note, stacklevel=1)
+        results = {**results, "notes": [*results["notes"], note]}
+        io.write_json_atomic(run_dir / RESULTS, results)
+    shutil.rmtree(checkpoint.folder(run_dir), ignore_errors=True)
     return results
 
 

@@ -87,7 +87,7 @@ def run(
             )
             events = trainer.events
             trainer.train()
-            return finish.finish(trainer, "completed")
+            results = finish.finish(trainer, "completed")
         except Interrupted:
             results = finish.finish(trainer, "interrupted", f"stopped by {stop.name}")
             # What a scheduler's grace time must cover (the step or evaluation batch under
@@ -104,6 +104,10 @@ def run(
             # the printed traceback needs the code and lines alone.
             _clear_frames(err)
             raise
+        else:
+            # Outside the handlers above: once results.json holds the outcome, nothing that
+            # follows records the run again as failed.
+            return finish.publish(run_dir, results) if env.is_main else results
         finally:
             if trainer is not None:
                 trainer.close()
