@@ -382,7 +382,7 @@ def test_a100_presets_carry_the_seed_numbers(name, nodes, devices, batch, lr):
     assert cfg.train.batch_size == batch
     assert cfg.train.lr == pytest.approx(lr)
     assert cfg.train.precision == "fp32"
-    # The fixed workload of SPEC §1 is left at its defaults.
+    # The fixed workload (docs/metrics.md, "The workload") is left at its defaults.
     assert cfg.train.momentum == 0.9
     assert cfg.train.weight_decay == pytest.approx(1e-4)
     assert cfg.train.epochs == 26

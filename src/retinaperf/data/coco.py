@@ -1,11 +1,13 @@
 """COCO2017 detection data: the annotation index, filtering, sampling and loading.
 
-Filtering (SPEC §1): a box is dropped from the training targets when it is a crowd box or has no
-area once clamped to the image (x1 > x0 and y1 > y0 must hold); a training image is dropped when no
-box is left. Validation images are all kept: COCO scoring sees every one.
+Filtering (docs/metrics.md, "The workload"): a box is dropped from the training targets when it
+is a crowd box or has no area once clamped to the image (x1 > x0 and y1 > y0 must hold); a
+training image is dropped when no box is left. Validation images are all kept: COCO scoring sees
+every one.
 
-Images are decoded to uint8 CHW tensors; conversion to float and normalisation happen on the device,
-inside the model (see `model.py`), so workers and host-to-device copies move 4x fewer bytes.
+Images are decoded to uint8 CHW tensors; conversion to float and normalisation happen on the
+device, inside the model (see `model/transform.py`), so workers and host-to-device copies move 4x
+fewer bytes.
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ def _split_records(
     drop_empty: bool,
     check_files: bool = True,
 ) -> list[ImageRecord]:
-    """The records of a split's index (SPEC §1's filtering, see the module docstring), after
+    """The records of a split's index (the workload's filtering, see the module docstring), after
     checking that its image files are in the split's folder."""
     path = annotation_file(root, split)
     if check_files:

@@ -54,7 +54,7 @@ import numpy as np
 from retinaperf.errors import UserError
 from retinaperf.io import atomic_file, json_error
 
-# COCO category ids are the model's labels as they are (model.NUM_CLASSES = 91, 0 the
+# COCO category ids are the model's labels as they are (model.network.NUM_CLASSES = 91, 0 the
 # background): an annotation's category must be one of 1..90.
 CATEGORY_IDS = range(1, 91)
 # Bump when the columns, their meaning or the checks of a build change: older caches are rebuilt.
@@ -143,7 +143,7 @@ def build(path: Path) -> CocoIndex:
 
 
 def from_content(content: dict, path: Path) -> CocoIndex:
-    """The index of an instances file already read whole (`data.read_annotations`), with the
+    """The index of an instances file already read whole (`data.coco.read_annotations`), with the
     same checks as `build`; `path` names the file in errors."""
     try:
         instances = msgspec.convert(content, _Instances, strict=False)

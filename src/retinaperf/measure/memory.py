@@ -1,5 +1,5 @@
 """Memory: this process's peak on its device (the allocator's, or the resident set on a CPU), and
-SPEC §3's `mem` from every rank's peak and the driver's view."""
+The `mem` of docs/metrics.md from every rank's peak and the driver's view."""
 
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ def memory_peak(device: torch.device) -> dict[str, float | str]:
 def memory(
     peaks: list[dict], driver: tuple[float, float] | None, driver_view: str | None = None
 ) -> dict:
-    """SPEC §3's mem from every rank's `memory_peak`, the largest, from both views, labelled.
+    """docs/metrics.md's `mem` from every rank's `memory_peak`: the largest, from both views,
+    labelled.
 
     `mem` (the table's column) is the driver's view when the monitor read it (e.g. NVML: memory
     used on the device by every context, what nvidia-smi shows, like the seed's table), labelled

@@ -1,4 +1,4 @@
-"""All timing, counting and memory of a run, and the SPEC §3 metrics computed from them.
+"""All timing, counting and memory of a run, and the metrics of docs/metrics.md computed from them.
 
 The training loop tells the `Meter` what happened (a core step with its images, an evaluation
 with its stats); nothing else touches its counters.
@@ -238,11 +238,11 @@ def device_events(device: torch.device) -> Callable[[], Any] | None:
 
 
 def summarize(meter: Meter, env: DistEnv, target_map: float, reduce: bool = True) -> dict:
-    """SPEC §3's times, throughputs and accuracy (e2e_time ends when results.json is written, so
-    the writer adds it; memory comes from `memory`), reduced over ranks: images summed, core
-    time maxed. With `reduce` every rank must call this (it runs collectives); without it (a
-    failing run, whose other ranks may be gone) this rank's view stands for the job: every rank
-    trains the same images per step."""
+    """docs/metrics.md's times, throughputs and accuracy (e2e_time ends when results.json is
+    written, so the writer adds it; memory comes from `memory`), reduced over ranks: images
+    summed, core time maxed. With `reduce` every rank must call this (it runs collectives);
+    without it (a failing run, whose other ranks may be gone) this rank's view stands for the
+    job: every rank trains the same images per step."""
     meter.settle()
     if reduce:
         images, steps, steady_images = env.all_reduce(

@@ -65,7 +65,7 @@ _NOT_OPERATORS = (STEP_LABEL, "Activity Buffer Request")
 
 
 class Events(Protocol):
-    """Where the `profile` event goes: report.EventLog."""
+    """Where the `profile` event goes: report.events.EventLog."""
 
     def emit(self, event: str, **fields: Any) -> None: ...
 

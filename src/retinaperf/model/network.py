@@ -133,7 +133,7 @@ class RetinaPerfNet(RetinaNet):
             return super().forward(images, targets)
         # torchvision's training path without its input checks, one of which synchronises with
         # the device once per image (`degenerate_boxes.any()`); the loader already drops boxes
-        # without area on the host (data._kept_boxes), and resizing and flipping keep them so.
+        # without area on the host (data.coco._records), and resizing and flipping keep them so.
         batch, targets = self.transform(images, targets)
         features = list(self.backbone(batch.tensors).values())
         head_outputs = self.head(features)
@@ -198,7 +198,7 @@ def build_model(
     config: ModelConfig, backbone_state: dict[str, torch.Tensor] | None
 ) -> RetinaPerfNet:
     """The detection model; `backbone_state` is an ImageNet ResNet-50 state dict or None (random
-    values: in the pretrained structure if `config.backbone_weights` is `random`)."""
+    values: in the pretrained structure if the config's `random_backbone` is `random`)."""
     pretrained = backbone_state is not None or config.random_backbone == "random"
     backbone = resnet_fpn_backbone(
         backbone_name="resnet50",

@@ -37,7 +37,7 @@ class Evaluation(TypedDict):
 
 
 class Summary(TypedDict):
-    """SPEC §3's times, throughputs and accuracy (`measure.meter.summarize`)."""
+    """The times, throughputs and accuracy of docs/metrics.md (`measure.meter.summarize`)."""
 
     init_time: float
     train_time: float
@@ -171,7 +171,7 @@ class Utilization(TypedDict):
 
 
 class Metrics(Summary, Memory, Facts, EnergyTotals, Utilization):
-    """SPEC §3's fields and the additions, flat, as the event log's run_end has them."""
+    """The fields of docs/metrics.md, flat, as the event log's run_end has them."""
 
     epochs: int
     world_size: int
@@ -268,8 +268,8 @@ class Results(TypedDict):
     energy: Energy
     checkpoint: str | None  # the newest checkpoint of a run that can go on
     monitor: MonitorSummary | None  # None: the monitor was off
-    # RunConfig.to_dict(), whose schema is config.py's; the upgrade adds the keys that readers
-    # read and older versions lacked.
+    # RunConfig.to_dict(), whose schema is config/settings.py's; the upgrade adds the keys that
+    # readers read and older versions lacked.
     config: dict[str, Any]
     environment: Environment
     run_dir: str

@@ -59,7 +59,8 @@ def cache_dir(config: RunConfig) -> Path:
 
 
 def build_data(config: RunConfig, env: DistEnv, cache: Path) -> Loaders:
-    """Index both splits (with SPEC §1's filtering) and build this rank's loaders."""
+    """Index both splits (with the workload's filtering, `data.coco`) and build this rank's
+    loaders."""
     root, label = dataset_root(config, env, cache)
     coco.check_root(root)
     train_records = train_index(root, env, cache)

@@ -1,6 +1,6 @@
 """Checkpoints: the whole state of a run, so that a stopped run goes on as if it had not stopped.
 
-A checkpoint holds (train.py assembles it):
+A checkpoint holds (checkpointer.py assembles it from the run's parts):
 - the model, the optimizer, and the precision's state (the loss scaler, fp16's float32 masters);
 - where training stands (`Position`);
 - each rank's random number generators and meter totals (images, steps, core, evaluation and

@@ -62,7 +62,7 @@ def run(
     step_fn: StepFn = step.train_step,
     evaluate_fn: EvaluateFn = evaluation.evaluate_model,
 ) -> dict:
-    """Run the benchmark (or, with `resume`, continue the run in `config.output_dir` from its
+    """Run the benchmark (or, with `resume`, continue the run in the config's `output_dir` from its
     newest checkpoint); returns the results written to `<run_dir>/results.json` on rank 0, and
     {"status": ...} on the other ranks. `step_fn` and `evaluate_fn` are the step and the
     evaluation (tests wrap them)."""
