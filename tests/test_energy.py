@@ -12,12 +12,14 @@ from nvml_fake import NvmlFake
 
 from retinaperf.measure.devices.nvidia import Nvidia, bare_uuid, nvml_counter
 from retinaperf.measure.energy import (
+    Phase,
     PhaseEnergy,
     RunEnergy,
     integrate_power,
     job_energy,
 )
 from retinaperf.measure.energy_counters import rapl_counters
+from retinaperf.measure.meter import Meter
 
 UUID = "5f3a9c1e-0b6d-4e2f-8a71-c0ffee000001"  # as torch writes it; NVML writes "GPU-" + this
 
@@ -73,13 +75,13 @@ def test_nvml_counter_gives_the_joules_of_each_phase(fake_nvml, uuid):
 
     energy = PhaseEnergy(counter)
     fake_nvml.energy_mj["h0"] = 5_000_000
-    energy.mark(None)  # train start: the 1000 J before it count in no phase
+    energy.count(None)  # train start: the 1000 J before it count in no phase
     fake_nvml.energy_mj["h0"] = 5_123_456
-    energy.mark("train")  # eval start
+    energy.count(Phase.TRAIN)  # eval start
     fake_nvml.energy_mj["h0"] = 5_150_000
-    energy.mark("eval")  # eval end
+    energy.count(Phase.EVAL)  # eval end
     fake_nvml.energy_mj["h0"] = 5_400_000
-    energy.mark("train")  # train end
+    energy.count(Phase.TRAIN)  # train end
 
     assert energy.totals == {
         "train": pytest.approx(123.456 + 250.0, abs=1e-9),
@@ -163,16 +165,16 @@ def test_rapl_counters_count_the_packages_across_a_wrap(powercap):
 
     package0, package1 = (PhaseEnergy(c) for c in counters)
     for energy in (package0, package1):
-        energy.mark(None)
+        energy.count(None)
     # Package 0 wraps: 262144 - 262100 = 44 J to the wrap, then 56 J after it.
     (powercap / "intel-rapl:0" / "energy_uj").write_text("56000000\n")
     (powercap / "intel-rapl:1" / "energy_uj").write_text("19500000\n")
     for energy in (package0, package1):
-        energy.mark("train")
+        energy.count(Phase.TRAIN)
     (powercap / "intel-rapl:0" / "energy_uj").write_text("81000000\n")
     (powercap / "intel-rapl:1" / "energy_uj").write_text("20000000\n")
     for energy in (package0, package1):
-        energy.mark("eval")
+        energy.count(Phase.EVAL)
 
     assert package0.totals == {"train": 100.0, "eval": 25.0}
     assert package1.totals == {"train": 12.5, "eval": 0.5}
@@ -237,8 +239,8 @@ class ScriptedCounter:
 def test_a_reset_loses_only_its_interval():
     # Train 50, then the counter starts again (eval interval unknown), train 25, eval 15, train 40.
     energy = PhaseEnergy(ScriptedCounter([100.0, 150.0, 20.0, 45.0, 60.0, 100.0]))
-    for ended in (None, "train", "eval", "train", "eval", "train"):
-        energy.mark(ended)
+    for ended in (None, Phase.TRAIN, Phase.EVAL, Phase.TRAIN, Phase.EVAL, Phase.TRAIN):
+        energy.count(ended)
     assert energy.totals == {"train": 115.0, "eval": 15.0}
     assert energy.lost_intervals == 1
     assert energy.summary() == {
@@ -252,10 +254,10 @@ def test_a_reset_loses_only_its_interval():
 
 def test_a_failed_reading_loses_the_intervals_on_both_sides():
     # The eval-start reading fails: the train interval before it and the eval one after it are
-    # unknown; the next mark starts afresh.
+    # unknown; the next reading starts afresh.
     energy = PhaseEnergy(ScriptedCounter([100.0, None, 130.0, 170.0]))
-    for ended in (None, "train", "eval", "train"):
-        energy.mark(ended)
+    for ended in (None, Phase.TRAIN, Phase.EVAL, Phase.TRAIN):
+        energy.count(ended)
     assert energy.totals == {"train": 40.0}
     assert energy.lost_intervals == 2
     summary = energy.summary()
@@ -264,8 +266,8 @@ def test_a_failed_reading_loses_the_intervals_on_both_sides():
 
 def test_state_dict_carries_the_totals_into_a_resumed_process():
     first = PhaseEnergy(ScriptedCounter([1000.0, 1300.0, 900.0, 950.0]))
-    for ended in (None, "train", "eval", "train"):  # the eval interval is lost to a reset
-        first.mark(ended)
+    for ended in (None, Phase.TRAIN, Phase.EVAL, Phase.TRAIN):  # the eval interval: a reset
+        first.count(ended)
     buffer = io.BytesIO()
     torch.save(first.state_dict(), buffer)
     buffer.seek(0)
@@ -275,8 +277,8 @@ def test_state_dict_carries_the_totals_into_a_resumed_process():
     # The resumed process's counter reads lower (another driver): it reads afresh at train start.
     resumed = PhaseEnergy(ScriptedCounter([10.0, 70.0, 80.0]))
     resumed.load_state_dict(state)
-    for ended in (None, "train", "eval"):
-        resumed.mark(ended)
+    for ended in (None, Phase.TRAIN, Phase.EVAL):
+        resumed.count(ended)
     assert resumed.totals == {"train": 410.0, "eval": 10.0}
     assert resumed.lost_intervals == 1
 
@@ -325,6 +327,63 @@ class Clock:
         return self.now
 
 
+class Wattmeter:
+    """A counter of the joules a fake device has drawn: `power` watts while the clock runs."""
+
+    source = "fake wattmeter"
+    label = "fake-0"
+    wrap_j = None
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock, self.power, self.joules, self.at = clock, 0.0, 0.0, clock()
+
+    def read(self) -> float:
+        self.joules += (self.clock() - self.at) * self.power
+        self.at = self.clock()
+        return self.joules
+
+    def close(self) -> None:
+        """Holds nothing."""
+
+
+def test_the_meters_windows_are_the_energy_phases():
+    """The meter tells the energy where training, each evaluation (one cut short too) and the
+    stop begin: the joules of each phase are those of its times, with no call of its own."""
+    clock = Clock()
+    device = Wattmeter(clock)
+    energy = RunEnergy(device, None, read_host=False, clock=clock, command_start=90.0)
+    meter = Meter(90.0, torch.device("cpu"), clock=clock, phases=energy)
+
+    def run(seconds: float, watts: float) -> None:
+        device.read()
+        device.power = watts
+        clock.now += seconds
+        device.read()
+
+    run(5, 1000)  # set-up: in no phase
+    meter.train_started()
+    run(10, 300)
+    with meter.evaluation():
+        run(2, 100)
+    run(4, 300)
+    energy.read()  # a logged step: the same phase goes on
+    run(4, 300)
+    with pytest.raises(KeyError), meter.evaluation():  # abandoned, or failed
+        run(1, 100)
+        raise KeyError("stopped")
+    run(3, 300)
+    meter.stopped()
+    run(7, 1000)  # after the stop: in no phase
+
+    summary = energy.summary()["device"]
+    assert summary["train_j"] == pytest.approx(21 * 300)
+    assert summary["eval_j"] == pytest.approx(3 * 100)
+    assert meter.eval_seconds == 3 and meter.train_time() == 24
+    assert energy.windows == [
+        (15, 25, "train"), (25, 27, "eval"), (27, 35, "train"), (35, 36, "eval"), (36, 39, "train")
+    ]  # fmt: skip
+
+
 def gpu_energy(uuid: str, clock: Clock) -> RunEnergy:
     """A GPU rank's energy, its counter NVML's as the NVIDIA plug-in gives it."""
     return RunEnergy(
@@ -337,12 +396,16 @@ def gpu_rank(fake: FakeNvml, uuid: str, host: str = "n1") -> tuple[dict, Clock]:
     training (300 W), read from the fake counter at each boundary."""
     clock = Clock()
     energy = gpu_energy(uuid, clock)
-    energy.mark(None)
-    for seconds, watts, phase in ((10, 300, "train"), (2, 100, "eval"), (8, 300, "train")):
+    for seconds, watts, phase in (
+        (10, 300, Phase.TRAIN),
+        (2, 100, Phase.EVAL),
+        (8, 300, Phase.TRAIN),
+    ):
+        energy.enter(phase)
         clock.now += seconds
         if energy.device is not None:
             fake.energy_mj["h0"] += seconds * watts * 1000
-        energy.mark(phase)
+    energy.enter(None)
     return {"host": host, "uuid": "GPU-" + bare_uuid(uuid), "energy": energy.summary()}, clock
 
 
@@ -395,13 +458,13 @@ def test_a_counter_reset_marks_the_figure_a_lower_bound(fake_nvml):
     clock = Clock()
     energy = gpu_energy(UUID, clock)
     fake_nvml.energy_mj["h0"] = 50_000_000
-    energy.mark(None)
+    energy.enter(Phase.TRAIN)
     fake_nvml.energy_mj["h0"] = 1_000  # the driver reloaded: the counter started again
     clock.now += 5
-    energy.mark("train")
+    energy.read()
     fake_nvml.energy_mj["h0"] += 3_000_000
     clock.now += 10
-    energy.mark("train")
+    energy.read()
     device = energy.summary()["device"]
     assert device["train_j"] == pytest.approx(3000) and device["complete"] is False
 
@@ -410,14 +473,14 @@ def cpu_rank(root: Path, local_rank: int, host: str = "n1") -> dict:
     clock = Clock()
     energy = RunEnergy(None, "the host's", read_host=local_rank == 0, clock=clock,
                        command_start=90.0, rapl_root=root)  # fmt: skip
-    energy.mark(None)
-    for seconds, phase in ((10, "train"), (2, "eval")):
+    for seconds, phase in ((10, Phase.TRAIN), (2, Phase.EVAL)):
+        energy.enter(phase)
         clock.now += seconds
         if energy.host:
             for package in ("intel-rapl:0", "intel-rapl:1"):
                 path = root / package / "energy_uj"
                 path.write_text(str(int(path.read_text()) + seconds * 40 * 10**6))  # 40 W each
-        energy.mark(phase)
+    energy.enter(None)
     return {"host": host, "uuid": None, "energy": energy.summary()}
 
 
@@ -468,19 +531,19 @@ def test_a_resumed_rank_goes_on_from_its_checkpointed_energy(fake_nvml):
     first, _ = gpu_rank(fake_nvml, UUID)
     clock = Clock()
     saved = gpu_energy(UUID, clock)
-    saved.mark(None)
+    saved.enter(Phase.TRAIN)
     fake_nvml.energy_mj["h0"] += 10 * 300 * 1000
     clock.now += 10
-    saved.mark("train")
+    saved.read()  # as before a checkpoint
     state = saved.state_dict()
 
     resumed = gpu_energy(UUID, clock)
     resumed.load_state_dict(state)
     fake_nvml.energy_mj["h0"] += 999_000_000  # between the processes: counted in no phase
-    resumed.mark(None)
+    resumed.enter(Phase.TRAIN)
     fake_nvml.energy_mj["h0"] += 8 * 300 * 1000
     clock.now += 8
-    resumed.mark("train")
+    resumed.enter(None)
     assert resumed.summary()["device"]["train_j"] == pytest.approx(18 * 300)
     assert first["energy"]["device"]["train_j"] == pytest.approx(18 * 300)
 

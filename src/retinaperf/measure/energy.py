@@ -3,8 +3,9 @@
 A power reading is an average over a short window, and the monitor takes one every few seconds,
 so integrating power misses what happens between samples. Energy counters add up every joule
 instead: the difference of two readings is the energy between them, however short or uneven the
-load. So the run reads each counter at the boundaries of its phases (`PhaseEnergy.mark`) and adds
-each interval to the phase that ended.
+load. So the run reads each counter at the boundaries of its phases and adds each interval to the
+phase it was in: the meter, whose windows are those phases (`Meter.train_started`,
+`Meter.evaluation`, `Meter.stopped`), tells `RunEnergy.enter` where each begins.
 
 Counters:
 - the device's, from its plug-in (measure/devices/): NVML's per NVIDIA GPU counts millijoules
@@ -12,8 +13,8 @@ Counters:
   one; it covers the whole board); amdsmi's per AMD GPU; a vendor plug-in's.
 - RAPL's per CPU package (energy_counters.py, `rapl_counters`), through Linux's powercap files:
   microjoules that wrap at `max_energy_range_uj`, every few minutes to an hour at full load.
-  Two readings tell one wrap from none but not two from one, so mark the phase under way more
-  often than that (at each log step: two `mark("train")` in a row only split the interval).
+  Two readings tell one wrap from none but not two from one, so read the phase under way more
+  often than that (`RunEnergy.read` at each logged step only splits the interval).
   Intel CPUs, and AMD ones through the same driver, both appear as `intel-rapl:N`. DRAM and the
   rest of the host are not counted.
 
@@ -29,32 +30,37 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 
 from retinaperf.measure.devices.base import Counter
 from retinaperf.measure.energy_counters import POWERCAP, rapl_counters
 
 
-class PhaseEnergy:
-    """One counter's joules per phase.
+class Phase(StrEnum):
+    """A part of the run whose energy is counted apart; its value names it in the results."""
 
-    The caller marks each phase boundary: `mark(None)` at train start, `mark("train")` when
-    evaluation starts, `mark("eval")` when it ends, `mark("train")` at train end. Mark the phase
-    under way before `state_dict()` so that a checkpoint holds its energy so far.
+    TRAIN = "train"
+    EVAL = "eval"
+
+
+class PhaseEnergy:
+    """One counter's joules per phase: `count(phase)` reads it and adds the energy since the
+    previous reading to the phase that interval was in (`RunEnergy` calls it at each boundary).
     """
 
     def __init__(self, counter: Counter) -> None:
         self.counter = counter
         self.totals: dict[str, float] = {}  # only phases with a counted interval
         self.lost_intervals = 0  # intervals of unknown energy: totals are then a lower bound
-        self._last: float | None = None  # the previous mark's reading; None: no start to count from
+        self._last: float | None = None  # the previous reading; None: no start to count from
 
-    def mark(self, ended: str | None) -> None:
-        """Read the counter and add the energy since the previous mark to phase `ended` (None:
-        no phase ended, the interval counts in none)."""
+    def count(self, phase: Phase | None) -> None:
+        """Read the counter and add the energy since the previous reading to `phase`, the one
+        the interval was in (None: in none, as before training starts)."""
         now = self.counter.read()
         last, self._last = self._last, now
-        if ended is None:
+        if phase is None:
             return
         if last is None or now is None:
             self.lost_intervals += 1
@@ -66,7 +72,7 @@ class PhaseEnergy:
                 self.lost_intervals += 1
                 return
             increase = self.counter.wrap_j - last + now
-        self.totals[ended] = self.totals.get(ended, 0.0) + increase
+        self.totals[phase.value] = self.totals.get(phase.value, 0.0) + increase
 
     def summary(self) -> dict:
         return {
@@ -130,8 +136,8 @@ class RunEnergy:
     """This rank's counters over a run: its device's (from the device's plug-in: `counter`, or
     None and `reason`) and, on one rank per node, the CPU packages' (RAPL); and the phase windows
     (seconds since command start), to integrate a device's sampled power where it has no
-    counter (`sampled_by` names where those samples come from). Mark it where `PhaseEnergy`
-    says."""
+    counter (`sampled_by` names where those samples come from). The meter says where each phase
+    begins (`enter`); `read` adds the phase under way so far."""
 
     def __init__(
         self,
@@ -153,26 +159,42 @@ class RunEnergy:
             counters, self.host_reason = rapl_counters(rapl_root or POWERCAP)
             self.host = [PhaseEnergy(counter) for counter in counters]
         self.windows: list[tuple[float, float, str]] = []
+        self.current: Phase | None = None
+        """The phase under way; None before training and after a stop."""
         self._clock = clock
         self._command_start = command_start
-        self._phase_start: float | None = None
+        self._phase_start = 0.0
 
     def _counters(self) -> list[PhaseEnergy]:
         return ([self.device] if self.device is not None else []) + self.host
 
-    def mark(self, ended: str | None) -> None:
-        """`PhaseEnergy.mark` on every counter, and the window of the phase that ended; the end
-        of a phase that never started (a run failing before training) marks nothing."""
-        if ended is not None and self._phase_start is None:
+    def enter(self, phase: Phase | None) -> None:
+        """The interval since the last reading goes to the phase under way, and `phase` is under
+        way from now (None: none, as after a stop). Nothing to do without a phase on either
+        side (a run stopping before it trained)."""
+        if self.current is None and phase is None:
             return
+        self._count()
+        self.current = phase
+
+    def read(self) -> None:
+        """The interval since the last reading goes to the phase under way, which goes on: often
+        enough that a RAPL counter cannot wrap twice unseen, and before a checkpoint, so that it
+        holds the energy so far."""
+        if self.current is not None:
+            self._count()
+
+    def _count(self) -> None:
+        """Every counter read, and the window of the phase under way extended to now."""
         now = self._clock() - self._command_start
         for counter in self._counters():
-            counter.mark(ended)
-        if ended is not None and self._phase_start is not None:
-            if self.windows and self.windows[-1][1:] == (self._phase_start, ended):
-                self.windows[-1] = (self.windows[-1][0], now, ended)  # the same phase goes on
+            counter.count(self.current)
+        phase = self.current
+        if phase is not None:
+            if self.windows and self.windows[-1][1:] == (self._phase_start, phase.value):
+                self.windows[-1] = (self.windows[-1][0], now, phase.value)  # the same goes on
             else:
-                self.windows.append((self._phase_start, now, ended))
+                self.windows.append((self._phase_start, now, phase.value))
         self._phase_start = now
 
     def state_dict(self) -> dict:

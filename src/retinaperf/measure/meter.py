@@ -1,7 +1,9 @@
 """All timing, counting and memory of a run, and the metrics of docs/metrics.md computed from them.
 
 The training loop tells the `Meter` what happened (a core step with its images, an evaluation
-with its stats); nothing else touches its counters.
+with its stats); nothing else touches its counters. Its windows are the run's phases: it tells
+the energy accounting (`phases`, a `RunEnergy`) where each begins, so that the joules of training
+and of evaluation are those of the times of docs/metrics.md.
 
 Windows (seconds):
     command start ... train start | step: [wait for data, copy] [core] ... | eval | ... | end
@@ -34,11 +36,18 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from retinaperf.distributed import DistEnv, synchronize
+from retinaperf.measure.energy import Phase
+
+
+class Phases(Protocol):
+    """What follows the run's phases (`energy.RunEnergy`)."""
+
+    def enter(self, phase: Phase | None) -> None: ...
 
 
 @dataclass
@@ -62,6 +71,8 @@ class Meter:
     events: Callable[[], Any] | None = None
     """Makes a timing event on the device's current stream (`device_events`); None: core windows
     on the host clock between synchronizes (the CPU)."""
+    phases: Phases | None = None
+    """Told where training, each evaluation and a stop begin; None: nothing follows them."""
     train_start: float | None = None
     train_end: float | None = None
     images: int = 0
@@ -87,6 +98,7 @@ class Meter:
     def train_started(self) -> None:
         """Call after the barrier that has every rank ready."""
         self.train_start = self.train_end = self._interval_start = self.clock()
+        self._enter(Phase.TRAIN)
 
     def train_time(self) -> float:
         """Seconds of training up to the last evaluation (or `stopped`), over all segments."""
@@ -96,6 +108,11 @@ class Meter:
     def stopped(self) -> None:
         """A run cut short (interrupted, failed): its training time ends now."""
         self.train_end = self.clock()
+        self._enter(None)
+
+    def _enter(self, phase: Phase | None) -> None:
+        if self.phases is not None:
+            self.phases.enter(phase)
 
     @contextlib.contextmanager
     def core_step(self, images: int) -> Iterator[None]:
@@ -149,11 +166,13 @@ class Meter:
         time too, for the time it took."""
         self.synchronize(self.device)
         start = self.clock()
+        self._enter(Phase.EVAL)
         try:
             yield
         finally:
             self.synchronize(self.device)
             end = self.clock()
+            self._enter(Phase.TRAIN)
             self._last_eval_seconds = end - start
             self.eval_seconds += self._last_eval_seconds
             self.train_end = end

@@ -36,8 +36,7 @@ def finish(t: Trainer, status: str, reason: str | None = None) -> dict:
     cfg, env, meter, plugin = t.config, t.env, t.meter, t.device_plugin
     reduce = status != "failed"
     if status != "completed":
-        meter.stopped()
-        t.energy.mark("train")
+        meter.stopped()  # training time, and its energy, end here
     t.checkpointer.finish()  # the newest checkpoint is on disk before results say so
     # One gather of what only each rank knows: its host, device, memory peak, monitor samples.
     mine = {

@@ -156,26 +156,29 @@ class Trainer:
         self.optimizer = step.build_optimizer(
             self.precision.optimizer_params(model), config.train, env.device
         )
+        # What is read of the device (samples, energy, peak FLOP/s) comes from its plug-in.
+        self.device_plugin = registry.plugin_for(env.device)
+        # Each rank reads its own device's counter; one rank per node reads the CPU packages.
+        # The meter's windows are its phases, on the meter's clock.
+        self.energy = energy.RunEnergy(
+            *self.device_plugin.energy_counter(env.device),
+            read_host=env.local_rank == 0,
+            clock=time.perf_counter,
+            command_start=command_start,
+            sampled_by=self.device_plugin.source,
+        )
         self.meter = Meter(
             command_start,
             env.device,
+            clock=time.perf_counter,
             timing_warmup_steps=config.train.timing_warmup_steps,
             events=device_events(env.device),
+            phases=self.energy,
         )
         # The padded batch shapes of the training steps (cuDNN's benchmark mode and CUDA
         # graphs work per shape): the model's transform makes them.
         model.transform.register_forward_hook(_batch_shapes_to(self.meter))
         self.watch = LossWatch(env.device)
-        # What is read of the device (samples, energy, peak FLOP/s) comes from its plug-in.
-        self.device_plugin = registry.plugin_for(env.device)
-        # Each rank reads its own device's counter; one rank per node reads the CPU packages.
-        self.energy = energy.RunEnergy(
-            *self.device_plugin.energy_counter(env.device),
-            read_host=env.local_rank == 0,
-            clock=self.meter.clock,
-            command_start=command_start,
-            sampled_by=self.device_plugin.source,
-        )
         self.checkpointer = Checkpointer(
             self.run_dir,
             env,
@@ -265,7 +268,6 @@ class Trainer:
         self.checkpointer.restore_rank_parts()
         self.meter.train_started()
         self.events.emit("train_start", step=self.meter.steps, warmup_steps=warmup_iters)
-        self.energy.mark(None)
         if self.monitor is not None:
             self.monitor.start()
         for epoch in range(start.epoch, cfg.epochs):
@@ -362,7 +364,7 @@ class Trainer:
                 figures.longest_bad_run, limit, self.meter.steps, figures.parts, lr, kept
             )
             raise UserError(message)
-        self.energy.mark("train")  # often enough that a RAPL counter cannot wrap twice unseen
+        self.energy.read()  # often enough that a RAPL counter cannot wrap twice unseen
         progress.log_step(self.events, bar, self.meter, self.env, epoch, lr, figures)
 
     def poll(self, position: Position) -> None:
@@ -392,13 +394,12 @@ class Trainer:
     def save_checkpoint(self, position: Position, ended: str = "running") -> None:
         # A state whose loss has stopped being finite is not kept over the last good one.
         healthy = self.env.all_reduce([self.watch.streak.item()], "max")[0] == 0
-        self.energy.mark("train")  # so that the checkpoint holds the energy so far
+        self.energy.read()  # so that the checkpoint holds the energy so far
         self.checkpointer.save(position, healthy, self.meter.checkpointing, ended)
 
     def evaluate(self, epoch: int, trained: Position) -> EvalRecord:
         """The evaluation after `trained`; a stop asked for during it abandons it, checkpoints
         at `trained` (so that the run goes on with this evaluation) and ends the run."""
-        self.energy.mark("train")
         try:
             with self.meter.evaluation():
                 stats, detections = self.evaluate_fn(
@@ -410,10 +411,8 @@ class Trainer:
                     self.stop_in_evaluation,
                 )
         except evaluation.Abandoned:
-            self.energy.mark("eval")
             self.save_checkpoint(trained, ended="interrupted")
             raise Interrupted from None
-        self.energy.mark("eval")
         record = self.meter.eval_done(epoch, stats)
         self.events.emit(
             "eval",
