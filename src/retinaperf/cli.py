@@ -367,7 +367,7 @@ def _presets(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from retinaperf.report import events, tables
+    from retinaperf.report import tables
     from retinaperf.run import rounds
 
     run_dirs = [d for given in args.run_dirs for d in rounds.run_dirs(Path(given))]
@@ -375,14 +375,10 @@ def _report(args: argparse.Namespace) -> int:
     runs = [{**tables.load_results(d), "run_dir": str(d)} for d in run_dirs]
     print(rounds.render_runs(runs, args.format))
     if args.plots:
-        from retinaperf.report.plots import write_plots
+        from retinaperf.report.plots import write_run_plots
 
         for run_dir in run_dirs:
-            written = write_plots(
-                events.read_events(run_dir / events.EVENTS),
-                events.read_monitor(run_dir),
-                run_dir / tables.PLOTS,
-            )
+            written = write_run_plots(run_dir)
             print(f"plots: {', '.join(str(p) for p in written)}", file=sys.stderr)
     return 0
 

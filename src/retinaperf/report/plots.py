@@ -17,6 +17,9 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from retinaperf.report.events import EVENTS, read_events, read_monitor
+from retinaperf.report.tables import PLOTS
+
 SIZE = (8.0, 4.5)
 """Inches of every plot but the device one; fixed so that plots of two runs compare side by side."""
 TALL_SIZE = (8.0, 9.0)
@@ -31,6 +34,12 @@ LINE_STYLES = ("-", "--", ":", "-.")
 
 Record = dict[str, Any]
 Series = tuple[list[float], list[float]]
+
+
+def write_run_plots(run_dir: Path) -> list[Path]:
+    """The plots of a run directory, drawn from its event log and monitor samples into its
+    plots/ (`write_plots`): as the run writes them, and as `retinaperf report --plots` does."""
+    return write_plots(read_events(run_dir / EVENTS), read_monitor(run_dir), run_dir / PLOTS)
 
 
 def write_plots(

@@ -22,7 +22,7 @@ from retinaperf.measure.memory import driver_peak, memory_peak
 from retinaperf.measure.memory import memory as job_memory
 from retinaperf.measure.meter import summarize
 from retinaperf.report import plots, tables
-from retinaperf.report.events import EVENTS, MONITOR, read_events, read_monitor
+from retinaperf.report.events import MONITOR
 from retinaperf.report.results import RESULTS, Results, build_results
 from retinaperf.run import checkpoint
 
@@ -125,8 +125,7 @@ def publish(run_dir: Path, results: Results) -> Results:
     written."""
     try:
         io.write_text_atomic(run_dir / tables.REPORT, tables.render_report(results))
-        samples = read_monitor(run_dir)
-        plots.write_plots(read_events(run_dir / EVENTS), samples, run_dir / tables.PLOTS)
+        plots.write_run_plots(run_dir)
     except Exception as err:
         note = (
             f"report: {tables.REPORT} or {tables.PLOTS}/ not written ({type(err).__name__}: "
