@@ -382,11 +382,9 @@ class Trainer:
 
     def stop_in_evaluation(self, batches_done: int) -> bool:
         """Whether the ranks agree to abandon the evaluation under way, asked after each of its
-        batches. One rank reads its own flag; several agree every `poll_every` batches, at the
-        batches every rank reaches (their shares of the validation set differ by one batch at
-        most), so that the collective is the same on all of them."""
-        if self.env.world_size == 1:
-            return self.stop.requested
+        batches, as `poll` is at steps: every `poll_every` batches, at the batches every rank
+        reaches (their shares of the validation set differ by one batch at most), so that the
+        collective is the same on all of them; one rank reads its own flag at every batch."""
         if batches_done % self.poll_every or batches_done > self.eval_batches_everywhere:
             return False
         return self.env.all_reduce([self.stop.requested], "max")[0] > 0
