@@ -207,6 +207,18 @@ def test_a_completed_runs_job_submitted_again_ends_at_once_leaving_the_run(compl
     assert (out / "results.json").read_bytes() == before
 
 
+def _wait_for_a_checkpoint(job_id: str, log: Path, out: Path) -> None:
+    """Until the job's run has written its first checkpoint (a stop then has one to keep)."""
+    checkpoints = out / "checkpoints"
+    _wait(
+        job_id,
+        log,
+        lambda _: any(checkpoints.glob("step-*.pt")),
+        "to write its first checkpoint",
+        timeout=300,
+    )
+
+
 def test_a_requeued_job_goes_on_from_its_checkpoint_and_appends_to_its_log(
     node_cpus, tiny_run_args, tiny_dataset, tmp_path
 ):
@@ -226,13 +238,7 @@ def test_a_requeued_job_goes_on_from_its_checkpoint_and_appends_to_its_log(
     job_id = _submit(env, tmp_path)
     log = tmp_path / f"retinaperf-{job_id}.out"
     try:
-        _wait(
-            job_id,
-            log,
-            lambda _: any((out / "checkpoints").glob("step-*.pt")),
-            "to write its first checkpoint",
-            timeout=300,
-        )
+        _wait_for_a_checkpoint(job_id, log, out)
         requeue = _command("scontrol", "requeue", job_id)
         assert requeue.returncode == 0, requeue.stderr
         # Slurm SIGTERMs the job (SIGKILL after KillWait, 30 s), then holds it pending for about
@@ -280,13 +286,7 @@ def test_the_time_limits_sigterm_stops_the_run_with_a_checkpoint_and_says_how_to
     job_id = _submit(env, tmp_path)
     log = tmp_path / f"retinaperf-{job_id}.out"
     try:
-        _wait(
-            job_id,
-            log,
-            lambda _: any((out / "checkpoints").glob("step-*.pt")),
-            "to write its first checkpoint",
-            timeout=300,
-        )
+        _wait_for_a_checkpoint(job_id, log, out)
         # What --signal=TERM@300 does before the time limit: SIGTERM to the job's steps (here
         # torchrun, which forwards it), not to the batch script, which carries on after srun.
         signal = _command("scancel", "--signal=TERM", job_id)
