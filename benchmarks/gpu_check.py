@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from resume_check import ResumeCheck, stop_and_resume  # noqa: E402
 
 from retinaperf.config import PRECISIONS as KNOWN_PRECISIONS  # noqa: E402
-from retinaperf.io import write_text_atomic  # noqa: E402
+from retinaperf.files import write_text_atomic  # noqa: E402
 from retinaperf.report import tables  # noqa: E402
 from retinaperf.report.events import EVENTS, read_events  # noqa: E402
 from retinaperf.report.results import RESULTS  # noqa: E402

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from common import Comparison, print_comparisons, readme_section, replace_readme_section
-from retinaperf.io import write_text_atomic
+from retinaperf.files import write_text_atomic
 from retinaperf.measure import environment
 from retinaperf.measure.devices import registry
 

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "src" / "retinaperf"
 # Lowest first. The base modules sit at the package's top level.
 LAYERS = {
     "errors": 0,
-    "io": 0,
+    "files": 0,
     "invocation": 0,
     "units": 0,
     "config": 0,

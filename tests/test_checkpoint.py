@@ -12,7 +12,7 @@ import torch
 from cli_helpers import run_cli, signal_at
 from mlperf_logging.mllog import constants as mlc
 
-from retinaperf import config, io
+from retinaperf import config, files
 from retinaperf.errors import UserError
 from retinaperf.report.events import read_events
 from retinaperf.report.mlperf import MLPERF_LOG, read_log
@@ -175,7 +175,7 @@ def test_checkpoints_are_kept_newest_first_hold_the_state_and_go_when_the_run_co
     assert not [p for p in checkpoint.folder(out).iterdir() if p.name.startswith(".")]
     # Each with its digest, in sha256sum's format; the pruned ones' went with them.
     for path in checkpoint.saved(out):
-        assert checkpoint.digest_file(path).read_text() == f"{io.sha256_of(path)}  {path.name}\n"
+        assert checkpoint.digest_file(path).read_text() == f"{files.sha256_of(path)}  {path.name}\n"
     assert len(list(checkpoint.folder(out).glob("*.sha256"))) == 3
     state = torch.load(checkpoint.saved(out)[-1], weights_only=True)
     assert state["position"] == {"epoch": 1, "step_in_epoch": 5, "step": 10}
@@ -245,7 +245,7 @@ def test_a_checkpoint_carrying_code_is_refused_without_running_it(
     planted = checkpoint.folder(out) / "step-9.pt"
     torch.save({"format": 1, "payload": Planted(marker)}, planted)
     # With a digest that matches: whoever can write the file can write that too.
-    checkpoint.digest_file(planted).write_text(f"{io.sha256_of(planted)}  {planted.name}\n")
+    checkpoint.digest_file(planted).write_text(f"{files.sha256_of(planted)}  {planted.name}\n")
     capsys.readouterr()
     assert run_cli(["run", "--resume", str(out)]) == 1
     assert "pickled objects other than tensors" in capsys.readouterr().err

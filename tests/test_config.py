@@ -19,8 +19,8 @@ from retinaperf.config import (
     RunConfig,
     TrainConfig,
     parse_overrides,
-    presets,
     resolve,
+    resolver,
 )
 from retinaperf.errors import UserError
 
@@ -29,7 +29,7 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eva
 
 def _fake_preset(monkeypatch: pytest.MonkeyPatch, table: dict) -> None:
     """Make every preset name read `table` instead of the shipped file."""
-    monkeypatch.setattr(presets, "_read_preset", lambda name: table)
+    monkeypatch.setattr(resolver, "read_preset", lambda name: table)
 
 
 # --- precedence -------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from test_results import made_results
 
 from retinaperf import cli
 from retinaperf.errors import UserError
-from retinaperf.io import write_json_atomic
+from retinaperf.files import write_json_atomic
 from retinaperf.report.events import EventLog, TensorBoardSink
 from retinaperf.report.tables import (
     ADDED_COLUMNS_NOTE,
@@ -313,7 +313,7 @@ def test_tensorboard_gets_the_event_log_numbers(tmp_path):
 
 
 def test_report_plots_draws_each_runs_plots_from_its_logs(runs, capsys):
-    from retinaperf.io import write_jsonl
+    from retinaperf.files import write_jsonl
 
     folder = runs[0]
     write_jsonl(

@@ -24,9 +24,9 @@ from retinaperf.measure.memory import memory
 from retinaperf.measure.meter import Meter, summarize
 from retinaperf.model.precision import math_in_effect
 from retinaperf.report.results import SCHEMA_VERSION, Results, build_results, check
+from retinaperf.report.spread import render_all_spreads, spread
 from retinaperf.report.tables import compare, load_results, render_comparison, render_report
 from retinaperf.report.upgrade import upgrade
-from retinaperf.run.rounds import render_all_spreads, spread
 
 CPU = torch.device("cpu")
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "results"

@@ -8,18 +8,10 @@ import pytest
 from test_results import made_results
 
 from retinaperf import cli
-from retinaperf.io import write_json_atomic
+from retinaperf.files import write_json_atomic
+from retinaperf.report.spread import configuration_key, groups, render_spread, spread
 from retinaperf.report.tables import REPORT, load_results
-from retinaperf.run.rounds import (
-    SUMMARY,
-    configuration_key,
-    groups,
-    render_spread,
-    round_dir,
-    run_dirs,
-    spread,
-    write_summary,
-)
+from retinaperf.run.rounds import SUMMARY, round_dir, run_dirs, write_summary
 
 
 def results(p_core: float, precision: str = "fp32", **metrics) -> dict:

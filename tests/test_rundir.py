@@ -114,7 +114,7 @@ def test_a_new_run_into_a_run_that_can_go_on_is_offered_its_resume(results, ende
     resolved = config.resolve("smoke", config.parse_overrides([f"output_dir={out}"]))
     env = DistEnv(0, 1, 0, 1, torch.device("cpu"))
     with pytest.raises(UserError) as refused:
-        rundir.choose(resolved, env, resume=False)
+        rundir.claim(resolved, env, resume=False)
     assert str(refused.value) == (
         f"output: {out} holds a run that {ended}, with checkpoint step-4.pt: continue it with "
         f"`{invocation.command('run', '--resume', str(out))}`, or choose a new --output-dir"
@@ -122,4 +122,4 @@ def test_a_new_run_into_a_run_that_can_go_on_is_offered_its_resume(results, ende
     # a completed run (its checkpoints gone) or a folder of other files: only not empty
     (out / "results.json").write_text(json.dumps({"status": "completed"}))
     with pytest.raises(UserError, match=r"is not empty: choose a new --output-dir$"):
-        rundir.choose(resolved, env, resume=False)
+        rundir.claim(resolved, env, resume=False)

@@ -13,7 +13,7 @@ import warnings  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from retinaperf import invocation, io  # noqa: E402
+from retinaperf import files, invocation  # noqa: E402
 from retinaperf.distributed import launch  # noqa: E402
 from retinaperf.errors import UserError  # noqa: E402
 
@@ -195,7 +195,7 @@ def _run(args: argparse.Namespace) -> int:
         if not resolved.output_dir:
             # Chosen here, not by each worker: workers torchrun starts again after a failure
             # must find the same directory.
-            pairs.append(f"output_dir={io.new_timestamped_dir()}")
+            pairs.append(f"output_dir={files.new_timestamped_dir()}")
         with invocation.handed_down():
             return _launch(args.nproc_per_node, _child_args(args, pairs))
     run = args.run_fn or trainer.run
@@ -284,7 +284,7 @@ def _repeat(args: argparse.Namespace, resolved, pairs: list[str]) -> int:
             "--repeat: this process is one of torchrun's workers; repeat the torchrun command "
             f"instead, or use `{instead}`"
         )
-    out_dir = Path(resolved.output_dir) if resolved.output_dir else io.new_timestamped_dir()
+    out_dir = Path(resolved.output_dir) if resolved.output_dir else files.new_timestamped_dir()
     # Each round gets its own output_dir, given last.
     child = _child_args(args, [p for p in pairs if p.partition("=")[0].strip() != "output_dir"])
     if args.nproc_per_node is not None:
@@ -367,13 +367,13 @@ def _presets(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from retinaperf.report import tables
+    from retinaperf.report import spread, tables
     from retinaperf.run import rounds
 
     run_dirs = [d for given in args.run_dirs for d in rounds.run_dirs(Path(given))]
     # Named where they are now, as given: a run directory may have moved since it was written.
     runs = [{**tables.load_results(d), "run_dir": str(d)} for d in run_dirs]
-    print(rounds.render_runs(runs, args.format))
+    print(spread.render_runs(runs, args.format))
     if args.plots:
         from retinaperf.report.plots import write_run_plots
 

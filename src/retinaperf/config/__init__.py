@@ -8,12 +8,14 @@ key, the value and what to use.
 
     fields.py    what a key is (`setting`) and the check of a value against it
     settings.py  the settings themselves, their defaults and help texts
-    presets.py   presets, `--set`, the precedence, a saved run's configuration, the keys' roles
+    presets.py   the preset files: names, descriptions, tables
+    resolver.py  `--set`, the precedence, a saved run's configuration, the keys' roles
 
 This package's namespace is the configuration's public interface: the names below.
 """
 
-from retinaperf.config.presets import (
+from retinaperf.config.presets import preset_description, preset_names
+from retinaperf.config.resolver import (
     PLACE_KEYS,
     PRECISIONS,
     RUN_KEYS,
@@ -22,8 +24,6 @@ from retinaperf.config.presets import (
     all_keys,
     load_saved,
     parse_overrides,
-    preset_description,
-    preset_names,
     resolve,
     workload,
 )

@@ -23,7 +23,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from retinaperf import io
+from retinaperf import files
 from retinaperf.data import coco_index
 from retinaperf.errors import UserError
 
@@ -79,7 +79,7 @@ def read_annotations(path: Path, what: str = "data") -> dict:
     begins the error: the command or part that reads it."""
     # msgspec: COCO's files are large, and it decodes them faster than json (1.3 s, not 2.1 s, for
     # 120 MB on this project's CPU).
-    data = io.read_json(path, what, if_invalid=coco_index.REEXTRACT, decode=msgspec.json.decode)
+    data = files.read_json(path, what, if_invalid=coco_index.REEXTRACT, decode=msgspec.json.decode)
     if not isinstance(data, dict):
         raise UserError(f"{what}: {path} is not a COCO instances file: it holds no JSON object")
     for key in ("images", "annotations", "categories"):

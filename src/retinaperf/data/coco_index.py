@@ -52,7 +52,7 @@ import msgspec
 import numpy as np
 
 from retinaperf.errors import UserError
-from retinaperf.io import atomic_file, json_error
+from retinaperf.files import atomic_file, json_error
 
 # COCO category ids are the model's labels as they are (model.network.NUM_CLASSES = 91, 0 the
 # background): an annotation's category must be one of 1..90.

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retinaperf import io
+from retinaperf import files
 from retinaperf.config import SYNTH_PROFILES as PROFILES
 from retinaperf.data.synth_coco import COCO_CATEGORIES, COCO_GENERATOR_VERSION, draw_coco_image
 from retinaperf.data.synth_shapes import CATEGORIES, GENERATOR_VERSION, draw_image
@@ -107,12 +107,12 @@ def generate(spec: SynthSpec, out_dir: Path, workers: int = 1) -> Path:
     # One generation into a folder at a time; its lock lies beside it, as the folder itself
     # appears only at the end.
     with _lock(out_dir, wait=False):
-        io.require_empty(out_dir, "synth", "give a new or empty folder with --out")
+        files.require_empty(out_dir, "synth", "give a new or empty folder with --out")
         return _generate(spec, out_dir, workers)
 
 
-def _lock(out_dir: Path, wait: bool) -> io.FolderLock:
-    return io.FolderLock(
+def _lock(out_dir: Path, wait: bool) -> files.FolderLock:
+    return files.FolderLock(
         out_dir, "synth", "wait for it to end, or give another folder with --out", beside=True,
         wait=wait,
     )  # fmt: skip
@@ -142,7 +142,7 @@ def cached(spec: SynthSpec, cache_dir: Path, workers: int = 1) -> Path:
     with _lock(target, wait=True):
         if complete.is_file():
             return target
-        io.require_empty(target, "synth", f"remove {target}: a partial copy of the cache")
+        files.require_empty(target, "synth", f"remove {target}: a partial copy of the cache")
         # Seconds to minutes of silence otherwise, on the first run of a configuration.
         print(
             f"retinaperf: generating the {spec.profile} dataset ({spec.train_images} training + "

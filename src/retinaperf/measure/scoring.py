@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from faster_coco_eval import COCO, COCOeval_faster
 
-from retinaperf import io
+from retinaperf import files
 from retinaperf.data.coco import read_annotations
 from retinaperf.distributed import DistEnv, synchronize
 from retinaperf.errors import UserError
@@ -258,7 +258,7 @@ def _unknown_categories(unknown: Counter, detections_path: Path, annotations_pat
 
 
 def _read_detections(path: Path) -> list[dict]:
-    detections = io.read_json(path, "evaluate")
+    detections = files.read_json(path, "evaluate")
     if not isinstance(detections, list):
         raise UserError(f"evaluate: {path} must hold a JSON list of detections")
     for i, d in enumerate(detections):

@@ -29,7 +29,7 @@ from torch import Tensor
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from retinaperf.distributed import host_to_device
+from retinaperf.model.transfer import host_to_device
 
 
 class Uint8Transform(GeneralizedRCNNTransform):

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from retinaperf import io
+from retinaperf import files
 from retinaperf.errors import UserError
 
 HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
@@ -77,7 +77,7 @@ def load(source: str, cache_dir: Path) -> LoadedWeights | None:
     state = load_tensors(path, "backbone weights")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"backbone weights: {path} does not hold a state dict of tensors")
-    return LoadedWeights(state, str(path), io.sha256_of(path))
+    return LoadedWeights(state, str(path), files.sha256_of(path))
 
 
 def load_tensors(path: Path, what: str) -> Any:
@@ -110,7 +110,7 @@ def _verify(path: Path) -> None:
     """Check the file `path` against the hash prefix in its name."""
     prefix = _prefix_or_warn(path.name)
     if prefix is not None:
-        actual = io.sha256_of(path)
+        actual = files.sha256_of(path)
         if not actual.startswith(prefix):
             raise _mismatch(str(path), prefix, actual)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from retinaperf.errors import UserError
-from retinaperf.io import jsonable
+from retinaperf.files import jsonable
 
 EVENTS = "events.jsonl"
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from retinaperf import invocation
 from retinaperf.errors import UserError
-from retinaperf.io import read_json
+from retinaperf.files import read_json
 from retinaperf.report.results import RESULTS, check
 from retinaperf.report.upgrade import upgrade
 from retinaperf.units import NO_VALUE

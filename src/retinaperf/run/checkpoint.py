@@ -11,7 +11,7 @@ is kept, the sampler skips the batches already trained.
 
 Everything in it is tensors, numbers and strings, so it loads with `weights_only=True` and a file
 that carries pickled code is refused. Rank 0 writes `<run dir>/checkpoints/step-<step>.pt`
-atomically (`io.atomic_file`: temporary file, fsync, rename, fsync of the folder) and keeps
+atomically (`files.atomic_file`: temporary file, fsync, rename, fsync of the folder) and keeps
 the newest `keep`; every rank reads it (on several nodes the run directory must be on storage
 they share). The `Writer` does that on a background thread from a host copy of the state, so that
 training goes on while the bytes reach the disk.
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from retinaperf import invocation, io
+from retinaperf import files, invocation
 from retinaperf.errors import UserError
 from retinaperf.model import weights
 
@@ -85,11 +85,11 @@ def save(run_dir: Path, state: dict[str, Any], step: int, keep: int) -> Path:
     checkpoint never appears without it."""
     target = folder(run_dir) / f"step-{step:08d}.pt"
     target.parent.mkdir(parents=True, exist_ok=True)
-    with io.atomic_file(target, "wb", durable=True) as f:
+    with files.atomic_file(target, "wb", durable=True) as f:
         torch.save(state, f)
         f.flush()
-        digest = io.sha256_of(Path(f.name))
-        with io.atomic_file(digest_file(target), "w", durable=True) as record:
+        digest = files.sha256_of(Path(f.name))
+        with files.atomic_file(digest_file(target), "w", durable=True) as record:
             record.write(f"{digest}  {target.name}\n")
     for old in saved(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
@@ -105,7 +105,7 @@ def damage(path: Path) -> str | None:
     except (OSError, UnicodeDecodeError, IndexError):
         return "no digest was recorded with it"
     try:
-        actual = io.sha256_of(path)
+        actual = files.sha256_of(path)
     except OSError as err:
         return f"it cannot be read ({err.strerror or err})"
     if actual != recorded:

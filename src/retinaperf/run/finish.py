@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from retinaperf import io
+from retinaperf import files
 from retinaperf.errors import UserError
 from retinaperf.measure import energy, environment, monitor, utilization
 from retinaperf.measure.memory import driver_peak, memory_peak
@@ -69,7 +69,7 @@ def finish(t: Trainer, status: str, reason: str | None = None) -> dict:
         env.nodes if plugin.energy_is_host else env.world_size,
     )
     if samples:
-        io.write_jsonl(t.run_dir / MONITOR, samples)
+        files.write_jsonl(t.run_dir / MONITOR, samples)
     completed = status == "completed"
     if completed and cfg.save_model:
         path = t.run_dir / "model.pt"
@@ -106,7 +106,7 @@ def finish(t: Trainer, status: str, reason: str | None = None) -> dict:
         # e2e_time ends here, as results.json is written (over every segment of the run).
         e2e_time=meter.e2e_time(),
     )
-    io.write_json_atomic(t.run_dir / RESULTS, results)
+    files.write_json_atomic(t.run_dir / RESULTS, results)
     t.events.emit(
         "run_end",
         status=status,
@@ -124,7 +124,7 @@ def publish(run_dir: Path, results: Results) -> Results:
     and a note in results.json, never a change of status or numbers. Returns the results as
     written."""
     try:
-        io.write_text_atomic(run_dir / tables.REPORT, tables.render_report(results))
+        files.write_text_atomic(run_dir / tables.REPORT, tables.render_report(results))
         plots.write_run_plots(run_dir)
     except Exception as err:
         note = (
@@ -134,7 +134,7 @@ def publish(run_dir: Path, results: Results) -> Results:
         )
         warnings.warn(note, stacklevel=1)
         results = {**results, "notes": [*results["notes"], note]}
-        io.write_json_atomic(run_dir / RESULTS, results)
+        files.write_json_atomic(run_dir / RESULTS, results)
     shutil.rmtree(checkpoint.folder(run_dir), ignore_errors=True)
     return results
 

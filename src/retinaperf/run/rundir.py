@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from retinaperf import invocation, io
+from retinaperf import files, invocation
 from retinaperf.config import RunConfig
 from retinaperf.distributed import DistEnv
 from retinaperf.errors import UserError
@@ -21,7 +21,7 @@ from retinaperf.run import checkpoint
 CONFIG = "config.json"
 
 
-def choose(config: RunConfig, env: DistEnv, resume: bool) -> tuple[Path, io.FolderLock | None]:
+def claim(config: RunConfig, env: DistEnv, resume: bool) -> tuple[Path, files.FolderLock | None]:
     """The run directory (rank 0's choice, shared with every rank) and, on rank 0, the lock that
     makes this job its only writer, held until the run ends. A default name is created, never
     shared; a folder another process writes in is refused, naming it. A new run's must be new or
@@ -34,20 +34,20 @@ def choose(config: RunConfig, env: DistEnv, resume: bool) -> tuple[Path, io.Fold
     return Path(env.broadcast(str(path) if env.is_main else None)), lock
 
 
-def _claim_name(config: RunConfig, env: DistEnv, resume: bool) -> tuple[Path, io.FolderLock]:
+def _claim_name(config: RunConfig, env: DistEnv, resume: bool) -> tuple[Path, files.FolderLock]:
     if config.output_dir:
         path = Path(config.output_dir)
     elif env.job_id:
         # Named after the torchrun job, so that its restarted workers find it again.
-        path = io.RUNS / f"torchrun-{env.job_id}"
+        path = files.RUNS / f"torchrun-{env.job_id}"
     else:
-        path = io.new_timestamped_dir()
+        path = files.new_timestamped_dir()
     what, what_to_do = (
         ("--resume", "wait for it to stop, then resume it")
         if resume
         else ("output", "wait for it to end, or choose another --output-dir")
     )
-    lock = io.claim_folder(path, what, what_to_do, lambda: _check_usable(path, resume, env))
+    lock = files.claim_folder(path, what, what_to_do, lambda: _check_usable(path, resume, env))
     return path, lock
 
 
@@ -56,7 +56,7 @@ def _check_usable(path: Path, resume: bool, env: DistEnv) -> None:
         _check_resumable(path)
     elif not env.attempt:
         _offer_resume(path)
-        io.require_empty(path, "output", "choose a new --output-dir")
+        files.require_empty(path, "output", "choose a new --output-dir")
 
 
 # How a run that can go on ended, by the status in its results.json (none: killed, or crashed).
@@ -72,7 +72,7 @@ def _offer_resume(path: Path) -> None:
     status = None
     if (path / RESULTS).is_file():
         try:
-            status = io.read_json(path / RESULTS, "output").get("status")
+            status = files.read_json(path / RESULTS, "output").get("status")
         except (UserError, AttributeError):  # not a results file: the plain refusal says enough
             return
     if status == "completed":
@@ -101,7 +101,7 @@ def continuing(run_dir: Path, env: DistEnv, resume: bool) -> bool:
     return resume or (env.attempt > 0 and (run_dir / CONFIG).exists())
 
 
-def claim(
+def prepare(
     run_dir: Path,
     config: RunConfig,
     model: nn.Module,
@@ -117,13 +117,13 @@ def claim(
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.check_space(run_dir, weights_bytes + copies * checkpoint.tensor_bytes(updated))
-        io.write_json_atomic(run_dir / CONFIG, config.to_dict())
+        files.write_json_atomic(run_dir / CONFIG, config.to_dict())
     except OSError as err:
-        io.remove_if_unused(run_dir)
+        files.remove_if_unused(run_dir)
         raise UserError(
             f"output: cannot write in {run_dir} ({err.strerror or err}): choose a writable "
             "--output-dir"
         ) from None
     except UserError:
-        io.remove_if_unused(run_dir)
+        files.remove_if_unused(run_dir)
         raise

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from retinaperf import distributed, io
+from retinaperf import distributed, files
 from retinaperf.config import RunConfig, parse_step_window, workload
 from retinaperf.data import coco
 from retinaperf.distributed import DistEnv
@@ -76,11 +76,11 @@ def run(
     with signals.StopRequest() as stop, contextlib.ExitStack() as held:
         try:
             build.check_topology(config, env)
-            run_dir, lock = rundir.choose(config, env, resume)
+            run_dir, lock = rundir.claim(config, env, resume)
             if lock is not None:
                 # Last, once results are written: release the lock, then remove the folder if
                 # the run was refused before it wrote anything there.
-                held.callback(io.remove_if_unused, run_dir)
+                held.callback(files.remove_if_unused, run_dir)
                 held.callback(lock.release)
             trainer = Trainer(
                 config, env, run_dir, command_start, resume, stop, step_fn, evaluate_fn
@@ -230,7 +230,7 @@ class Trainer:
         }
         self.events = EventLog(None, command_start)  # other ranks write no log
         if env.is_main:
-            rundir.claim(self.run_dir, config, model, self.optimizer, self.precision)
+            rundir.prepare(self.run_dir, config, model, self.optimizer, self.precision)
             sinks: tuple[EventSink, ...] = (MlperfLog(self.run_dir / MLPERF_LOG, command_start),)
             if config.tensorboard:
                 sinks += (TensorBoardSink(self.run_dir / "tensorboard"),)
