@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 from retinaperf import cli
-from retinaperf.run import trainer
+from retinaperf.run import job
 
 
 def run_cli(
@@ -21,7 +21,7 @@ def run_cli(
     cli.COMMAND_START = time.perf_counter()
     injected = {"step_fn": step_fn, "evaluate_fn": evaluate_fn}
     injected = {name: fn for name, fn in injected.items() if fn is not None}
-    return cli.main(args, run_fn=functools.partial(trainer.run, **injected) if injected else None)
+    return cli.main(args, run_fn=functools.partial(job.run, **injected) if injected else None)
 
 
 def signal_at(fn: Callable, call: int) -> Callable:

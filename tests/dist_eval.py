@@ -20,7 +20,7 @@ from retinaperf.run import evaluation
 
 
 def main(root: Path, checkpoint: Path, out: Path) -> None:
-    env = distributed.setup("cpu", timeout_s=120)
+    env = distributed.setup(torch.device("cpu"), timeout_s=120)
     try:
         records, annotations = coco.load_split(root, "val", drop_empty=False)
         gt = scoring.load_ground_truth(annotations) if env.is_main else None

@@ -15,6 +15,7 @@ LAYERS = {
     "files": 0,
     "invocation": 0,
     "units": 0,
+    "clock": 0,
     "config": 0,
     "distributed": 0,
     "model": 1,
@@ -71,5 +72,5 @@ def test_no_module_imports_from_a_higher_layer(path: Path):
 def test_the_layer_check_sees_an_upward_import(tmp_path):
     """The check itself: an import from a higher layer is found (here model/ importing run/)."""
     module = tmp_path / "x.py"
-    module.write_text("from retinaperf.run.trainer import run\nfrom retinaperf import config\n")
+    module.write_text("from retinaperf.run.job import run\nfrom retinaperf import config\n")
     assert [layer_of(name) for name in imports(module)] == [LAYERS["run"], LAYERS["config"]]

@@ -98,8 +98,9 @@ class Segment:
 
     def __init__(self, run_dir: Path, started_ago: float = 0.0) -> None:
         command_start = time.perf_counter() - started_ago
-        sink = MlperfLog(run_dir / MLPERF_LOG, command_start)
-        self.events = EventLog(run_dir / "events.jsonl", command_start, (sink,))
+        self.events = EventLog(command_start)
+        self.events.attach(run_dir / "events.jsonl")
+        self.events.add_sink(MlperfLog(run_dir / MLPERF_LOG, command_start))
         self.events.emit(
             "run_start", config=CONFIG, world_size=4, segment={}, train_images=64, val_images=8
         )
@@ -118,7 +119,7 @@ class Segment:
 def test_a_failed_run_ends_its_epoch_and_stops_once_aborted(tmp_path):
     run = Segment(tmp_path)
     run.train(range(2), evaluate=False)
-    # As trainer.run does on an error: run_failed, then the failed run's results (run_end).
+    # As job.run does on an error: run_failed, then the failed run's results (run_end).
     run.events.emit("run_failed", error="RuntimeError: boom")
     run.events.emit("run_end", status="failed", reason="RuntimeError: boom")
     run.events.close()

@@ -295,7 +295,9 @@ def test_report_of_a_folder_without_results_fails_cleanly(tmp_path, capsys):
 def test_tensorboard_gets_the_event_log_numbers(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    log = EventLog(tmp_path / "events.jsonl", 0.0, sinks=(TensorBoardSink(tmp_path / "tb"),))
+    log = EventLog(0.0)
+    log.attach(tmp_path / "events.jsonl")
+    log.add_sink(TensorBoardSink(tmp_path / "tb"))
     log.emit("run_start", config={})
     for step, loss in [(5, 1.5), (10, 0.75)]:
         log.emit("step", epoch=0, step=step, loss=loss, classification=loss / 3, lr=0.01)

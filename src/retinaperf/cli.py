@@ -13,7 +13,7 @@ import warnings  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from retinaperf import files, invocation  # noqa: E402
+from retinaperf import clock, files, invocation  # noqa: E402
 from retinaperf.distributed import launch  # noqa: E402
 from retinaperf.errors import UserError  # noqa: E402
 
@@ -154,7 +154,7 @@ def _key_help(name: str) -> str:
 
 
 def main(argv: list[str] | None = None, run_fn: Callable[..., dict] | None = None) -> int:
-    """The command line; `run_fn` stands for `run.trainer.run` (tests inject a wrapped step)."""
+    """The command line; `run_fn` stands for `run.job.run` (tests inject a wrapped step)."""
     args = build_parser().parse_args(argv)
     args.run_fn = run_fn
     warnings.showwarning = _show_warning
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None, run_fn: Callable[..., dict] | None = Non
 def _run(args: argparse.Namespace) -> int:
     from retinaperf import config
     from retinaperf.report.tables import REPORT, THROUGHPUT_ONLY_NOTE, format_table, table_row
-    from retinaperf.run import rundir, trainer
+    from retinaperf.run import job, rundir
 
     flags = {
         "data_dir": args.data_dir,
@@ -198,7 +198,7 @@ def _run(args: argparse.Namespace) -> int:
             pairs.append(f"output_dir={files.new_timestamped_dir()}")
         with invocation.handed_down():
             return _launch(args.nproc_per_node, _child_args(args, pairs))
-    run = args.run_fn or trainer.run
+    run = args.run_fn or job.run
     if launch().error_file is not None:
         # Under torchrun: record this worker's error where torchrun's failure summary reads it,
         # so the summary says which rank failed and why.
@@ -315,7 +315,7 @@ def _launch(nproc_per_node: int, child: list[str]) -> int:
     _check_launch(nproc_per_node)
     command = _torchrun_command(nproc_per_node, child)
     # e2e_time starts at this command, not at the workers' start: hand them its wall-clock time.
-    started = time.time() - (time.perf_counter() - COMMAND_START)
+    started = clock.wall_time_at(COMMAND_START)
     env = {**os.environ, START_ENV: repr(started)}
     return signals.run_child(command, env)
 
@@ -325,7 +325,7 @@ def _command_start() -> float:
     inherited = os.environ.get(START_ENV)
     if inherited is None:
         return COMMAND_START
-    return time.perf_counter() - (time.time() - float(inherited))
+    return clock.perf_counter_at(float(inherited))
 
 
 def _synth(args: argparse.Namespace) -> int:

@@ -190,19 +190,14 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device(device_type, local_rank)
 
 
-def setup(
-    requested_device: str,
-    timeout_s: float,
-    backend_for: Callable[[torch.device], str | None] = lambda device: None,
-) -> DistEnv:
-    """Join the process group torchrun describes (if any) and pick this rank's device.
-    `backend_for(device)` names the collective backend (the device plug-in's); None: torch's
-    default for the device type."""
+def setup(device: torch.device, timeout_s: float, backend: str | None = None) -> DistEnv:
+    """Join the process group torchrun describes (if any), this rank on `device` (`pick_device`'s
+    choice). `backend` is the collective backend (the device plug-in's); None: torch's default
+    for the device type."""
     import torch.distributed as dist
 
     launched = launch()
     rank, world_size = launched.rank, launched.world_size
-    device = pick_device(requested_device, launched.local_rank)
     if world_size > 1 and not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
         store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
@@ -210,7 +205,7 @@ def setup(
         # the workers before them, whose addresses are still there: each attempt gets keys of its
         # own, or the new ranks try to connect to the dead ones.
         dist.init_process_group(
-            backend=backend_for(device) or dist.get_default_backend_for_device(device),
+            backend=backend or dist.get_default_backend_for_device(device),
             store=dist.PrefixStore(f"retinaperf/attempt-{launched.attempt}", store),
             rank=rank,
             world_size=world_size,

@@ -20,35 +20,66 @@ MONITOR = "monitor.jsonl"
 class EventLog:
     """Append-only JSON lines, one object per event, flushed as written (a crash keeps the log).
 
-    Only the main rank writes; on other ranks `path` is None and `emit` does nothing. Sinks (e.g.
-    TensorBoard, created on the main rank only) receive every record written: other views of
-    the same numbers.
+    Made first, before anything it records, and handed to everything that reports events. Only
+    the main rank writes (`keep`); other ranks' logs drop every record. Until `attach` gives it
+    its file (once the run directory is prepared: a run refused before then leaves no folder),
+    the main rank's log holds its records, and writes them there first. Sinks (the MLPerf log,
+    TensorBoard), added on the main rank, receive every record from then on: other views of the
+    same numbers; the log closes them.
     """
 
-    def __init__(
-        self, path: Path | None, command_start: float, sinks: tuple[EventSink, ...] = ()
-    ) -> None:
+    def __init__(self, command_start: float, keep: bool = True) -> None:
         self.command_start = command_start
-        self._file: IO[str] | None = open(path, "a", encoding="utf-8") if path else None
-        self._sinks = sinks
+        self._keep = keep
+        self._held: list[dict] = []
+        self._file: IO[str] | None = None
+        self._sinks: list[EventSink] = []
+
+    def attach(self, path: Path) -> None:
+        """Write to `path` from now on, starting with the records held so far."""
+        if not self._keep:
+            return
+        self._file = open(path, "a", encoding="utf-8")
+        held, self._held = self._held, []
+        for record in held:
+            self._write(record)
+
+    def add_sink(self, sink: EventSink) -> None:
+        """Mirror every record from now on to `sink`, owned (closed) by the log from now on."""
+        self._sinks.append(sink)
 
     def emit(self, event: str, **fields: Any) -> None:
-        if self._file is None:
+        if not self._keep:
             return
         record = {"event": event, "time": round(time.perf_counter() - self.command_start, 6)}
         record.update(fields)
-        self._file.write(json.dumps(record, default=jsonable) + "\n")
-        self._file.flush()
+        if self._file is None:
+            self._held.append(record)
+            return
+        self._write(record)
         for sink in self._sinks:
             sink.write(record)
 
+    def _write(self, record: dict) -> None:
+        assert self._file is not None
+        self._file.write(json.dumps(record, default=jsonable) + "\n")
+        self._file.flush()
+
+    def __enter__(self) -> EventLog:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def close(self) -> None:
+        """Close the file and the sinks; records held for a file never attached are dropped
+        with the run that was refused before it had a directory."""
         if self._file is not None:
             self._file.close()
             self._file = None
-        for sink in self._sinks:
+        sinks, self._sinks = self._sinks, []
+        for sink in sinks:
             sink.close()
-        self._sinks = ()
 
 
 class EventSink(Protocol):

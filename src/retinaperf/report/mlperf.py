@@ -38,6 +38,8 @@ from typing import Any
 from mlperf_logging.mllog import constants as mlc
 from mlperf_logging.mllog.mllog import LOG_TEMPLATE, MLLogger
 
+from retinaperf import clock
+
 MLPERF_LOG = "mlperf.log"
 
 PREFIX = LOG_TEMPLATE.split("{")[0]  # ":::MLLOG "
@@ -57,7 +59,7 @@ class MlperfLog:
     def __init__(self, path: Path, command_start: float) -> None:
         # The records' `time` is seconds since command_start (perf_counter): on the wall clock,
         # they are seconds since this moment.
-        self._wall_start = time.time() - (time.perf_counter() - command_start)
+        self._wall_start = clock.wall_time_at(command_start)
         self._handler = logging.FileHandler(path, mode="a", encoding="utf-8")
         self._logger = logging.Logger("retinaperf.mlperf", logging.INFO)  # not in the registry
         self._logger.propagate = False

@@ -20,20 +20,15 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
+from torch.distributed.checkpoint.stateful import Stateful
 
 from retinaperf.distributed import DistEnv
 from retinaperf.report.events import EventLog
 from retinaperf.run import checkpoint
 from retinaperf.run.checkpoint import Position
-
-
-class Stateful(Protocol):
-    def state_dict(self) -> Any: ...
-
-    def load_state_dict(self, state: Any) -> None: ...
 
 
 class Generators:
@@ -72,6 +67,7 @@ class Checkpointer:
         self,
         run_dir: Path,
         env: DistEnv,
+        events: EventLog,
         workload: dict[str, Any],
         keep: int,
         minutes: float,
@@ -84,8 +80,7 @@ class Checkpointer:
         self.minutes = minutes
         self.job_parts = job_parts
         self.rank_parts = rank_parts
-        self.events = EventLog(None, 0.0)
-        """Where writes are reported: the run's log, once the run directory is claimed."""
+        self.events = events  # where writes are reported
         self.writer = checkpoint.Writer(run_dir, keep)
         self.segments = Segments()
         self.position = Position()

@@ -11,46 +11,84 @@ from __future__ import annotations
 import shutil
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from retinaperf import files
+from retinaperf.config import RunConfig
+from retinaperf.distributed import DistEnv
 from retinaperf.errors import UserError
 from retinaperf.measure import energy, environment, monitor, utilization
+from retinaperf.measure.devices.base import DevicePlugin
 from retinaperf.measure.memory import driver_peak, memory_peak
 from retinaperf.measure.memory import memory as job_memory
-from retinaperf.measure.meter import summarize
+from retinaperf.measure.meter import Meter, summarize
+from retinaperf.measure.monitor import Monitor
+from retinaperf.model.precision import Precision
 from retinaperf.report import plots, tables
-from retinaperf.report.events import MONITOR
+from retinaperf.report.events import MONITOR, EventLog
 from retinaperf.report.results import RESULTS, Results, build_results
 from retinaperf.run import checkpoint
-
-if TYPE_CHECKING:
-    from retinaperf.run.trainer import Trainer
+from retinaperf.run.checkpointer import Checkpointer
 
 
-def finish(t: Trainer, status: str, reason: str | None = None) -> dict:
+class TrainedRun(Protocol):
+    """What a run's end reads of the trainer (`run.trainer.Trainer`)."""
+
+    config: RunConfig
+    env: DistEnv
+    run_dir: Path
+    events: EventLog
+    meter: Meter
+    energy: energy.RunEnergy
+    monitor: Monitor | None
+    readings_note: str | None
+    checkpointer: Checkpointer
+    device_plugin: DevicePlugin
+    precision: Precision
+    inference_model: nn.Module
+    flops_per_image: float | None
+    facts: dict[str, Any]
+
+
+def finish(t: TrainedRun, status: str, reason: str | None = None) -> dict:
     """Reduce the metrics and write results.json with the run's status; returns the results on
     rank 0 and {"status": ...} on the others."""
-    cfg, env, meter, plugin = t.config, t.env, t.meter, t.device_plugin
     reduce = status != "failed"
     if status != "completed":
-        meter.stopped()  # training time, and its energy, end here
+        t.meter.stopped()  # training time, and its energy, end here
     t.checkpointer.finish()  # the newest checkpoint is on disk before results say so
     # One gather of what only each rank knows: its host, device, memory peak, monitor samples.
     mine = {
         "host": environment.hostname(),
-        "uuid": plugin.device_id(env.device),
-        "memory": memory_peak(env.device),
+        "uuid": t.device_plugin.device_id(t.env.device),
+        "memory": memory_peak(t.env.device),
         "samples": t.monitor.stop() if t.monitor else [],
         "energy": t.energy.summary(),
-        "batch_shapes": sorted(meter.batch_shapes),
+        "batch_shapes": sorted(t.meter.batch_shapes),
     }
-    ranks = env.gather(mine) if reduce else [mine]
-    summary = summarize(meter, env, cfg.train.target_map, reduce=reduce)
-    if not env.is_main:
+    ranks = t.env.gather(mine) if reduce else [mine]
+    summary = summarize(t.meter, t.env, t.config.train.target_map, reduce=reduce)
+    if not t.env.is_main:
         return {"status": status}
+    results = _results(t, status, reason, summary, ranks)
+    files.write_json_atomic(t.run_dir / RESULTS, results)
+    t.events.emit(
+        "run_end",
+        status=status,
+        reason=reason,
+        **{k: v for k, v in results["metrics"].items() if k != "evaluations"},
+    )
+    return results
+
+
+def _results(
+    t: TrainedRun, status: str, reason: str | None, summary: dict, ranks: list[dict]
+) -> Results:
+    """The results of the job, on rank 0, from its summary and what each rank gave."""
+    cfg, env, meter, plugin = t.config, t.env, t.meter, t.device_plugin
     samples = [sample for rank in ranks for sample in rank["samples"]]
     monitored = monitor.summarize(samples) if samples else None
     uuids = [rank["uuid"] for rank in ranks]
@@ -74,7 +112,7 @@ def finish(t: Trainer, status: str, reason: str | None = None) -> dict:
     if completed and cfg.save_model:
         path = t.run_dir / "model.pt"
         torch.save(t.precision.float32_state_dict(t.inference_model), path)
-    results = build_results(
+    return build_results(
         status=status,
         reason=reason,
         summary=summary,
@@ -106,14 +144,6 @@ def finish(t: Trainer, status: str, reason: str | None = None) -> dict:
         # e2e_time ends here, as results.json is written (over every segment of the run).
         e2e_time=meter.e2e_time(),
     )
-    files.write_json_atomic(t.run_dir / RESULTS, results)
-    t.events.emit(
-        "run_end",
-        status=status,
-        reason=reason,
-        **{k: v for k, v in results["metrics"].items() if k != "evaluations"},
-    )
-    return results
 
 
 def publish(run_dir: Path, results: Results) -> Results:
@@ -139,7 +169,7 @@ def publish(run_dir: Path, results: Results) -> Results:
     return results
 
 
-def record_failure(t: Trainer, err: BaseException) -> None:
+def record_failure(t: TrainedRun, err: BaseException) -> None:
     """results.json of a run that failed once set up, saying why; never masks the error."""
     reason = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
     try:

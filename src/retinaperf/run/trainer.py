@@ -1,48 +1,43 @@
-"""The trainer: a run's parts built once, the loop over epochs and steps, and how it ends.
+"""The trainer: a run's parts built once, and the loop over epochs and steps.
 
-Read top to bottom: `run` claims the run directory (its lock held to the end) and builds a
-`Trainer` (data, weights, model, optimizer, the checkpoint it goes on from); `Trainer.train`
-loops over epochs and steps, each step inside the meter's core window, with an evaluation and a
-checkpoint after every epoch; `finish.finish` reduces the metrics and writes the run directory
-with the run's status: completed, interrupted (by SIGTERM or SIGINT, after a checkpoint) or
-failed (divergence, out of memory, any error once training has started). What hangs around the
-step (logging, the divergence guard, checkpoints, energy phases, the profiler) is called from the
-loop, never from inside the step.
+Read top to bottom: `Trainer.__init__` builds the run's parts in order (precision, data,
+weights, model and optimizer, the run directory and its event log, the meter and energy
+counters, the checkpoint it goes on from, FLOPs, compile, DDP, the monitor and profiler), each
+thread, worker process and file registered to be closed as it is opened; `Trainer.train` loops
+over epochs and steps, each step inside the meter's core window, with an evaluation and a
+checkpoint after every epoch. What hangs around the step (logging, the divergence guard,
+checkpoints, the profiler) is called from the loop, never from inside the step. How a run
+begins and ends (its status, results.json) is `job.py`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from retinaperf import distributed, files
+from retinaperf import clock
 from retinaperf.config import RunConfig, parse_step_window, workload
 from retinaperf.data import coco
 from retinaperf.distributed import DistEnv
 from retinaperf.errors import UserError
 from retinaperf.measure import energy
 from retinaperf.measure.devices import registry
+from retinaperf.measure.devices.base import DevicePlugin
 from retinaperf.measure.meter import EvalRecord, Meter, device_events
 from retinaperf.measure.monitor import HostSampler, Monitor
 from retinaperf.measure.profiling import StepProfiler
-from retinaperf.model import precision
+from retinaperf.model import precision, weights
 from retinaperf.model.network import build_model
 from retinaperf.model.precision import Precision
-from retinaperf.report.events import (
-    EVENTS,
-    EventLog,
-    EventSink,
-    TensorBoardSink,
-    require_tensorboard,
-)
+from retinaperf.report.events import EVENTS, EventLog, TensorBoardSink, require_tensorboard
 from retinaperf.report.mlperf import MLPERF_LOG, MlperfLog
-from retinaperf.run import build, evaluation, finish, progress, rundir, signals, step
+from retinaperf.run import build, evaluation, progress, rundir, signals, step
 from retinaperf.run.checkpoint import Position
 from retinaperf.run.checkpointer import Checkpointer, Generators
 from retinaperf.run.health import LossWatch, diverged, divergence_message
@@ -55,70 +50,6 @@ class Interrupted(Exception):
     """A signal stopped the run at a step every rank agreed on, after a checkpoint."""
 
 
-def run(
-    config: RunConfig,
-    command_start: float,
-    resume: bool = False,
-    step_fn: StepFn = step.train_step,
-    evaluate_fn: EvaluateFn = evaluation.evaluate_model,
-) -> dict:
-    """Run the benchmark (or, with `resume`, continue the run in the config's `output_dir` from its
-    newest checkpoint); returns the results written to `<run_dir>/results.json` on rank 0, and
-    {"status": ...} on the other ranks. `step_fn` and `evaluate_fn` are the step and the
-    evaluation (tests wrap them)."""
-    env = distributed.setup(
-        config.device,
-        config.dist_timeout,
-        lambda device: registry.plugin_for(device).collective_backend,
-    )
-    events = EventLog(None, command_start)
-    trainer = None
-    with signals.StopRequest() as stop, contextlib.ExitStack() as held:
-        try:
-            build.check_topology(config, env)
-            run_dir, lock = rundir.claim(config, env, resume)
-            if lock is not None:
-                # Last, once results are written: release the lock, then remove the folder if
-                # the run was refused before it wrote anything there.
-                held.callback(files.remove_if_unused, run_dir)
-                held.callback(lock.release)
-            trainer = Trainer(
-                config, env, run_dir, command_start, resume, stop, step_fn, evaluate_fn
-            )
-            events = trainer.events
-            trainer.train()
-            results = finish.finish(trainer, "completed")
-        except Interrupted:
-            results = finish.finish(trainer, "interrupted", f"stopped by {stop.name}")
-            # What a scheduler's grace time must cover (the step or evaluation batch under
-            # way, the checkpoint, the results), for the admin who sets it.
-            stopped_in = stop.seconds_since()
-            events.emit("stopped", signal=stop.name, seconds=stopped_in)
-            return {**results, "signal": stop.name, "stopped_in_s": stopped_in}
-        except BaseException as err:
-            events.emit("run_failed", error=f"{type(err).__name__}: {err}")
-            if trainer is not None:
-                finish.record_failure(trainer, err)
-            # The traceback keeps the frames it passed through, and their locals (the trainer,
-            # the DDP model of a step) alive while the error rises past the teardown below:
-            # the printed traceback needs the code and lines alone.
-            _clear_frames(err)
-            raise
-        else:
-            # Outside the handlers above: once results.json holds the outcome, nothing that
-            # follows records the run again as failed.
-            return finish.publish(run_dir, results) if env.is_main else results
-        finally:
-            if trainer is not None:
-                trainer.close()
-            events.close()
-            # The process group goes once nothing holds it, and its Gloo or NCCL threads with
-            # it; a thread that outlives it dies with the interpreter and can abort the process
-            # (std::terminate) after a run that had completed.
-            trainer = None
-            distributed.teardown()
-
-
 class Trainer:
     """Everything a run trains with, built once; the loop over epochs and steps."""
 
@@ -126,7 +57,9 @@ class Trainer:
         self,
         config: RunConfig,
         env: DistEnv,
+        device_plugin: DevicePlugin,
         run_dir: Path,
+        events: EventLog,
         command_start: float,
         resume: bool,
         stop: signals.StopRequest,
@@ -134,7 +67,30 @@ class Trainer:
         evaluate_fn: EvaluateFn = evaluation.evaluate_model,
     ) -> None:
         self.config, self.env, self.run_dir, self.stop = config, env, run_dir, stop
+        # What is read of the device (samples, energy, peak FLOP/s) comes from its plug-in.
+        self.device_plugin, self.events = device_plugin, events
         self.step_fn, self.evaluate_fn = step_fn, evaluate_fn
+        self.command_start = command_start
+        # Each worker process, thread and file below is registered here as it is opened: a
+        # failure anywhere in the set-up closes what was opened so far, as `close` does later.
+        self._owned = contextlib.ExitStack()
+        try:
+            # Asked before this run writes its configuration, which would make a restarted
+            # rank 0 answer otherwise than the others.
+            continuing = rundir.continuing(run_dir, env, resume)
+            model, backbone = self._build_model()
+            self._open_run_dir(model)
+            self._build_meters(model)
+            self._restore(model, continuing)
+            self._wrap(model, backbone)
+            self._open_watchers()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build_model(self) -> tuple[nn.Module, weights.LoadedWeights | None]:
+        """The precision, the data, the backbone's weights, the model and its optimizer."""
+        config, env = self.config, self.env
         if config.tensorboard:
             require_tensorboard()
         # Rank 0 decides, so that every rank trains in the same precision.
@@ -146,32 +102,48 @@ class Trainer:
         torch.backends.cudnn.benchmark = step.use_cudnn_benchmark(config.train, env.device)
         cache = build.cache_dir(config)
         self.loaders = build.build_data(config, env, cache)
+        self._owned.callback(self.loaders.shut_down)
         backbone = build.load_weights(config, env, cache)
         model = build_model(config.model, backbone.state_dict if backbone else None)
         model = model.to(env.device)
-        channels_last = step.use_channels_last(config.model.channels_last, env.device)
-        if channels_last:
+        self.channels_last = step.use_channels_last(config.model.channels_last, env.device)
+        if self.channels_last:
             model.use_channels_last()
         self.inference_model = model = self.precision.prepare(model)
         self.optimizer = step.build_optimizer(
             self.precision.optimizer_params(model), config.train, env.device
         )
-        # What is read of the device (samples, energy, peak FLOP/s) comes from its plug-in.
-        self.device_plugin = registry.plugin_for(env.device)
+        return model, backbone
+
+    def _open_run_dir(self, model: nn.Module) -> None:
+        """On rank 0: the run directory with the configuration, and the event log's file and
+        sinks in it. From here on, a failure is recorded there."""
+        if not self.env.is_main:
+            return
+        rundir.prepare(self.run_dir, self.config, model, self.optimizer, self.precision)
+        self.events.attach(self.run_dir / EVENTS)
+        self.events.add_sink(MlperfLog(self.run_dir / MLPERF_LOG, self.command_start))
+        if self.config.tensorboard:
+            self.events.add_sink(TensorBoardSink(self.run_dir / "tensorboard"))
+
+    def _build_meters(self, model: nn.Module) -> None:
+        """The energy counters, the meter (whose windows are the energy's phases, on the
+        meter's clock) and the loss watch."""
+        env, plugin = self.env, self.device_plugin
         # Each rank reads its own device's counter; one rank per node reads the CPU packages.
-        # The meter's windows are its phases, on the meter's clock.
         self.energy = energy.RunEnergy(
-            *self.device_plugin.energy_counter(env.device),
+            *plugin.energy_counter(env.device),
             read_host=env.local_rank == 0,
             clock=time.perf_counter,
-            command_start=command_start,
-            sampled_by=self.device_plugin.source,
+            command_start=self.command_start,
+            sampled_by=plugin.source,
         )
+        self._owned.callback(self.energy.close)
         self.meter = Meter(
-            command_start,
+            self.command_start,
             env.device,
             clock=time.perf_counter,
-            timing_warmup_steps=config.train.timing_warmup_steps,
+            timing_warmup_steps=self.config.train.timing_warmup_steps,
             events=device_events(env.device),
             phases=self.energy,
         )
@@ -179,9 +151,15 @@ class Trainer:
         # graphs work per shape): the model's transform makes them.
         model.transform.register_forward_hook(_batch_shapes_to(self.meter))
         self.watch = LossWatch(env.device)
+
+    def _restore(self, model: nn.Module, continuing: bool) -> None:
+        """The checkpointer, and the state of the checkpoint this run goes on from; then what
+        runs where, before the progress bars."""
+        config, env = self.config, self.env
         self.checkpointer = Checkpointer(
             self.run_dir,
             env,
+            self.events,
             workload(config),
             config.keep_checkpoints,
             config.checkpoint_minutes,
@@ -195,10 +173,9 @@ class Trainer:
                 "rng": Generators(env.device),
             },
         )
-        started = time.time() - (time.perf_counter() - command_start)
-        continuing = rundir.continuing(self.run_dir, env, resume)
-        self.checkpointer.restore(continuing, started)
-        if env.is_main:  # what runs where, before the progress bars
+        self._owned.callback(self.checkpointer.close)
+        self.checkpointer.restore(continuing, clock.wall_time_at(self.command_start))
+        if env.is_main:
             went_on_from = self.checkpointer.position, self.checkpointer.resumed_from
             text = progress.header(
                 config,
@@ -206,10 +183,15 @@ class Trainer:
                 self.device_plugin.device_name(env.device),
                 self.precision,
                 self.loaders.facts,
-                run_dir,
+                self.run_dir,
                 went_on_from if continuing else None,
             )
             print(text, flush=True)
+
+    def _wrap(self, model: nn.Module, backbone: weights.LoadedWeights | None) -> None:
+        """FLOPs counted, the model compiled and wrapped in DDP; the run's facts and its start
+        in the event log."""
+        config, env = self.config, self.env
         # Counted before compiling (compiled kernels bypass the FLOP counter) and before DDP
         # wraps the model (so that no gradient hook fires).
         self.flops_per_image = (
@@ -218,6 +200,7 @@ class Trainer:
         if config.model.compile:
             model.compile_parts(config.model.compile_mode)
         self.model, ddp = step.wrap_ddp(model, env)
+        implementation = step.implementation(config.model, self.channels_last, self.optimizer, ddp)
         self.facts = {
             **self.loaders.facts,
             "backbone_weights": config.model.backbone_weights,
@@ -225,17 +208,9 @@ class Trainer:
             "backbone_init": build.backbone_init(config, backbone),
             "throughput_only": config.throughput_only,
             "precision_requested": config.train.precision,
-            "implementation": step.implementation(config.model, channels_last, self.optimizer, ddp),
+            "implementation": implementation,
             **self.precision.record(),  # read last: every math flag of the run is set by now
         }
-        self.events = EventLog(None, command_start)  # other ranks write no log
-        if env.is_main:
-            rundir.prepare(self.run_dir, config, model, self.optimizer, self.precision)
-            sinks: tuple[EventSink, ...] = (MlperfLog(self.run_dir / MLPERF_LOG, command_start),)
-            if config.tensorboard:
-                sinks += (TensorBoardSink(self.run_dir / "tensorboard"),)
-            self.events = EventLog(self.run_dir / EVENTS, command_start, sinks)
-        self.checkpointer.events = self.events
         self.events.emit(
             "run_start",
             config=config.to_dict(),
@@ -243,11 +218,17 @@ class Trainer:
             segment=self.checkpointer.segments.current,
             **self.facts,
         )
+
+    def _open_watchers(self) -> None:
+        """The monitor (its thread starts with training), the profiler, and when the ranks
+        agree on stopping."""
+        config, env = self.config, self.env
         self.monitor, self.readings_note = None, "the monitor was off (monitor_interval = 0)"
         if env.local_rank == 0 and config.monitor_interval > 0:
             sampler, self.readings_note = registry.open_sampler(self.device_plugin)
             samplers = [HostSampler()] + ([sampler] if sampler is not None else [])
-            self.monitor = Monitor(config.monitor_interval, command_start, samplers)
+            self.monitor = Monitor(config.monitor_interval, self.command_start, samplers)
+            self._owned.callback(self.monitor.stop)  # its thread must not outlive the run
         self.profiler = StepProfiler(
             parse_step_window(config.train.profile_steps),
             self.run_dir,
@@ -255,6 +236,7 @@ class Trainer:
             enabled=env.is_main,
             events=self.events,
         )
+        self._owned.callback(self.profiler.close)  # writes what a window cut short recorded
         # One rank polls its own flag at every step; several agree at logged steps, where the
         # loop already waits for the device.
         self.poll_every = 1 if env.world_size == 1 else config.train.log_every
@@ -289,14 +271,19 @@ class Trainer:
         if not meter.evals or meter.evals[-1].step != meter.steps:
             return False
         reached = cfg.target_map > 0 and meter.evals[-1].stats["AP"] >= cfg.target_map
-        return reached or bool(cfg.max_steps and meter.steps >= cfg.max_steps)
+        return reached or self.out_of_steps()
+
+    def out_of_steps(self) -> bool:
+        """Whether the step budget (`max_steps`, 0: none) is spent."""
+        max_steps = self.config.train.max_steps
+        return bool(max_steps) and self.meter.steps >= max_steps
 
     def train_epoch(self, epoch: int, start: int, warmup_iters: int) -> Position:
         """The steps of `epoch` from batch `start` on: the timed windows of the run. Returns
         where training stands after them."""
         cfg, meter = self.config.train, self.meter
         trained = Position(epoch, start, meter.steps)
-        if cfg.max_steps and meter.steps >= cfg.max_steps:
+        if self.out_of_steps():
             return trained  # resumed after the last step, before its evaluation
         self.loaders.train_sampler.set_epoch(epoch, start)
         self.model.train()
@@ -327,7 +314,7 @@ class Trainer:
                 trained = Position(epoch, step_in_epoch + 1, meter.steps)
                 if meter.steps % self.poll_every == 0:
                     self.poll(trained)
-                if cfg.max_steps and meter.steps >= cfg.max_steps:
+                if self.out_of_steps():
                     break
         return trained
 
@@ -427,26 +414,12 @@ class Trainer:
         return record
 
     def close(self) -> None:
-        """Stop what runs beside training; in a `finally`, whatever happened. Lets go of the
-        DDP wrapper, whose reducer holds the process group: the trainer itself may outlive the
-        run (a library's reference cycle can keep a frame that holds it), the group must not."""
-        self.loaders.shut_down()
-        self.checkpointer.close()
-        self.energy.close()
-        self.profiler.close()  # writes what a window cut short recorded
-        if self.monitor is not None:
-            self.monitor.stop()  # its thread must not outlive the run
-        self.model = self.inference_model
-
-
-def _clear_frames(err: BaseException) -> None:
-    """Drop the locals of the finished frames in `err`'s traceback and in those of the errors
-    it was raised from or during (the frames still running are left as they are)."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        traceback.clear_frames(err.__traceback__)
-        err = err.__cause__ or err.__context__
+        """Close what the set-up opened, last first; in a `finally`, whatever happened. Lets
+        go of the DDP wrapper, whose reducer holds the process group: the trainer itself may
+        outlive the run (a library's reference cycle can keep a frame that holds it), the
+        group must not."""
+        self._owned.close()
+        self.model = getattr(self, "inference_model", None)
 
 
 def _batch_shapes_to(meter: Meter) -> Callable[..., None]:
