@@ -35,17 +35,17 @@ def setting(
     )
 
 
-class _Checked:
+class Checked:
     """Checks every setting against its type and range when a configuration is made, however it
     is made; a subclass's `__post_init__` adds the checks that involve more than one key."""
 
     def __post_init__(self) -> None:
-        for f, kind in _settings(type(self)):
+        for f, kind in settings_of(type(self)):
             # Stored as the type holds it: an int given for a float, a list for a tuple.
-            setattr(self, f.name, _valid(f, kind, getattr(self, f.name), "config"))
+            setattr(self, f.name, valid(f, kind, getattr(self, f.name), "config"))
 
 
-def _check(condition: bool, key: str, value: object, need: str) -> None:
+def check(condition: bool, key: str, value: object, need: str) -> None:
     if not condition:
         raise _invalid("config", key, value, need)
 
@@ -55,7 +55,7 @@ def _invalid(where: str, key: str, value: object, need: str) -> UserError:
 
 
 @functools.cache
-def _settings(cls: type) -> tuple[tuple[dataclasses.Field, Any], ...]:
+def settings_of(cls: type) -> tuple[tuple[dataclasses.Field, Any], ...]:
     """(field, resolved type) of each setting of `cls`: the fields with a help text."""
     hints = typing.get_type_hints(cls)
     return tuple((f, hints[f.name]) for f in dataclasses.fields(cls) if "help" in f.metadata)
@@ -71,7 +71,7 @@ _PLAIN_TYPES = {
 }
 
 
-def _valid(f: dataclasses.Field, kind: Any, value: Any, where: str) -> Any:
+def valid(f: dataclasses.Field, kind: Any, value: Any, where: str) -> Any:
     """`value` as the setting `f` of type `kind` holds it (a float for an int, a tuple for a
     list), or UserError naming `where` it came from, the key, the value and what to use."""
     need = None
@@ -103,9 +103,9 @@ def _range_need(metadata: typing.Mapping[str, Any], value: float) -> str | None:
     return f"use {ge} or more"
 
 
-def _from_text(text: str, kind: Any) -> Any:
+def from_text(text: str, kind: Any) -> Any:
     """The value a preset file would hold for the `--set` text, or the text itself where it is
-    none of the type's (then `_valid` says what to use)."""
+    none of the type's (then `valid` says what to use)."""
     try:
         if kind is bool:
             # Exactly what the keys' list says (true|false), as TOML spells them: `True` or `yes`
@@ -122,7 +122,7 @@ def _from_text(text: str, kind: Any) -> Any:
     return text
 
 
-def _type_name(kind: Any) -> str:
+def type_name(kind: Any) -> str:
     """What a key takes, as `retinaperf presets --keys` shows it."""
     if typing.get_origin(kind) is Literal:
         return "|".join(typing.get_args(kind))
@@ -131,7 +131,7 @@ def _type_name(kind: Any) -> str:
     return _PLAIN_TYPES[kind][0]
 
 
-def _as_text(value: Any) -> str:
+def as_text(value: Any) -> str:
     """A default as `--set` would write it."""
     if isinstance(value, bool):
         return str(value).lower()
