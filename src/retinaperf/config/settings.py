@@ -1,8 +1,9 @@
 """The settings: one dataclass per concern (data, model, train, eval), composed by `RunConfig`.
 
 Each key is a `setting` (see fields.py): its default, its help text, the range its value must lie
-in and its role; its type, a `Literal` for a choice, says what it accepts. Checks that involve
-more than one key are in the classes' `__post_init__`.
+in and its role; its type, a `Literal` for a choice, says what it accepts (msgspec checks a value
+against the type and the range). Checks that involve more than one key are in the classes'
+`__post_init__`.
 """
 
 from __future__ import annotations
