@@ -1,5 +1,5 @@
 """The folders are layers (docs/architecture.md): a module imports from its own layer and the
-layers below it, never from one above."""
+layers below it, never from one above, and never another module's underscore names."""
 
 from __future__ import annotations
 
@@ -74,3 +74,27 @@ def test_the_layer_check_sees_an_upward_import(tmp_path):
     module = tmp_path / "x.py"
     module.write_text("from retinaperf.run.job import run\nfrom retinaperf import config\n")
     assert [layer_of(name) for name in imports(module)] == [LAYERS["run"], LAYERS["config"]]
+
+
+def private_imports(path: Path) -> list[str]:
+    """The underscore names `path` imports from the package's modules: another module's
+    internals, which it may change without notice."""
+    return [
+        f"{node.module}.{alias.name}"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("retinaperf")
+        for alias in node.names
+        if alias.name.startswith("_")
+    ]
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_module_imports_another_modules_underscore_names(path: Path):
+    private = private_imports(path)
+    assert not private, f"{path.relative_to(PACKAGE)} imports {private}: make them public"
+
+
+def test_the_private_import_check_sees_one(tmp_path):
+    module = tmp_path / "x.py"
+    module.write_text("from retinaperf.config.fields import _valid, setting\n")
+    assert private_imports(module) == ["retinaperf.config.fields._valid"]

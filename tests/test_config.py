@@ -282,6 +282,148 @@ def test_direct_construction_is_checked_and_typed_too():
     assert type(built.lr) is float and built.lr_steps == (3, 5)
 
 
+# --- a value of the key's type, never a look-alike, from every source --------------------------
+
+
+def _given(
+    source: str, key: str, value: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> RunConfig:
+    """A configuration built with `key` (a train key) set to `value` the way `source` gives it:
+    a preset file's table, a saved run's config.json, or code building the section itself."""
+    if source == "preset":
+        _fake_preset(monkeypatch, {"train": {key: value}})
+        return resolve("smoke", {})
+    if source == "config.json":
+        saved = resolve("smoke", {}).to_dict()
+        saved["train"][key] = value
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps(saved))
+        return config.load_saved(path, {})
+    return RunConfig(train=TrainConfig(**{key: value}))
+
+
+SOURCES = ["preset", "config.json", "code"]
+
+
+def _where(source: str, tmp_path: Path) -> str:
+    """How a refusal names the source."""
+    return {
+        "preset": "preset file smoke.toml",
+        "config.json": str(tmp_path / "config.json"),
+        "code": "config",
+    }[source]
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize(
+    ("key", "value", "need"),
+    [
+        ("epochs", True, "use an integer"),  # a bool is no integer, though Python says it is
+        ("epochs", 3.0, "use an integer"),  # nor is a float, however whole
+        ("epochs", "3", "use an integer"),
+        ("deterministic", 1, "use true or false"),
+        ("deterministic", "true", "use true or false"),
+        ("lr", True, "use a number"),
+        ("lr", "0.1", "use a number"),
+        ("lr_steps", [16, True], "use integers, e.g. 16,22"),
+        ("lr_steps", [16.0, 22.0], "use integers, e.g. 16,22"),
+        ("lr_steps", 16, "use integers, e.g. 16,22"),
+        ("precision", 32, "use one of auto, fp32, fp32-strict, tf32, amp, bf16, fp16"),
+    ],
+)
+def test_a_look_alike_of_the_type_is_refused_as_given(
+    source, key, value, need, tmp_path, monkeypatch
+):
+    with pytest.raises(UserError) as err:
+        _given(source, key, value, tmp_path, monkeypatch)
+    assert str(err.value) == f"{_where(source, tmp_path)}: {key}={value!r} is not valid: {need}"
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_an_integer_for_a_number_and_a_list_for_integers_are_taken(source, tmp_path, monkeypatch):
+    built = _given(source, "lr", 1, tmp_path, monkeypatch).train
+    assert type(built.lr) is float and built.lr == 1.0
+    built = _given(source, "lr_steps", [3, 5], tmp_path, monkeypatch).train
+    assert built.lr_steps == (3, 5)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize(
+    ("key", "value", "shown", "need"),
+    [
+        ("lr", 0, "0.0", "use a positive number"),  # shown as the key holds it: a float
+        ("lr", float("nan"), "nan", "use a positive number"),
+        ("momentum", -1, "-1.0", "use 0 or more"),
+        ("target_map", 1.5, "1.5", "use a value in [0, 1]"),
+        ("batch_size", 0, "0", "use 1 or more"),
+    ],
+)
+def test_a_value_out_of_range_is_refused_as_the_key_holds_it(
+    source, key, value, shown, need, tmp_path, monkeypatch
+):
+    with pytest.raises(UserError) as err:
+        _given(source, key, value, tmp_path, monkeypatch)
+    assert str(err.value) == f"{_where(source, tmp_path)}: {key}={shown} is not valid: {need}"
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [
+        "hflip_prob=0",
+        "hflip_prob=1",
+        "target_map=0",
+        "lr=1e-12",
+        "batch_size=1",
+        "num_workers=0",
+        "aspect_ratio_group_factor=-1",
+        "min_size=32",
+        "seed=-5",
+    ],
+)
+def test_a_range_holds_its_bounds(pair):
+    # >= and <= take the bound itself (> does not: lr=0 is refused above).
+    key, _, text = pair.partition("=")
+    assert parse_overrides([pair]) == {key: json.loads(text)}
+    resolve("smoke", parse_overrides([pair]))  # and the configuration takes it
+
+
+@pytest.mark.parametrize(
+    ("pair", "expected"),
+    [
+        ("epochs=3", 3),
+        ("epochs= 3 ", 3),
+        ("lr=1", 1.0),
+        ("lr=1e-3", 0.001),
+        ("lr_steps=16, 22", (16, 22)),
+        ("lr_steps=7", (7,)),
+    ],
+)
+def test_set_text_is_read_as_the_key_s_type(pair, expected):
+    key = pair.partition("=")[0]
+    value = parse_overrides([pair])[key]
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("pair", "need"),
+    [
+        ("epochs=3.0", "use an integer"),  # a whole float is still no integer
+        ("epochs=1e3", "use an integer"),
+        ("epochs=true", "use an integer"),
+        ("lr=true", "use a number"),
+        ("lr=inf", "use a number"),  # no setting has a use for an infinite number
+        ("lr_steps=16,22,", "use integers, e.g. 16,22"),
+        ("lr_steps=[16,22]", "use integers, e.g. 16,22"),
+        ("lr_steps=16],[22", "use integers, e.g. 16,22"),
+    ],
+)
+def test_set_text_of_another_type_is_refused_as_written(pair, need):
+    key, _, text = pair.partition("=")
+    with pytest.raises(UserError) as err:
+        parse_overrides([pair])
+    assert str(err.value) == f"--set: {key}={text!r} is not valid: {need}"
+
+
 # --- keys -------------------------------------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ and its shortcut flags). Every key has a name unique across sections, so `--set 
 they are read (with the file or flag they came from); a bad one raises `UserError` naming the
 key, the value and what to use.
 
-    fields.py    what a key is (`setting`) and the check of a value against it
+    fields.py    what a key is (`setting`) and the check of a value against it (by msgspec)
     settings.py  the settings themselves, their defaults and help texts
     presets.py   the preset files: names, descriptions, tables
     resolver.py  `--set`, the precedence, a saved run's configuration, the keys' roles

@@ -13,11 +13,11 @@ import msgspec
 from retinaperf import files, invocation
 from retinaperf.config.fields import (
     Role,
-    _as_text,
-    _from_text,
-    _settings,
-    _type_name,
-    _valid,
+    as_text,
+    from_text,
+    settings_of,
+    type_name,
+    valid,
 )
 from retinaperf.config.presets import read_preset
 from retinaperf.config.settings import (
@@ -40,9 +40,9 @@ class _Key(NamedTuple):
 
 
 def _index() -> dict[str, _Key]:
-    index = {f.name: _Key(None, f, kind) for f, kind in _settings(RunConfig)}
+    index = {f.name: _Key(None, f, kind) for f, kind in settings_of(RunConfig)}
     for section, cls in _SECTIONS.items():
-        for f, kind in _settings(cls):
+        for f, kind in settings_of(cls):
             assert f.name not in index, f"config key {f.name} is defined twice"
             index[f.name] = _Key(section, f, kind)
     return index
@@ -67,9 +67,9 @@ def _flatten(table: dict[str, Any], where: str) -> dict[str, Any]:
             for sub, subvalue in value.items():
                 if sub not in _KEYS or _KEYS[sub].section != key:
                     raise UserError(f"{where}: unknown key {key}.{sub}")
-                flat[sub] = _valid(_KEYS[sub].field, _KEYS[sub].kind, subvalue, where)
+                flat[sub] = valid(_KEYS[sub].field, _KEYS[sub].kind, subvalue, where)
         elif key in _KEYS and _KEYS[key].section is None:
-            flat[key] = _valid(_KEYS[key].field, _KEYS[key].kind, value, where)
+            flat[key] = valid(_KEYS[key].field, _KEYS[key].kind, value, where)
         else:
             raise UserError(f"{where}: unknown key {key}")
     return flat
@@ -94,7 +94,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if bare in overrides:
             raise UserError(f"--set {key}: given twice; give each key once")
         entry = _KEYS[bare]
-        overrides[bare] = _valid(entry.field, entry.kind, _from_text(text, entry.kind), "--set")
+        overrides[bare] = valid(entry.field, entry.kind, from_text(text, entry.kind), "--set")
     return overrides
 
 
@@ -209,8 +209,8 @@ def all_keys() -> list[Key]:
     return [
         Key(
             f"{key.section}.{name}" if key.section else name,
-            _type_name(key.kind),
-            _as_text(key.field.default),
+            type_name(key.kind),
+            as_text(key.field.default),
             key.field.metadata["help"],
         )
         for name, key in _KEYS.items()

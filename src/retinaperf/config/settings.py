@@ -1,8 +1,9 @@
 """The settings: one dataclass per concern (data, model, train, eval), composed by `RunConfig`.
 
 Each key is a `setting` (see fields.py): its default, its help text, the range its value must lie
-in and its role; its type, a `Literal` for a choice, says what it accepts. Checks that involve
-more than one key are in the classes' `__post_init__`.
+in and its role; its type, a `Literal` for a choice, says what it accepts (msgspec checks a value
+against the type and the range). Checks that involve more than one key are in the classes'
+`__post_init__`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from retinaperf.config.fields import _check, _Checked, setting
+from retinaperf.config.fields import Checked, check, setting
 from retinaperf.errors import UserError
 
 BACKBONE_URL = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
@@ -35,7 +36,7 @@ THROUGHPUT_MODE: dict[str, Any] = {
 
 
 @dataclass
-class DataConfig(_Checked):
+class DataConfig(Checked):
     data_dir: str = setting(
         "",
         "COCO2017 root (train2017/, val2017/, annotations/). Empty: the generated dataset. With "
@@ -74,7 +75,7 @@ class DataConfig(_Checked):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(
+        check(
             self.synth_image_size == 0 or self.synth_image_size >= 32,
             "synth_image_size",
             self.synth_image_size,
@@ -83,7 +84,7 @@ class DataConfig(_Checked):
 
 
 @dataclass
-class ModelConfig(_Checked):
+class ModelConfig(Checked):
     backbone_weights: str = setting(
         BACKBONE_URL,
         "ImageNet ResNet-50 weights: a URL, file:// URL or a path. Or no file: `none` (random "
@@ -135,14 +136,14 @@ class ModelConfig(_Checked):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.max_size >= self.min_size, "max_size", self.max_size, "use at least min_size")
-        _check(
+        check(self.max_size >= self.min_size, "max_size", self.max_size, "use at least min_size")
+        check(
             self.compile or self.compile_mode == "default",
             "compile_mode",
             self.compile_mode,
             "a mode of torch.compile needs compile=true as well",
         )
-        _check(self.backbone_weights.strip() != "", "backbone_weights", "", "give a source")
+        check(self.backbone_weights.strip() != "", "backbone_weights", "", "give a source")
 
     @property
     def random_backbone(self) -> str | None:
@@ -152,7 +153,7 @@ class ModelConfig(_Checked):
 
 
 @dataclass
-class TrainConfig(_Checked):
+class TrainConfig(Checked):
     batch_size: int = setting(16, "Images per device per step (the local batch).", ge=1)
     lr: float = setting(0.04, "Peak learning rate after warm-up.", gt=0)
     momentum: float = setting(0.9, "SGD momentum.", ge=0)
@@ -229,7 +230,7 @@ class TrainConfig(_Checked):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(
+        check(
             list(self.lr_steps) == sorted(self.lr_steps),
             "lr_steps",
             self.lr_steps,
@@ -239,12 +240,12 @@ class TrainConfig(_Checked):
 
 
 @dataclass
-class EvalConfig(_Checked):
+class EvalConfig(Checked):
     eval_batch_size: int = setting(16, "Images per device per inference batch.", ge=1)
 
 
 @dataclass
-class RunConfig(_Checked):
+class RunConfig(Checked):
     preset: str = setting("", "Name of the preset this configuration started from.")
     device: str = setting(
         "auto",
@@ -316,7 +317,7 @@ class RunConfig(_Checked):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(
+        check(
             self.throughput_only or self.model.random_backbone != "random",
             "backbone_weights",
             self.model.backbone_weights,
