@@ -8,9 +8,11 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.profiler import ProfilerAction, profile, schedule
 
 from retinaperf import torch_compat
+from retinaperf.run.step import BATCH_NORMS
 
 
 def test_start_profiler_at_numbers_steps_as_the_run_does(tmp_path: Path) -> None:
@@ -34,3 +36,11 @@ def test_start_profiler_at_numbers_steps_as_the_run_does(tmp_path: Path) -> None
         "schedules steps"
     )
     assert names.count("aten::randn") == 2
+
+
+def test_batch_norms_are_every_batch_norm_class_of_torch_nn() -> None:
+    """run/step.py names them rather than test for their private base: a batch norm class that
+    an upgrade adds (or removes) fails here."""
+    base = nn.modules.batchnorm._BatchNorm
+    found = {c for c in vars(nn).values() if isinstance(c, type) and issubclass(c, base)}
+    assert found == set(BATCH_NORMS), "torch.nn's batch norm classes changed: update BATCH_NORMS"
