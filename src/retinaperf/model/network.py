@@ -37,6 +37,7 @@ from retinaperf.config import ModelConfig
 from retinaperf.errors import UserError
 from retinaperf.model import loss, postprocess
 from retinaperf.model.transform import Uint8Transform
+from retinaperf.torch_compat import version_counter
 
 NUM_CLASSES = 91  # COCO category ids run 1..90; 0 is background.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -67,7 +68,7 @@ class FrozenNorm(FrozenBatchNorm2d):
 
     def _scale_shift(self) -> tuple[Tensor, Tensor]:
         buffers = (self.weight, self.bias, self.running_mean, self.running_var)
-        key = tuple((b._version, b.data_ptr(), b.device, b.dtype) for b in buffers)
+        key = tuple((version_counter(b), b.data_ptr(), b.device, b.dtype) for b in buffers)
         cached = self._cache
         if cached is None or cached[0] != key:
             # Made outside autograd and inference mode: usable in training and evaluation alike.
