@@ -18,6 +18,7 @@ LAYERS = {
     "clock": 0,
     "config": 0,
     "distributed": 0,
+    "torch_compat": 0,
     "model": 1,
     "data": 1,
     "measure": 2,

@@ -1,9 +1,11 @@
 """The profiler window: `profile_steps=A:B` parsed, steps A..B recorded (and no others) into a
-trace, a table of the top operators and a `profile` event; nothing when off or on another rank."""
+trace, a table of the top operators and a `profile` event; nothing when off or on another rank.
+Which steps end up in the trace is torch's schedule at work: these tests read the trace."""
 
 import json
 import subprocess
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,13 +39,14 @@ class Events:
         self.records.append((event, fields))
 
 
-def train(profiler: StepProfiler, steps: int, fail_at: int | None = None) -> None:
-    """Optimizer steps 1..`steps` of a two-layer MLP, called around each step as the loop calls
-    them: 2 aten::addmm per step (the forward of each Linear); step `fail_at` raises mid-step."""
+def train(profiler: StepProfiler, steps: int, fail_at: int | None = None, first: int = 1) -> None:
+    """Optimizer steps `first`..`steps` of a two-layer MLP (a resumed run starts past 1), called
+    around each step as the loop calls them: 2 aten::addmm per step (the forward of each
+    Linear), 1 aten::randn before it (its data); step `fail_at` raises mid-step."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 4))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(1, steps + 1):
+    for step in range(first, steps + 1):
         x, y = torch.randn(32, 64), torch.randint(0, 4, (32,))  # the "data", between steps
         profiler.before_step(step)
         loss = nn.functional.cross_entropy(model(x), y)
@@ -94,7 +97,8 @@ def test_window_records_its_steps_only(tmp_path: Path, capsys: pytest.CaptureFix
     recorded = trace_events(tmp_path)
     assert step_labels(recorded) == {"ProfilerStep#2", "ProfilerStep#3", "ProfilerStep#4"}
     assert recorded[("cpu_op", "aten::addmm")] == 3 * 2  # 3 steps x 2 Linear layers
-    assert recorded[("cpu_op", "aten::randn")] == 2  # the data of steps 3 and 4: between steps
+    # Each step's range runs from the previous step's end: the data of steps 2, 3 and 4, not 5.
+    assert recorded[("cpu_op", "aten::randn")] == 3
 
     event, fields = events.records[0]
     assert event == "profile"
@@ -147,17 +151,53 @@ def test_a_step_that_raises_leaves_a_partial_trace(tmp_path: Path) -> None:
     assert "steps 2-3 (run ended early)" in (tmp_path / TOP_OPS).read_text(encoding="utf-8")
 
 
+@pytest.mark.parametrize("steps", [3, 4])  # 4: the run ends in step 5's warm-up step
 def test_a_run_that_ends_before_the_window_says_so(
-    tmp_path: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, capsys: pytest.CaptureFixture, steps: int
 ) -> None:
     events = Events()
     profiler = StepProfiler((5, 6), tmp_path, CPU, events=events)
-    train(profiler, steps=3)
+    train(profiler, steps=steps)
     profiler.close()
     assert list(tmp_path.iterdir()) == []
     ((event, fields),) = events.records
     assert event == "profile" and fields["steps"] is None and fields["requested"] == [5, 6]
     assert "ended before step 5" in capsys.readouterr().out
+
+
+def test_a_run_resumed_inside_the_window_records_the_rest(tmp_path: Path) -> None:
+    """Resumed at step 4 of a 3:5 window: steps 4 and 5, named by the run's own numbers."""
+    events = Events()
+    profiler = StepProfiler((3, 5), tmp_path, CPU, events=events)
+    train(profiler, steps=7, first=4)
+    profiler.close()
+    recorded = trace_events(tmp_path)
+    assert step_labels(recorded) == {"ProfilerStep#4", "ProfilerStep#5"}
+    assert recorded[("cpu_op", "aten::addmm")] == 2 * 2
+    ((event, fields),) = events.records
+    assert event == "profile" and fields["steps"] == [4, 5] and fields["complete"]
+
+
+def test_a_run_resumed_after_the_window_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    events = Events()
+    profiler = StepProfiler((2, 4), tmp_path, CPU, events=events)
+    train(profiler, steps=8, first=6)
+    profiler.close()
+    assert list(tmp_path.iterdir()) == []
+    ((event, fields),) = events.records
+    assert event == "profile" and fields["steps"] is None and fields["requested"] == [2, 4]
+    assert "resumed after step 4: nothing recorded" in capsys.readouterr().out
+
+
+def test_a_window_from_step_1_warns_of_nothing(tmp_path: Path) -> None:
+    """Step 1 has no step before it to warm the profiler up: no warning that it has none."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        profiler = StepProfiler((1, 1), tmp_path, CPU)
+        train(profiler, steps=2)
+    assert step_labels(trace_events(tmp_path)) == {"ProfilerStep#1"}
 
 
 PROFILE_CPU = """

@@ -328,18 +328,6 @@ def make_loader(
     )
 
 
-def shut_down(loader: DataLoader) -> None:
-    """Stop a loader's persistent workers now. They ignore SIGTERM (see `signals`), so the
-    interpreter's exit, which terminates leftover workers with it, could not stop them. DataLoader
-    has no public call for this (torch 2.14), so this calls the private one its iterator's
-    `__del__` calls; dropping the loader instead stops them only once nothing refers to it any
-    more, which a traceback being handled may delay."""
-    iterator = getattr(loader, "_iterator", None)
-    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-        iterator._shutdown_workers()
-    loader._iterator = None
-
-
 def to_device(
     images: list[torch.Tensor], targets: list[dict], device: torch.device
 ) -> tuple[list[torch.Tensor], list[dict]]:

@@ -4,16 +4,24 @@ The loop calls `before_step(n)` just before the core window of step n and `after
 after it, n being the number the event log gives that step (the meter's step count once it is
 done); `close()` goes in a `finally`. Steps are numbered from 1 and both ends are recorded.
 
-- Outside the window a call costs an integer compare and a None check: no profiler object exists
-  before step A nor after step B.
-- The profiler runs without a break from `before_step(A)` to `after_step(B)`, so the trace also
-  shows what the loop does between those steps (waiting for and copying the next batch, logging):
-  the gaps between the steps' `ProfilerStep#N` ranges. `ProfilerStep#N` is the name torch's own
-  `profile.step()` gives a step, which TensorBoard's PyTorch Profiler plugin reads as one.
+torch.profiler keeps the window: a `torch.profiler.schedule` (wait, one warm-up step, A..B
+active, one cycle) and the profiler's `step()` at the end of every step, as torch's examples do.
+
+- The run's first step starts the profiler, numbered as the run numbers it (a run resumed from
+  a checkpoint starts past step 1; one resumed inside the window records from its first step,
+  one resumed after it records nothing). Until step A-1 a step costs the profiler's `step()`,
+  tens of microseconds, and records nothing. No profiler exists in a run without a window, on
+  another rank, or after step B.
+- Step A-1 is the profiler's warm-up, not recorded: kineto readies itself there (CUPTI, on
+  CUDA), so that its start does not slow step A. A window from step 1 has none.
+- Each step is one `ProfilerStep#N` range, the name torch's `profile.step()` gives it, which
+  TensorBoard's PyTorch Profiler plugin reads as one step. It runs from the end of step N-1 to
+  the end of step N, so the trace also shows what the loop does between steps (waiting for and
+  copying the batch, logging), from the end of step A-1 to the end of step B without a break.
 - Only the main rank profiles (`enabled=False` elsewhere): one trace per run.
 
 What a window leaves in the run directory, once step B is done (or at `close()`, with the steps
-recorded so far):
+recorded so far), written by the trace handler that the schedule calls:
 
     profile/rank0.pt.trace.json  the trace, Chrome trace-event JSON. Perfetto: open it at
                                  https://ui.perfetto.dev ("Open trace file"). TensorBoard:
@@ -38,6 +46,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -49,7 +58,7 @@ from retinaperf.distributed import synchronize
 if TYPE_CHECKING:
     import torch
     from torch.autograd.profiler_util import EventList
-    from torch.profiler import profile, record_function
+    from torch.profiler import profile
 
 # Kineto's log levels run from 0 (verbose) to 5 (its trace points, "USDT"); above them it logs
 # nothing.
@@ -86,44 +95,61 @@ class StepProfiler:
         self._events = events
         # 0 is no step's number: a profiler without a window, or off on this rank, never starts.
         self._first, self._final = window if window is not None and enabled else (0, 0)
+        self._pending = bool(self._first)  # the run's first step is still to start a profiler
         self._prof: profile | None = None
-        self._label: record_function | None = None
         self._by_device = False  # whether the device's activity is recorded (set at the start)
-        self._last = 0  # the last step begun inside the window
-        self._done = False
+        self._recorded_from = 0  # the first step recorded: A, or a resumed run's first step
+        self._last = 0  # the last step begun
+        self._closing = False  # close() stops the profiler: the window did not end
+        self._written = False
 
     def before_step(self, step: int) -> None:
         """Call just before the core window of step `step`."""
-        if step == self._first:
-            self._start()
-        if self._prof is not None:
-            from torch.profiler import record_function
-
-            self._label = record_function(f"{STEP_LABEL}#{step}")
-            self._label.__enter__()
-            self._last = step
+        self._last = step
+        if self._pending:
+            self._pending = False
+            if step <= self._final:  # a run resumed after the window has nothing to record
+                self._start(step)
 
     def after_step(self, step: int) -> None:
         """Call just after the core window of step `step`; after step B, writes the results."""
-        if self._prof is None:
+        prof = self._prof
+        if prof is None:
             return
-        self._close_label()
-        if step >= self._final:
-            self._finish(complete=True)
+        ending = step == self._final
+        if ending:
+            # The step() below ends the recording: kernels still queued would be missing.
+            synchronize(self._device)
+        prof.step()  # the schedule warms up, records, and past step B calls `_write`
+        if ending:
+            self._prof = None
+            prof.stop()  # ends the range step() opened for the step after the window
 
     def close(self) -> None:
         """End of the run (call it in a `finally`): writes what an unfinished window recorded,
-        and says so when the run ended before the window began."""
-        if self._prof is not None:
-            self._close_label()  # the step that raised never reached after_step
-            self._finish(complete=False)
-        elif self._first and not self._done:
-            self._done = True
-            tqdm.write(f"profile: the run ended before step {self._first}: nothing recorded")
+        and says so when the run recorded no step of it."""
+        prof, self._prof = self._prof, None
+        if prof is not None:
+            self._closing = True
+            try:
+                synchronize(self._device)  # kernels still queued would be missing from the trace
+            finally:
+                prof.stop()  # `_write`, when the schedule was recording
+        if self._first and not self._written:
+            self._written = True
+            why = (
+                f"the run resumed after step {self._final}"
+                if self._last > self._final
+                else f"the run ended before step {self._first}"
+            )
+            tqdm.write(f"profile: {why}: nothing recorded")
             self._emit(steps=None, complete=False, trace=None, sort_by=None, top_ops=[])
 
-    def _start(self) -> None:
-        from torch.profiler import ProfilerActivity, profile, supported_activities
+    def _start(self, step: int) -> None:
+        """A profiler whose schedule records steps A..B, started at `step`, the run's first."""
+        from torch.profiler import ProfilerActivity, profile, schedule, supported_activities
+
+        from retinaperf.torch_compat import start_profiler_at
 
         # The device's activity is the ProfilerActivity of the same name (CUDA, XPU, ...), when
         # this torch build can record it; without it only host-side operators are timed.
@@ -137,22 +163,28 @@ class StepProfiler:
             # process); a level the user set is kept.
             os.environ.setdefault(KINETO_LOG_LEVEL, KINETO_SILENT)
         activities = [ProfilerActivity.CPU, *([device_activity] if self._by_device else [])]
-        self._prof = profile(activities=activities)
-        self._prof.start()
+        warmup = 1 if self._first > 1 else 0  # step A-1; step 1 has no step before it
+        with warnings.catch_warnings():
+            # torch warns of a schedule without warm-up; from step 1 there is no other way.
+            warnings.filterwarnings("ignore", "Profiler won't be using warmup")
+            # Steps 0..A-1-warmup wait (torch asks about step 0 when the profiler is made).
+            plan = schedule(
+                wait=self._first - warmup,
+                warmup=warmup,
+                active=self._final - self._first + 1,
+                repeat=1,
+            )
+        self._prof = profile(activities=activities, schedule=plan, on_trace_ready=self._write)
+        self._recorded_from = max(step, self._first)
+        start_profiler_at(self._prof, step)
 
-    def _close_label(self) -> None:
-        if self._label is not None:
-            self._label.__exit__(None, None, None)
-            self._label = None
-
-    def _finish(self, complete: bool) -> None:
-        prof, self._prof = self._prof, None
-        assert prof is not None
-        self._done = True
-        try:
-            synchronize(self._device)  # kernels still queued would be missing from the trace
-        finally:
-            prof.stop()
+    def _write(self, prof: profile) -> None:
+        """The trace handler (`on_trace_ready`), once the schedule has stopped recording, at the
+        end of step B or at `close()`: the trace, the top operators, the `profile` event."""
+        if self._last < self._recorded_from:
+            return  # the run ended before step A began: close() says so; the wait is no step
+        self._written = True
+        complete = not self._closing
         started = time.perf_counter()
         trace = self._out_dir / TRACE
         trace.parent.mkdir(parents=True, exist_ok=True)
@@ -160,7 +192,7 @@ class StepProfiler:
         sort_by = "self_device_time_total" if self._by_device else "self_cpu_time_total"
         top_ops = _top_ops(prof.key_averages(), sort_by, self._by_device)
         busy = device_busy(prof.events()) if self._by_device else None
-        first, last = self._first, self._last
+        first, last = self._recorded_from, self._last
         table = _format_table(top_ops, self._device.type.upper() if self._by_device else None)
         heading = (
             f"profile: steps {first}-{last}{'' if complete else ' (run ended early)'}, "

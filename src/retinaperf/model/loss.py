@@ -24,9 +24,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.models.detection._utils import BoxCoder
 
 from retinaperf.model.transfer import host_to_device
+from retinaperf.torch_compat import BoxCoder
 
 ALPHA = 0.25  # torchvision's sigmoid_focal_loss defaults; gamma = 2 is written into the formulas
 BACKGROUND = -1  # torchvision's Matcher.BELOW_LOW_THRESHOLD

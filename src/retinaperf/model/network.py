@@ -37,6 +37,7 @@ from retinaperf.config import ModelConfig
 from retinaperf.errors import UserError
 from retinaperf.model import loss, postprocess
 from retinaperf.model.transform import Uint8Transform
+from retinaperf.torch_compat import version_counter
 
 NUM_CLASSES = 91  # COCO category ids run 1..90; 0 is background.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -54,6 +55,11 @@ class FrozenNorm(FrozenBatchNorm2d):
     counter or storage, which the cache's key holds, so the next call computes them again.
     """
 
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__(num_features, eps)
+        # (key, scale, shift); a plain attribute: no buffer, so out of state dicts and `.to()`.
+        self._cache: tuple[tuple, Tensor, Tensor] | None = None
+
     def forward(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
             return super().forward(x)  # compiled, the formula fuses into the kernels anyway
@@ -62,15 +68,15 @@ class FrozenNorm(FrozenBatchNorm2d):
 
     def _scale_shift(self) -> tuple[Tensor, Tensor]:
         buffers = (self.weight, self.bias, self.running_mean, self.running_var)
-        key = tuple((b._version, b.data_ptr(), b.device, b.dtype) for b in buffers)
-        cached = self.__dict__.get("_cache")
+        key = tuple((version_counter(b), b.data_ptr(), b.device, b.dtype) for b in buffers)
+        cached = self._cache
         if cached is None or cached[0] != key:
             # Made outside autograd and inference mode: usable in training and evaluation alike.
             with torch.inference_mode(False), torch.no_grad():
                 w, b, rm, rv = (t.reshape(1, -1, 1, 1) for t in buffers)
                 scale = w * (rv + self.eps).rsqrt()
                 cached = (key, scale, b - rm * scale)
-            self.__dict__["_cache"] = cached
+            self._cache = cached
         return cached[1], cached[2]
 
 
@@ -85,6 +91,12 @@ class ReusedAnchors(AnchorGenerator):
 
     SHAPES = 64  # an epoch of COCO sees tens of padded batch shapes; ~3 MB each at 800x1344
 
+    def __init__(
+        self, sizes: tuple[tuple[int, ...], ...], aspect_ratios: tuple[tuple[float, ...], ...]
+    ) -> None:
+        super().__init__(sizes, aspect_ratios)
+        self._cache: OrderedDict[tuple, Tensor] = OrderedDict()  # most recently used last
+
     def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
         key = (
             tuple(image_list.tensors.shape[-2:]),
@@ -92,7 +104,7 @@ class ReusedAnchors(AnchorGenerator):
             feature_maps[0].dtype,
             feature_maps[0].device,
         )
-        cache: OrderedDict = self.__dict__.setdefault("_cache", OrderedDict())
+        cache = self._cache
         if key in cache:
             cache.move_to_end(key)
         else:

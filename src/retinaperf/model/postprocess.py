@@ -48,8 +48,9 @@ import math
 
 import torch
 from torch import Tensor
-from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import boxes as box_ops
+
+from retinaperf.torch_compat import BoxCoder
 
 # How far below the exact logit of the score threshold the anchor prefilter starts. The float32
 # sigmoid is within a few ulp of the true one, i.e. within ~1e-6 in logit space near any usable

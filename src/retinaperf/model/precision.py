@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from retinaperf.errors import UserError
+from retinaperf.torch_compat import cpu_capabilities, loss_scale
 
 # --- 1. The float32 math flags ------------------------------------------------------------------
 
@@ -129,7 +130,8 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
         relation = ">=" if native else "<"
         return native, f"CUDA compute capability {major}.{minor} {relation} 8.0"
     if device.type == "cpu":
-        features = sorted(f for f in ("avx512_bf16", "amx_bf16") if _cpu_has(f))
+        capabilities = cpu_capabilities()  # as torch's own dispatch sees the CPU
+        features = sorted(f for f in ("avx512_bf16", "amx_bf16") if capabilities.get(f, False))
         if features:
             return True, f"the CPU has {' and '.join(features)}"
         return False, "the CPU has neither AVX512-BF16 nor AMX-BF16"
@@ -142,17 +144,6 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
     except TypeError:  # backends whose check has no emulation switch
         native = bool(supported())
     return native, f"torch.{device.type}.is_bf16_supported() is {native}"
-
-
-def _cpu_has(feature: str) -> bool:
-    """A CPU feature as torch's own dispatch sees it (cpuinfo), on torch versions with or without
-    the public `torch.cpu.get_capabilities`."""
-    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
-    if get_capabilities is not None:
-        return bool(get_capabilities().get(feature, False))
-    private = {"avx512_bf16": "_is_avx512_bf16_supported", "amx_bf16": "_is_amx_tile_supported"}
-    probe = getattr(torch.cpu, private[feature], None)
-    return bool(probe()) if probe is not None else False
 
 
 # --- 3. The model's boundaries -------------------------------------------------------------------
@@ -267,14 +258,11 @@ class Precision:
             torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
         self.scaler.step(optimizer)  # unscales and skips the step if a gradient is inf/nan
         if self.scaler.is_enabled():
-            # The scaler backs off exactly when it skipped the update; counted on the device.
-            # _get_scale_async is private, but the public get_scale() returns a float through
-            # .item(), which would make the host wait for the device every step (torch 2.14):
-            # with fused SGD the step otherwise never waits. No public way reads the scale as
-            # a tensor.
-            before = self.scaler._get_scale_async().clone()
+            # The scaler backs off exactly when it skipped the update; counted on the device:
+            # with fused SGD the step otherwise never waits for it (get_scale() would).
+            before = loss_scale(self.scaler).clone()
             self.scaler.update()
-            self._skipped += self.scaler._get_scale_async() < before
+            self._skipped += loss_scale(self.scaler) < before
         else:
             self.scaler.update()
         if self._masters is not None:

@@ -21,6 +21,7 @@ memory without waiting for it. `batched=False` is torchvision's own code (the re
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +42,10 @@ class Uint8Transform(GeneralizedRCNNTransform):
 
     memory_format: torch.memory_format = torch.contiguous_format
     batched: bool = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # GeneralizedRCNNTransform's
+        super().__init__(*args, **kwargs)
+        self._mean_std_cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
 
     def forward(
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
@@ -116,7 +121,7 @@ class Uint8Transform(GeneralizedRCNNTransform):
     def _mean_std(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """The mean and std as [C, 1, 1] device tensors, made once per device and dtype
         (torchvision makes them from Python lists for every image)."""
-        cache = self.__dict__.setdefault("_mean_std_cache", {})
+        cache = self._mean_std_cache
         if (device, dtype) not in cache:
             with torch.inference_mode(False):  # usable in training when first made in evaluation
                 cache[device, dtype] = tuple(

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from retinaperf import distributed
+from retinaperf import distributed, torch_compat
 from retinaperf.config import RunConfig
 from retinaperf.data import coco, sampling, synth
 from retinaperf.distributed import DistEnv
@@ -36,8 +36,9 @@ class Loaders:
     """What the results say of the data: its label and sizes."""
 
     def shut_down(self) -> None:
-        coco.shut_down(self.train_loader)
-        coco.shut_down(self.val_loader)
+        """Stop both loaders' workers now (they ignore SIGTERM: see torch_compat)."""
+        torch_compat.shut_down_workers(self.train_loader)
+        torch_compat.shut_down_workers(self.val_loader)
 
 
 def check_topology(config: RunConfig, env: DistEnv) -> None:

@@ -90,9 +90,7 @@ def wrap_ddp(model: nn.Module, env: DistEnv) -> tuple[nn.Module, dict | None]:
         # Batch norm that trains keeps running statistics, which rank 0 must hand to every rank
         # before each forward; frozen batch norm (the real recipe) keeps none that change, and
         # the broadcast is a per-step cost.
-        "broadcast_buffers": any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
-        ),
+        "broadcast_buffers": any(isinstance(m, BATCH_NORMS) for m in model.modules()),
         # Gradients live in DDP's all-reduce buckets: no copy in and out of them each step.
         "gradient_as_bucket_view": True,
     }
@@ -105,6 +103,18 @@ def wrap_ddp(model: nn.Module, env: DistEnv) -> tuple[nn.Module, dict | None]:
         kwargs["forward_sync_buffers"] = kwargs.pop("broadcast_buffers")
     return DistributedDataParallel(model, device_ids=device_ids, **kwargs), options
 
+
+# Every batch norm class of torch.nn, by their public names (their private base,
+# nn.modules.batchnorm._BatchNorm, would say the same: tests/test_torch_compat.py checks it).
+BATCH_NORMS = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.LazyBatchNorm1d,
+    nn.LazyBatchNorm2d,
+    nn.LazyBatchNorm3d,
+    nn.SyncBatchNorm,
+)
 
 _DDP_TAKES_FORWARD_SYNC = (
     "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
