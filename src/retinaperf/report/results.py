@@ -105,6 +105,19 @@ class Implementation(TypedDict):
     ddp: Ddp | None  # None: one rank, no DDP
 
 
+# The words of `Facts.backbone_init`, how the backbone started: run/build.py writes them, and
+# upgrade.py gives them to the files written before the field.
+RANDOM_INIT = "random initialisation (batch norm and every layer trainable)"
+RANDOM_IN_STRUCTURE = (
+    "random values in the pretrained structure (frozen batch norm, 3 trainable stages)"
+)
+
+
+def imagenet_init(path: str) -> str:
+    """`backbone_init` of a backbone that started from the ImageNet weights at `path`."""
+    return f"ImageNet weights from {path}"
+
+
 class Facts(TypedDict):
     """What the set-up knows: the dataset, the weights, the precision and the step."""
 
