@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None, run_fn: Callable[..., dict] | None = Non
 
 def _run(args: argparse.Namespace) -> int:
     from retinaperf import config
-    from retinaperf.report.tables import REPORT, THROUGHPUT_ONLY_NOTE, format_table, table_row
+    from retinaperf.report.details import THROUGHPUT_ONLY_NOTE
+    from retinaperf.report.tables import REPORT, format_table, table_row
     from retinaperf.run import rundir, trainer
 
     flags = {
@@ -379,12 +380,13 @@ def _presets(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from retinaperf.report import spread, tables
+    from retinaperf.report import spread
+    from retinaperf.report.loading import load_results
     from retinaperf.run import rounds
 
     run_dirs = [d for given in args.run_dirs for d in rounds.run_dirs(Path(given))]
     # Named where they are now, as given: a run directory may have moved since it was written.
-    runs = [{**tables.load_results(d), "run_dir": str(d)} for d in run_dirs]
+    runs = [{**load_results(d), "run_dir": str(d)} for d in run_dirs]
     print(spread.render_runs(runs, args.format))
     if args.plots:
         from retinaperf.report.plots import write_run_plots

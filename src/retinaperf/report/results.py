@@ -1,6 +1,6 @@
 """results.json: its schema, the pure function that builds it, and the upgrade of older files.
 
-Readers (the report, rounds, the GPU check) read a file through `report.tables.load_results`: it
+Readers (the report, rounds, the GPU check) read a file through `report.loading.load_results`: it
 brings a file of any earlier version to the current shape (`upgrade.upgrade`) and checks it
 (`check`), so that no reader needs to know which version wrote it. Versions: 0, files without
 `schema_version` (their fields came in over several commits, back to the first committed
