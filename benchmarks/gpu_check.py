@@ -37,10 +37,10 @@ from resume_check import ResumeCheck, stop_and_resume  # noqa: E402
 
 from retinaperf.config import PRECISIONS as KNOWN_PRECISIONS  # noqa: E402
 from retinaperf.files import write_text_atomic  # noqa: E402
-from retinaperf.report import tables  # noqa: E402
+from retinaperf.report import comparison, loading, tables  # noqa: E402
 from retinaperf.report.events import EVENTS, read_events  # noqa: E402
 from retinaperf.report.results import RESULTS  # noqa: E402
-from retinaperf.units import NO_VALUE  # noqa: E402
+from retinaperf.units import NO_VALUE, significant  # noqa: E402
 
 PRESET = "A100-1x1"
 PROFILED = "40:45"  # the steps bf16-profile records: after the warm-up, before the end
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         if resumed.different:
             failed.append(f"{RESUME} ({', '.join(resumed.different)})")
     finished = [out_dir / p for p in runs if (out_dir / p / RESULTS).is_file()]
-    loaded = [tables.load_results(d) for d in finished]
+    loaded = [loading.load_results(d) for d in finished]
     text = summary(name, loaded, verdict, failed, argv, resumed)
     write_text_atomic(out_dir / "README.md", text)
     print(text)
@@ -166,7 +166,7 @@ def summary(
             f"Throughput mode of preset {PRESET} (`retinaperf run --preset {PRESET} --synthetic`),"
             f" {steps} steps per run:",
             "",
-            tables.render_comparison(tables.compare(runs), "md"),
+            comparison.render_comparison(comparison.compare(runs), "md"),
             "",
             tables.format_table([_extra_row(r) for r in runs], EXTRA_COLUMNS),
         ]
@@ -217,9 +217,9 @@ def _extra_row(results: dict) -> dict[str, str]:
         f"{'on' if impl['reuse_constants'] else 'off'}, loss {impl['loss']}, postprocess "
         f"{impl['postprocess']}, channels-last {'on' if impl['channels_last'] else 'off'}, "
         f"cudnn.benchmark {'on' if m['math']['cudnn_benchmark'] else 'off'}, compile {compiled}",
-        "p_core": tables.significant(m["p_core"]),
-        "p_core_steady": NO_VALUE if steady is None else tables.significant(steady),
-        "TFLOP/s": tables.significant(m["achieved_tflops"]),
+        "p_core": significant(m["p_core"]),
+        "p_core_steady": NO_VALUE if steady is None else significant(steady),
+        "TFLOP/s": significant(m["achieved_tflops"]),
         "MFU": NO_VALUE if m["mfu"] is None else f"{100 * m['mfu']:.1f}% of {m['peak_math']}",
         # NVML's utilisation: the share of sample periods in which a kernel ran (monitor mean)
         "GPU util": f"{max(utilisation):.1f}%" if utilisation else NO_VALUE,
@@ -228,7 +228,7 @@ def _extra_row(results: dict) -> dict[str, str]:
         "float32 math": f"conv {m['math']['effective_conv']}, matmul "
         f"{m['math']['effective_matmul']}",
         "mem": m["mem"],
-        "img/J": NO_VALUE if per_joule is None else tables.significant(per_joule),
+        "img/J": NO_VALUE if per_joule is None else significant(per_joule),
         "energy": m["energy_source"] or m["energy_note"],
     }
 

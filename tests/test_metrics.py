@@ -78,6 +78,26 @@ def test_windows_and_throughputs_follow_the_definitions():
     assert m["p_core"] >= m["p_train"] >= m["p_whole"]
 
 
+def test_a_resumed_meter_adds_every_span_to_the_segments_before_it():
+    clock = FakeClock(100.0)
+    first = scripted_run(clock)  # init 3 s, train 20 s, e2e 23 s
+    clock.advance(1.0)  # the checkpoint is taken 1 s after the last evaluation
+    state = first.state_dict()
+    assert (state["init_seconds"], state["train_seconds"], state["e2e_seconds"]) == (3, 21, 24)
+
+    later = FakeClock(500.0)  # another process, its command started at 500
+    resumed = Meter(command_start=500.0, device=CPU, clock=later, synchronize=later.sync)
+    resumed.load_state_dict(state)
+    later.advance(2.0)
+    resumed.train_started()
+    later.advance(5.0)
+    resumed.stopped()
+    assert (resumed.images, resumed.steps, resumed.eval_seconds) == (32, 4, 10)
+    assert resumed.init_time() == pytest.approx(3 + 2)
+    assert resumed.train_time() == pytest.approx(21 + 5)
+    assert resumed.e2e_time() == pytest.approx(24 + 7)  # the time between segments counts nowhere
+
+
 def test_accuracy_fields_track_last_best_and_target():
     clock = FakeClock(100.0)
     meter = scripted_run(clock)

@@ -12,19 +12,21 @@ from test_results import made_results
 from retinaperf import cli
 from retinaperf.errors import UserError
 from retinaperf.files import write_json_atomic
-from retinaperf.report.events import EventLog, TensorBoardSink
-from retinaperf.report.tables import (
-    ADDED_COLUMNS_NOTE,
+from retinaperf.report.comparison import (
     COMPARISON_COLUMNS,
-    PROFILED_MARK,
-    PROFILED_NOTE,
     compare,
-    format_cells,
-    load_results,
     render_comparison,
-    render_report,
     run_labels,
     seed_reference,
+)
+from retinaperf.report.events import EventLog, TensorBoardSink
+from retinaperf.report.loading import load_results
+from retinaperf.report.tables import (
+    ADDED_COLUMNS_NOTE,
+    PROFILED_MARK,
+    PROFILED_NOTE,
+    format_cells,
+    render_report,
 )
 from retinaperf.units import NO_VALUE
 

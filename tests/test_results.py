@@ -23,9 +23,11 @@ from retinaperf.measure.devices.nvidia import PEAKS, Nvidia
 from retinaperf.measure.memory import memory
 from retinaperf.measure.meter import Meter, summarize
 from retinaperf.model.precision import math_in_effect
+from retinaperf.report.comparison import compare, render_comparison
+from retinaperf.report.loading import load_results
 from retinaperf.report.results import SCHEMA_VERSION, Results, build_results, check
 from retinaperf.report.spread import render_all_spreads, spread
-from retinaperf.report.tables import compare, load_results, render_comparison, render_report
+from retinaperf.report.tables import render_report
 from retinaperf.report.upgrade import upgrade
 
 CPU = torch.device("cpu")

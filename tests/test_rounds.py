@@ -9,8 +9,9 @@ from test_results import made_results
 
 from retinaperf import cli
 from retinaperf.files import write_json_atomic
+from retinaperf.report.loading import load_results
 from retinaperf.report.spread import configuration_key, groups, render_spread, spread
-from retinaperf.report.tables import REPORT, load_results
+from retinaperf.report.tables import REPORT
 from retinaperf.run.rounds import SUMMARY, round_dir, run_dirs, write_summary
 
 

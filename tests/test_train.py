@@ -20,7 +20,7 @@ from retinaperf.measure.meter import Meter, device_events
 from retinaperf.model.network import RetinaPerfNet, build_model
 from retinaperf.model.precision import Precision
 from retinaperf.report.events import read_events
-from retinaperf.report.tables import load_results
+from retinaperf.report.loading import load_results
 from retinaperf.run import checkpoint
 from retinaperf.run.step import build_optimizer, lr_factor, train_step, use_channels_last
 

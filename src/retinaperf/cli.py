@@ -27,7 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train RetinaNet ResNet-50-FPN on COCO2017; report how well a machine does it.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in (_add_run, _add_synth, _add_evaluate, _add_report, _add_presets):
+        add_command(commands)
+    return parser
 
+
+def _add_run(commands: argparse._SubParsersAction) -> None:
     run = commands.add_parser(
         "run", help="run the benchmark (default: smoke preset, generated data)"
     )
@@ -71,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a configuration key (repeatable), e.g. --set lr=0.02",
     )
 
+
+def _add_synth(commands: argparse._SubParsersAction) -> None:
     gen = commands.add_parser("synth", help="write the generated COCO-layout dataset")
     gen.add_argument("--out", required=True, help="new or empty folder to write into")
     gen.add_argument(
@@ -115,10 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes drawing images (default: the CPUs available, at most 8)",
     )
 
+
+def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     ev = commands.add_parser("evaluate", help="COCO bbox scores of a detections file")
     ev.add_argument("--annotations", required=True, help="COCO instances JSON (ground truth)")
     ev.add_argument("--detections", required=True, help="COCO results JSON (list of detections)")
 
+
+def _add_report(commands: argparse._SubParsersAction) -> None:
     rep = commands.add_parser(
         "report", help="put finished runs side by side in the table of FlagPerf's RetinaNet case"
     )
@@ -137,13 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--plots", action="store_true", help="also draw each run's plots again")
 
+
+def _add_presets(commands: argparse._SubParsersAction) -> None:
     presets = commands.add_parser("presets", help="list presets (or every configuration key)")
     presets.add_argument(
         "--keys",
         action="store_true",
         help="list every configuration key instead, as KEY=DEFAULT with its type and meaning",
     )
-    return parser
 
 
 def _key_help(name: str) -> str:
@@ -170,7 +182,8 @@ def main(argv: list[str] | None = None, run_fn: Callable[..., dict] | None = Non
 
 def _run(args: argparse.Namespace) -> int:
     from retinaperf import config
-    from retinaperf.report.tables import REPORT, THROUGHPUT_ONLY_NOTE, format_table, table_row
+    from retinaperf.report.details import THROUGHPUT_ONLY_NOTE
+    from retinaperf.report.tables import REPORT, format_table, table_row
     from retinaperf.run import job, rundir
 
     flags = {
@@ -367,12 +380,13 @@ def _presets(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from retinaperf.report import spread, tables
+    from retinaperf.report import spread
+    from retinaperf.report.loading import load_results
     from retinaperf.run import rounds
 
     run_dirs = [d for given in args.run_dirs for d in rounds.run_dirs(Path(given))]
     # Named where they are now, as given: a run directory may have moved since it was written.
-    runs = [{**tables.load_results(d), "run_dir": str(d)} for d in run_dirs]
+    runs = [{**load_results(d), "run_dir": str(d)} for d in run_dirs]
     print(spread.render_runs(runs, args.format))
     if args.plots:
         from retinaperf.report.plots import write_run_plots

@@ -60,6 +60,15 @@ class EvalRecord:
     """Seconds from train start to the end of this evaluation."""
 
 
+# The spans of time that a resumed run adds up over its segments (`Meter.prior_seconds`).
+_SPANS = ("train", "init", "e2e")
+# The running totals that a checkpoint carries as they are: counts and times that add up.
+_TOTALS = (
+    "images", "steps", "core_seconds", "steady_images", "steady_core_seconds", "eval_seconds",
+    "checkpoint_seconds",
+)  # fmt: skip
+
+
 @dataclass
 class Meter:
     command_start: float
@@ -83,10 +92,8 @@ class Meter:
     eval_seconds: float = 0.0
     checkpoint_seconds: float = 0.0
     evals: list[EvalRecord] = field(default_factory=list)
-    prior_train_seconds: float = 0.0
-    """train_time, init_time and e2e_time of the segments before this one (a resumed run)."""
-    prior_init_seconds: float = 0.0
-    prior_e2e_seconds: float = 0.0
+    prior_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_SPANS, 0.0))
+    """Each span's seconds in the segments before this one (a resumed run)."""
     _interval_start: float = 0.0
     _interval_images: int = 0
     _last_eval_seconds: float = 0.0
@@ -103,7 +110,21 @@ class Meter:
     def train_time(self) -> float:
         """Seconds of training up to the last evaluation (or `stopped`), over all segments."""
         assert self.train_start is not None and self.train_end is not None
-        return self.prior_train_seconds + self.train_end - self.train_start
+        return self._over_segments("train", self.train_start, self.train_end)
+
+    def init_time(self) -> float:
+        """Seconds from command start to train start, over all segments."""
+        assert self.train_start is not None
+        return self._over_segments("init", self.command_start, self.train_start)
+
+    def e2e_time(self) -> float:
+        """Seconds from command start to now, over all segments."""
+        return self._over_segments("e2e", self.command_start, self.clock())
+
+    def _over_segments(self, span: str, start: float, end: float) -> float:
+        """This segment's `span` (from `start` to `end`) with the segments' before it: every span
+        adds up over segments in the same way, and none counts the time between them."""
+        return self.prior_seconds[span] + end - start
 
     def stopped(self) -> None:
         """A run cut short (interrupted, failed): its training time ends now."""
@@ -204,41 +225,21 @@ class Meter:
         self.settle()
         now = self.clock()
         return {
-            "images": self.images,
-            "steps": self.steps,
-            "core_seconds": self.core_seconds,
-            "steady_images": self.steady_images,
-            "steady_core_seconds": self.steady_core_seconds,
-            "eval_seconds": self.eval_seconds,
-            "checkpoint_seconds": self.checkpoint_seconds,
+            **{name: getattr(self, name) for name in _TOTALS},
             "evals": [dataclasses.asdict(record) for record in self.evals],
             "batch_shapes": sorted(self.batch_shapes),
-            "train_seconds": self.prior_train_seconds + now - self.train_start,
-            "init_seconds": self.prior_init_seconds + self.train_start - self.command_start,
-            "e2e_seconds": self.prior_e2e_seconds + now - self.command_start,
+            "train_seconds": self._over_segments("train", self.train_start, now),
+            "init_seconds": self.init_time(),
+            "e2e_seconds": self._over_segments("e2e", self.command_start, now),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a checkpoint's totals (before `train_started`)."""
-        for name in (
-            "images",
-            "steps",
-            "core_seconds",
-            "steady_images",
-            "steady_core_seconds",
-            "eval_seconds",
-            "checkpoint_seconds",
-        ):
+        for name in _TOTALS:
             setattr(self, name, state[name])
         self.evals = [EvalRecord(**record) for record in state["evals"]]
         self.batch_shapes = {tuple(shape) for shape in state["batch_shapes"]}
-        self.prior_train_seconds = state["train_seconds"]
-        self.prior_init_seconds = state["init_seconds"]
-        self.prior_e2e_seconds = state["e2e_seconds"]
-
-    def e2e_time(self) -> float:
-        """Seconds from command start to now, over all segments."""
-        return self.prior_e2e_seconds + self.clock() - self.command_start
+        self.prior_seconds = {span: state[f"{span}_seconds"] for span in _SPANS}
 
     def interval_rate(self) -> float:
         """Local images per second since the last call (or train start, or the last evaluation)."""
@@ -279,7 +280,7 @@ def summarize(meter: Meter, env: DistEnv, target_map: float, reduce: bool = True
     train_time = meter.train_time()
     train_minus_eval = train_time - meter.eval_seconds
     return {
-        "init_time": meter.prior_init_seconds + meter.train_start - meter.command_start,
+        "init_time": meter.init_time(),
         "train_time": train_time,
         "eval_time": meter.eval_seconds,
         "checkpoint_time": meter.checkpoint_seconds,

@@ -210,57 +210,87 @@ def select_detections(
     if num_images == 0:
         return []
     floor = logit_floor(score_thresh)
-    k = topk_candidates
     # Per image, per level: candidates' scores, labels, box codes and anchors, in level order.
     picked: list[list[tuple[Tensor, Tensor, Tensor, Tensor]]] = [[] for _ in range(num_images)]
-
     for level, (logits, codes) in enumerate(
         zip(head_outputs["cls_logits"], head_outputs["bbox_regression"], strict=True)
     ):
-        group_max = _group_maxima(logits)
-        cuts = _cuts(group_max, floor, k)
-        row_image, row_anchor, rows = _hopeful_anchors(logits, group_max, cuts)
-        scores = rows.float().sigmoid_()  # [rows, C]; rows is a fresh tensor, or a cast of one
-        passed = scores > score_thresh
-        entry_row, entry_label = passed.nonzero(as_tuple=True)  # by row, then class
-        entry_score = scores[passed]
-        entry_anchor = row_anchor[entry_row]
-        # Entries are ordered by (image, anchor, class): each image's run is its flat
-        # (anchor * C + class) order, its part of the vector torchvision takes the top-k of.
-        per_image, raised = torch.stack(
-            (torch.bincount(row_image[entry_row], minlength=num_images), (cuts > floor).long())
-        ).tolist()
-        bounds = score_bound(cuts)
-        tops = []
-        checks: dict[int, Tensor] = {}  # image: whether its part's top k are the whole's
-        for image, (score, anchor, label) in enumerate(
-            zip(
-                entry_score.split(per_image),
-                entry_anchor.split(per_image),
-                entry_label.split(per_image),
-                strict=True,
-            )
-        ):
-            if raised[image] and score.numel() >= k:
-                score, top = score.topk(min(k + 1, score.numel()))
-                checks[image] = _unambiguous(score, bounds[image], k)
-                score, top = score[:k], top[:k]
-            else:  # the whole vector (a raised cut's part short of k, see _cuts: redone below)
-                score, top = score.topk(min(k, score.numel()))
-            tops.append((score, anchor[top], label[top]))
-        # One synchronisation for the level's checks.
-        results = torch.stack(list(checks.values())).tolist() if checks else []
-        settled = {image for image, ok in zip(checks, results, strict=True) if ok}
+        tops = _level_top_k(logits, floor, score_thresh, topk_candidates)
         for image, (score, anchor, label) in enumerate(tops):
-            if raised[image] and image not in settled:
-                score, anchor, label = _level_candidates(logits[image], floor, score_thresh)
-                score, top = score.topk(min(k, score.numel()))
-                anchor, label = anchor[top], label[top]
             picked[image].append(
                 (score, label, codes[image, anchor], anchors[image][level][anchor])
             )
+    boxes, scores, labels, counts = _decode_and_clip(picked, image_shapes, box_coder)
+    return _nms_per_image(boxes, scores, labels, counts, nms_thresh, detections_per_img)
 
-    # Decode and clip every candidate of the batch at once, images one after the other.
+
+def _level_top_k(
+    logits: Tensor, floor: float, score_thresh: float, k: int
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Per image of `logits` [B, A, C] (one level), the top k of torchvision's vector: their
+    scores, anchors and labels, as its `topk` takes them (steps 1–5 of the module docstring)."""
+    group_max = _group_maxima(logits)
+    cuts = _cuts(group_max, floor, k)
+    parts, raised = _image_parts(logits, group_max, cuts, floor, score_thresh)
+    bounds = score_bound(cuts)
+    tops = []
+    checks: dict[int, Tensor] = {}  # image: whether its part's top k are the whole's
+    for image, (score, anchor, label) in enumerate(parts):
+        if raised[image] and score.numel() >= k:
+            score, top = score.topk(min(k + 1, score.numel()))
+            checks[image] = _unambiguous(score, bounds[image], k)
+            tops.append((score[:k], anchor[top[:k]], label[top[:k]]))
+        else:  # the whole vector (a raised cut's part short of k, see _cuts: redone below)
+            tops.append(_top_k(score, anchor, label, k))
+    # One synchronisation for the level's checks.
+    results = torch.stack(list(checks.values())).tolist() if checks else []
+    settled = {image for image, ok in zip(checks, results, strict=True) if ok}
+    for image in range(len(tops)):
+        if raised[image] and image not in settled:
+            tops[image] = _top_k(*_level_candidates(logits[image], floor, score_thresh), k)
+    return tops
+
+
+def _image_parts(
+    logits: Tensor, group_max: Tensor, cuts: Tensor, floor: float, score_thresh: float
+) -> tuple[list[tuple[Tensor, Tensor, Tensor]], list[int]]:
+    """Per image of `logits` [B, A, C], its part of torchvision's vector at this level: the
+    scores above `score_thresh` among its anchors above its cut, with their anchors and labels,
+    in (anchor, class) order; and whether its cut was raised above `floor` (1) or not (0)."""
+    num_images = logits.shape[0]
+    row_image, row_anchor, rows = _hopeful_anchors(logits, group_max, cuts)
+    scores = rows.float().sigmoid_()  # [rows, C]; rows is a fresh tensor, or a cast of one
+    passed = scores > score_thresh
+    entry_row, entry_label = passed.nonzero(as_tuple=True)  # by row, then class
+    entry_score = scores[passed]
+    entry_anchor = row_anchor[entry_row]
+    # Entries are ordered by (image, anchor, class): each image's run is its flat
+    # (anchor * C + class) order, its part of the vector torchvision takes the top-k of.
+    per_image, raised = torch.stack(
+        (torch.bincount(row_image[entry_row], minlength=num_images), (cuts > floor).long())
+    ).tolist()
+    parts = zip(
+        entry_score.split(per_image),
+        entry_anchor.split(per_image),
+        entry_label.split(per_image),
+        strict=True,
+    )
+    return list(parts), raised
+
+
+def _top_k(score: Tensor, anchor: Tensor, label: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The top k of a vector of scores (all of them if fewer), with their anchors and labels."""
+    score, top = score.topk(min(k, score.numel()))
+    return score, anchor[top], label[top]
+
+
+def _decode_and_clip(
+    picked: list[list[tuple[Tensor, Tensor, Tensor, Tensor]]],
+    image_shapes: list[tuple[int, int]],
+    box_coder: BoxCoder,
+) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+    """Every candidate of the batch decoded and clipped at once, images one after the other:
+    boxes, scores and labels, and each image's count of them (step 6)."""
     counts = [sum(p[0].numel() for p in per_level) for per_level in picked]
     scores, labels, codes, anchor_boxes = (
         torch.cat([p[i] for per_level in picked for p in per_level]) for i in range(4)
@@ -271,7 +301,19 @@ def select_detections(
         torch.tensor(counts, device=boxes.device), dim=0, output_size=boxes.shape[0]
     )
     boxes = torch.minimum(boxes.clamp(min=0), limits)  # torchvision's clip_boxes_to_image
+    return boxes, scores, labels, counts
 
+
+def _nms_per_image(
+    boxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    counts: list[int],
+    nms_thresh: float,
+    detections_per_img: int,
+) -> list[dict[str, Tensor]]:
+    """torchvision's class-wise NMS, image by image, and each image's first
+    `detections_per_img` detections."""
     detections = []
     for image_boxes, image_scores, image_labels in zip(
         boxes.split(counts), scores.split(counts), labels.split(counts), strict=True

@@ -1,6 +1,6 @@
 """results.json: its schema, the pure function that builds it, and the upgrade of older files.
 
-Readers (the report, rounds, the GPU check) read a file through `report.tables.load_results`: it
+Readers (the report, rounds, the GPU check) read a file through `report.loading.load_results`: it
 brings a file of any earlier version to the current shape (`upgrade.upgrade`) and checks it
 (`check`), so that no reader needs to know which version wrote it. Versions: 0, files without
 `schema_version` (their fields came in over several commits, back to the first committed
@@ -103,6 +103,19 @@ class Implementation(TypedDict):
     reuse_constants: bool
     optimizer: str
     ddp: Ddp | None  # None: one rank, no DDP
+
+
+# The words of `Facts.backbone_init`, how the backbone started: run/build.py writes them, and
+# upgrade.py gives them to the files written before the field.
+RANDOM_INIT = "random initialisation (batch norm and every layer trainable)"
+RANDOM_IN_STRUCTURE = (
+    "random values in the pretrained structure (frozen batch norm, 3 trainable stages)"
+)
+
+
+def imagenet_init(path: str) -> str:
+    """`backbone_init` of a backbone that started from the ImageNet weights at `path`."""
+    return f"ImageNet weights from {path}"
 
 
 class Facts(TypedDict):

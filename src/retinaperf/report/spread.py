@@ -10,8 +10,8 @@ import json
 import statistics
 
 from retinaperf.config import PLACE_KEYS
-from retinaperf.report import tables
-from retinaperf.units import NO_VALUE
+from retinaperf.report import comparison, tables
+from retinaperf.units import NO_VALUE, significant
 
 # What varies between rounds of one configuration; None values (a metric a run has no figure
 # for) are skipped.
@@ -85,7 +85,7 @@ def render_spread(runs: list[dict]) -> str:
     rows = []
     for name, s in spread(runs).items():
         cv = NO_VALUE if s["cv"] is None else f"{100 * s['cv']:.1f}%"
-        cells = {k: tables.significant(s[k]) for k in ("mean", "min", "max")}
+        cells = {k: significant(s[k]) for k in ("mean", "min", "max")}
         rows.append({"metric": name, "n": str(s["n"]), **cells, "cv": cv})
     title = (
         f"Spread over {len(runs)} runs of one configuration: preset {config['preset']}, "
@@ -101,9 +101,9 @@ def render_all_spreads(runs: list[dict]) -> str:
 
 
 def render_runs(runs: list[dict], fmt: str) -> str:
-    """Runs side by side in format `fmt` (`tables.render_comparison`); in markdown, then the
+    """Runs side by side in format `fmt` (`comparison.render_comparison`); in markdown, then the
     spread of each configuration given more than once: `retinaperf report`'s output, and the
     body of a `--repeat` folder's report.md."""
-    text = tables.render_comparison(tables.compare(runs), fmt)
+    text = comparison.render_comparison(comparison.compare(runs), fmt)
     spreads = render_all_spreads(runs) if fmt == "md" else ""
     return f"{text}\n\n{spreads}" if spreads else text

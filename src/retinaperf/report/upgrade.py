@@ -10,7 +10,7 @@ import copy
 from typing import Any
 
 from retinaperf.errors import UserError
-from retinaperf.report.results import SCHEMA_VERSION
+from retinaperf.report.results import RANDOM_INIT, SCHEMA_VERSION, imagenet_init
 
 
 def upgrade(results: dict[str, Any]) -> dict[str, Any]:
@@ -41,14 +41,25 @@ def upgrade(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def _from_version_0(results: dict[str, Any]) -> None:
-    """Fill in, in place, what the unversioned files lacked; each such file has the fields of the
-    commit that wrote it, so every step is a default for one field, oldest first."""
-    m, config = results["metrics"], results["config"]
-    train, model = config.get("train", {}), config.get("model", {})
-    precision = m.get("precision")
-    # 40e3f7e: the precision's reason and math; before, fp32 was IEEE and only tf32 used TF32,
-    # and the device's peak was looked up by the precision's name.
-    requested = train.get("precision")
+    """Fill in, in place, what the unversioned files lacked. Each such file has the fields of the
+    commit that wrote it, so each step gives the defaults of the fields one commit added, and
+    they run oldest first (a later step reads what an earlier one set)."""
+    for step in (
+        _before_precision_reason,
+        _before_throughput_mode,
+        _before_step_choices,
+        _before_checkpoints,
+        _before_energy,
+        _before_batched_transform,
+    ):
+        step(results)
+
+
+def _before_precision_reason(results: dict[str, Any]) -> None:
+    """40e3f7e: the precision's reason and math; before, fp32 was IEEE and only tf32 used TF32,
+    and the device's peak was looked up by the precision's name."""
+    m, train = results["metrics"], results["config"].get("train", {})
+    precision, requested = m.get("precision"), train.get("precision")
     m.setdefault(
         "precision_reason",
         "as configured" if requested == precision else f"{requested}: its reason was not recorded",
@@ -67,23 +78,32 @@ def _from_version_0(results: dict[str, Any]) -> None:
         },
     )
     m.setdefault("peak_math", precision)
-    # cfaf473: no timing warm-up before, so p_core_steady is p_core; no throughput mode.
+
+
+def _before_throughput_mode(results: dict[str, Any]) -> None:
+    """cfaf473: no timing warm-up before, so p_core_steady is p_core; no throughput mode, so the
+    backbone was random only where no weights were given, the data the one generator's, and no
+    step ran under the profiler."""
+    m, config = results["metrics"], results["config"]
+    train = config.get("train", {})
     m.setdefault("timing_warmup_steps", 0)
     m.setdefault("p_core_steady", m.get("p_core"))
     m.setdefault("throughput_only", False)
-    m.setdefault("precision_requested", requested)
+    m.setdefault("precision_requested", train.get("precision"))
     weights = str(m.get("backbone_weights"))
     m.setdefault(
         "backbone_init",
-        "random initialisation (batch norm and every layer trainable)"
-        if weights.strip().lower() == "none"
-        else f"ImageNet weights from {weights}",
+        RANDOM_INIT if weights.strip().lower() == "none" else imagenet_init(weights),
     )
-    config.setdefault("data", {}).setdefault("synth_profile", "shapes")  # its one generator
+    config.setdefault("data", {}).setdefault("synth_profile", "shapes")
     train.setdefault("profile_steps", "")
-    # 22f7d61: the step's choices; before, torchvision's loss and post-processing unless
-    # configured, torch's default SGD and DDP's default options; the trainer did not yet apply
-    # the channels_last and compile keys.
+
+
+def _before_step_choices(results: dict[str, Any]) -> None:
+    """22f7d61: the step's choices; before, torchvision's loss and post-processing unless
+    configured, torch's default SGD and DDP's default options; the trainer did not yet apply the
+    channels_last and compile keys."""
+    m, model = results["metrics"], results["config"].get("model", {})
     ddp_defaults = {"broadcast_buffers": True, "gradient_as_bucket_view": False}
     m.setdefault(
         "implementation",
@@ -96,25 +116,37 @@ def _from_version_0(results: dict[str, Any]) -> None:
             "ddp": ddp_defaults if m.get("world_size", 1) > 1 else None,
         },
     )
-    # 20e631f: statuses, checkpoints and segments; before, results were written only by a
-    # completed run of one segment without checkpoints, and only amp and fp16 scale the loss.
+
+
+def _before_checkpoints(results: dict[str, Any]) -> None:
+    """20e631f: statuses, checkpoints and segments; before, results were written only by a
+    completed run of one segment without checkpoints, and only amp and fp16 scale the loss."""
+    m = results["metrics"]
     results.setdefault("status", "completed")
     results.setdefault("reason", None)
     results.setdefault("segments", None)
     results.setdefault("checkpoint", None)
     m.setdefault("checkpoint_time", 0.0)
-    m.setdefault("skipped_steps", None if precision in ("amp", "fp16") else 0)
+    m.setdefault("skipped_steps", None if m.get("precision") in ("amp", "fp16") else 0)
     m.setdefault("segments", 1)
     m.setdefault("time_between_segments", 0.0)
     m.setdefault("checkpoint_failures", 0)
-    # 5a8162b: energy was not read before.
+
+
+def _before_energy(results: dict[str, Any]) -> None:
+    """5a8162b: energy was not read before."""
+    m = results["metrics"]
     for key in ("energy_train_j", "energy_eval_j", "images_per_joule", "power_train_w"):
         m.setdefault(key, None)
     m.setdefault("energy_source", None)
     m.setdefault("energy_note", "results written before retinaperf read energy")
     results.setdefault("energy", {"devices": [], "hosts": []})
-    # b057cc9 (issue 15): before, torchvision's transform, constants recomputed at every step,
-    # torch.compile in its default mode; the batch shapes were not recorded.
+
+
+def _before_batched_transform(results: dict[str, Any]) -> None:
+    """b057cc9 (issue 15): before, torchvision's transform, constants recomputed at every step,
+    torch.compile in its default mode; the batch shapes were not recorded."""
+    m = results["metrics"]
     impl = m["implementation"]
     impl.setdefault("compile_mode", "default" if impl.get("compile") else None)
     impl.setdefault("transform", "torchvision")

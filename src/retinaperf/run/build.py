@@ -21,6 +21,7 @@ from retinaperf.errors import UserError
 from retinaperf.measure import scoring, utilization
 from retinaperf.model import weights
 from retinaperf.model.precision import Precision
+from retinaperf.report import results
 from retinaperf.run import signals
 
 
@@ -169,10 +170,10 @@ def load_weights(config: RunConfig, env: DistEnv, cache: Path) -> weights.Loaded
 def backbone_init(config: RunConfig, backbone: weights.LoadedWeights | None) -> str:
     """How the backbone started, in words for the results."""
     if backbone is not None:
-        return f"ImageNet weights from {backbone.path}"
+        return results.imagenet_init(backbone.path)
     if config.model.random_backbone == "random":
-        return "random values in the pretrained structure (frozen batch norm, 3 trainable stages)"
-    return "random initialisation (batch norm and every layer trainable)"
+        return results.RANDOM_IN_STRUCTURE
+    return results.RANDOM_INIT
 
 
 def count_flops(model: nn.Module, loaders: Loaders, env: DistEnv, trained_in: Precision) -> float:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from retinaperf import files
 from retinaperf.errors import UserError
-from retinaperf.report import spread, tables
+from retinaperf.report import loading, spread, tables
 from retinaperf.report.results import RESULTS
 from retinaperf.run import signals
 
@@ -77,7 +77,7 @@ def _rounds(count: int, out_dir: Path, command: list[str], start_variable: str) 
                 flush=True,
             )
             return code
-    runs = [tables.load_results(d) for d in round_dirs]
+    runs = [loading.load_results(d) for d in round_dirs]
     write_summary(out_dir, runs)
     print(spread.render_spread(runs))
     print(f"summary: {out_dir / SUMMARY}")

@@ -14,7 +14,7 @@ from retinaperf.config import RunConfig
 from retinaperf.distributed import DistEnv
 from retinaperf.errors import UserError
 from retinaperf.model.precision import Precision
-from retinaperf.report import tables
+from retinaperf.report import loading
 from retinaperf.report.results import RESULTS
 from retinaperf.run import checkpoint
 
@@ -89,7 +89,7 @@ def _check_resumable(path: Path) -> None:
         raise UserError(
             f"--resume: {path} holds no {CONFIG}: give the run directory of a stopped run"
         )
-    if (path / RESULTS).is_file() and tables.load_results(path, completed_only=False)[
+    if (path / RESULTS).is_file() and loading.load_results(path, completed_only=False)[
         "status"
     ] == "completed":
         raise UserError(f"--resume: {path} holds a completed run: there is nothing to resume")
