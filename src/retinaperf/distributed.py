@@ -115,10 +115,10 @@ class DistEnv:
         on the others: work that fills a node's cache once, which the others read."""
         if self.local_rank == 0:
             result = first()
+            self.barrier()
+            return result
         self.barrier()
-        if self.local_rank != 0:
-            result = (then or first)()
-        return result
+        return (then or first)()
 
     def all_reduce(self, values: list[float], op: str) -> list[float]:
         """Element-wise "sum", "max" or "min" of `values` over ranks (float64 on the wire)."""

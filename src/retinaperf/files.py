@@ -13,7 +13,7 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -176,7 +176,7 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
         f.writelines(json.dumps(record, default=jsonable) + "\n" for record in records)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
+def write_json_atomic(path: Path, data: Mapping[str, object]) -> None:
     """JSON, written atomically (see write_text_atomic)."""
     write_text_atomic(path, json.dumps(data, indent=2, default=jsonable) + "\n")
 
@@ -195,7 +195,7 @@ def atomic_file(path: Path, mode: str = "w", durable: bool = False) -> Iterator[
     before a crash."""
     tmp = _new_file_beside(path)
     try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             if durable:
                 f.flush()

@@ -19,7 +19,7 @@ workers, `--repeat`'s rounds): their own argv[0] is `python -m retinaperf`'s."""
 SCRIPT = "retinaperf"
 
 
-def command(*args: str) -> str:
+def command(*args: str | os.PathLike[str]) -> str:
     """`retinaperf ARGS` as the user can type it here, e.g. `.venv/bin/retinaperf run --resume
     runs/int` (arguments quoted for a POSIX shell where they need it)."""
     return " ".join([prefix(), *map(shlex.quote, map(str, args))])

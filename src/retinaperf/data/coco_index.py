@@ -46,7 +46,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import msgspec
 import numpy as np
@@ -212,7 +212,8 @@ def _decode(decoder: msgspec.json.Decoder, content: mmap.mmap | bytes, path: Pat
     except msgspec.ValidationError as err:
         raise _invalid(path, err) from None
     except msgspec.DecodeError as err:
-        raise json_error(path, "data", err, if_invalid=REEXTRACT) from None
+        # msgspec's stub makes DecodeError a plain Exception; it is a ValueError at run time.
+        raise json_error(path, "data", err, if_invalid=REEXTRACT) from None  # type: ignore[arg-type]
 
 
 def _invalid(path: Path, err: msgspec.ValidationError) -> UserError:
@@ -225,7 +226,9 @@ def _invalid(path: Path, err: msgspec.ValidationError) -> UserError:
 def _pieces(body: memoryview) -> Iterator[bytes]:
     """The JSON array `body` (`[...]`) as arrays of consecutive elements of about PIECE_BYTES,
     each cut before a `}, {` (see the module docstring for why a wrong cut cannot pass)."""
-    if body[:1] != b"[":  # not an array: decoded as one, it fails, and the whole file says why
+    if (
+        body[:1].tobytes() != b"["
+    ):  # not an array: decoded as one, it fails, and the whole file says why
         yield bytes(body)
         return
     inner, start = body[1:-1], 0
@@ -363,7 +366,21 @@ _ARRAYS = {
 }
 
 
-def _arrays(index: CocoIndex) -> dict[str, np.ndarray]:
+class _CacheArrays(TypedDict):
+    """The arrays of a cached index, by their names in the .npz file (beside its `key`)."""
+
+    image_ids: np.ndarray
+    widths: np.ndarray
+    heights: np.ndarray
+    name_bytes: np.ndarray
+    name_ends: np.ndarray
+    ann_images: np.ndarray
+    ann_categories: np.ndarray
+    ann_boxes: np.ndarray
+    ann_crowd: np.ndarray
+
+
+def _arrays(index: CocoIndex) -> _CacheArrays:
     # surrogatepass: a JSON string may hold a lone surrogate (\ud800); it round-trips.
     encoded = [name.encode("utf-8", "surrogatepass") for name in index.file_names]
     return {

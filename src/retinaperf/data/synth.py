@@ -203,7 +203,8 @@ def _generate_split(
         # Chunks amortise the inter-process round trip; several per process balance the load.
         chunk = max(1, min(64, count // (8 * workers)))
         drawn = pool.map(render, image_ids, range(count), chunksize=chunk)
-    images, annotations = [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
     for image, objects in drawn:  # in index order, whatever the pool's order of completion
         images.append(image)
         for obj in objects:

@@ -261,7 +261,7 @@ def _scenery(rng: np.random.Generator, width: int, height: int) -> Image.Image:
     grey = rng.uniform(30, 225, size=(rows, columns, 1))
     tint = rng.uniform(-40, 40, size=(rows, columns, 3))
     coarse = np.clip(grey + tint, 0, 255).astype(np.uint8)
-    picture = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+    picture = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
     draw = ImageDraw.Draw(picture)
     for _ in range(rng.integers(2, 8)):
         size = rng.uniform(0.05, 0.5) * min(width, height)
@@ -289,5 +289,5 @@ def _grain(rng: np.random.Generator, picture: Image.Image) -> Image.Image:
 def _texture(rng: np.random.Generator, width: int, height: int, cell: int) -> np.ndarray:
     """Random values -128..127 every `cell` pixels, interpolated: blotches about `cell` px wide."""
     coarse = rng.integers(0, 256, size=(height // cell + 2, width // cell + 2), dtype=np.uint8)
-    smooth = Image.fromarray(coarse).resize((width, height), Image.BILINEAR)
+    smooth = Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR)
     return np.asarray(smooth, dtype=np.float32) - 128

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import colorsys
 import math
+from typing import TypedDict
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -15,8 +16,16 @@ from PIL import Image, ImageDraw
 GENERATOR_VERSION = 4
 
 
+class Category(TypedDict):
+    """A category as COCO's instances file lists it."""
+
+    id: int
+    name: str
+    supercategory: str
+
+
 # COCO category ids are not contiguous; ours skip numbers too so the code never assumes they are.
-CATEGORIES = (
+CATEGORIES: tuple[Category, ...] = (
     {"id": 1, "name": "circle", "supercategory": "shape"},
     {"id": 3, "name": "square", "supercategory": "shape"},
     {"id": 7, "name": "triangle", "supercategory": "shape"},
@@ -104,7 +113,9 @@ def _background(rng: np.random.Generator, width: int, height: int) -> Image.Imag
     grey = rng.uniform(50, 210, size=(4, 4, 1))
     tint = rng.uniform(-12, 12, size=(4, 4, 3))
     coarse = np.clip(grey + tint, 0, 255).astype(np.uint8)
-    base = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BILINEAR), np.float32)
+    base = np.asarray(
+        Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR), np.float32
+    )
     angle = rng.uniform(0, math.pi)
     period = rng.uniform(6, 20)
     yy, xx = np.mgrid[0:height, 0:width]

@@ -212,7 +212,7 @@ class CocoEvaluator:
         # One array per rank: pickled as one buffer by gather_object.
         gathered = self.env.gather(self.detections())
         result = None
-        if self.env.is_main:
+        if gathered is not None:  # rank 0
             everything = np.concatenate(gathered)
             result = (score(self.gt, everything), len(everything))
         return self.env.broadcast(result)

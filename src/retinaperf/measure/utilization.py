@@ -85,8 +85,11 @@ def utilization(
     `peak` in `math`, from its plug-in, x devices) and their ratio, MFU; None where a part is
     unknown (no peak for the device: `peak_note` says why; no rate: a run that failed before its
     first step)."""
-    known = flops_per_image is not None and images_per_s is not None
-    achieved = flops_per_image * images_per_s / 1e12 if known else None
+    achieved = (
+        flops_per_image * images_per_s / 1e12
+        if flops_per_image is not None and images_per_s is not None
+        else None
+    )
     total = None if peak.tflops is None else peak.tflops * devices
     return {
         "flops_per_image": flops_per_image,

@@ -129,7 +129,7 @@ class RetinaPerfNet(RetinaNet):
         self.transform.batched = config.transform == "batched"
         if config.reuse_constants:
             reused = ReusedAnchors(self.anchor_generator.sizes, self.anchor_generator.aspect_ratios)
-            self.anchor_generator = reused
+            self.anchor_generator: AnchorGenerator = reused
         self.loss_impl = config.loss
         self.postprocess_impl = config.postprocess
         self.loss_fn = loss.retinanet_loss  # replaced by its compiled form under `compile`

@@ -42,14 +42,17 @@ from retinaperf.torch_compat import cpu_capabilities, loss_scale
 # --- 1. The float32 math flags ------------------------------------------------------------------
 
 # The framework's own settings, read before anything here changes them: `fp32` restores these.
-FRAMEWORK_CONV = torch.backends.cudnn.conv.fp32_precision
+# (`torch.backends.cudnn.conv` and `torch.backends.fp32_precision` live on the objects that torch
+# puts in place of those modules in sys.modules, which type checkers do not see: hence the
+# `attr-defined` ignores below.)
+FRAMEWORK_CONV = torch.backends.cudnn.conv.fp32_precision  # type: ignore[attr-defined]
 FRAMEWORK_MATMUL = torch.backends.cuda.matmul.fp32_precision
 
 
 def set_float32_math(conv: str, matmul: str) -> None:
     """How float32 convolutions (cuDNN) and matmuls (cuBLAS) compute: "tf32", "ieee", or "none"
     (inherit the framework's wider setting)."""
-    torch.backends.cudnn.conv.fp32_precision = conv
+    torch.backends.cudnn.conv.fp32_precision = conv  # type: ignore[attr-defined]
     torch.backends.cuda.matmul.fp32_precision = matmul
 
 
@@ -61,7 +64,7 @@ def has_tf32(device: torch.device) -> bool:
 def math_in_effect(device: torch.device) -> dict:
     """The float32 math settings now in force, and what they mean on `device`: convolutions and
     matmuls in "tf32" or "ieee". Recorded in results.json, named in the report."""
-    conv = _inherited(torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.fp32_precision)
+    conv = _inherited(torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.fp32_precision)  # type: ignore[attr-defined]
     matmul = _inherited(torch.backends.cuda.matmul.fp32_precision)
     if matmul == "none":
         # No new-style setting anywhere: the legacy knob decides. (Reading it once a new-style
@@ -69,7 +72,7 @@ def math_in_effect(device: torch.device) -> dict:
         matmul = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
     tf32 = has_tf32(device)
     return {
-        "conv_fp32_precision": torch.backends.cudnn.conv.fp32_precision,
+        "conv_fp32_precision": torch.backends.cudnn.conv.fp32_precision,  # type: ignore[attr-defined]
         "matmul_fp32_precision": torch.backends.cuda.matmul.fp32_precision,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "cudnn_deterministic": torch.backends.cudnn.deterministic,
@@ -82,7 +85,7 @@ def math_in_effect(device: torch.device) -> dict:
 
 def _inherited(*levels: str) -> str:
     """The first setting that is not "none", from the most specific to the framework's global."""
-    for value in (*levels, torch.backends.fp32_precision):
+    for value in (*levels, torch.backends.fp32_precision):  # type: ignore[attr-defined]
         if value != "none":
             return value
     return "none"
@@ -151,7 +154,7 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
 
 def float32_outputs(model: nn.Module) -> None:
     """Backbone and head hand float32 tensors on: anchors, box coding and losses stay float32."""
-    for part in (model.backbone, model.head):
+    for part in (model.get_submodule("backbone"), model.get_submodule("head")):
         part.register_forward_hook(_cast_outputs(torch.float32))
 
 
@@ -165,7 +168,7 @@ class MasterWeights:
     @staticmethod
     def make_half(model: nn.Module) -> None:
         """Backbone and head in float16, taking inputs of any floating type."""
-        for part in (model.backbone, model.head):
+        for part in (model.get_submodule("backbone"), model.get_submodule("head")):
             part.half()
             part.register_forward_pre_hook(_cast_inputs(torch.float16))
 

@@ -126,7 +126,7 @@ def loss_figure(steps: list[Record]) -> Figure:
     handles = ax.get_lines() + lr_ax.get_lines()
     # Outside both axes, right of the lr axis's labels: inside, "best" placement sees only the
     # loss lines and covered the lr curve.
-    fig.legend(handles, [h.get_label() for h in handles], loc="outside right upper")
+    fig.legend(handles, [str(h.get_label()) for h in handles], loc="outside right upper")
     return fig
 
 

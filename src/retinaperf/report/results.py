@@ -341,7 +341,8 @@ def build_results(
         "segments": len(segments),
         "time_between_segments": sum(seg["time_lost_s"] or 0.0 for seg in segments),
         "checkpoint_failures": checkpoint_failures,
-        **{key: value for key, value in energy.items() if key != "energy"},
+        # The sums alone: their parts (`energy`) go in results.json beside the metrics.
+        **cast(EnergyTotals, {key: value for key, value in energy.items() if key != "energy"}),
         **utilization,
         "e2e_time": e2e_time,
     }

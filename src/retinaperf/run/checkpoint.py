@@ -251,7 +251,9 @@ def check_space(run_dir: Path, needed: int) -> None:
 def rng_state(device: torch.device) -> dict[str, Any]:
     """Every generator this process draws from (the model's training-time resize draws from
     torch's), in types that load with weights_only."""
-    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    legacy = np.random.get_state()  # legacy=True (the default): the tuple, not the dict
+    assert isinstance(legacy, tuple)
+    kind, keys, position, has_gauss, gauss = legacy
     state = {
         "python": random.getstate(),
         "numpy": (kind, keys.tolist(), position, has_gauss, gauss),

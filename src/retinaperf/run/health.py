@@ -19,7 +19,9 @@ class LossWatch:
         self.longest = torch.zeros((), dtype=torch.int64, device=device)
 
     def update(self, losses: dict[str, torch.Tensor]) -> None:
-        finite = torch.isfinite(sum(losses.values()))
+        total = sum(losses.values())
+        assert isinstance(total, torch.Tensor)  # not the 0 of an empty sum: there are losses
+        finite = torch.isfinite(total)
         self.streak = (self.streak + 1) * ~finite
         self.longest = torch.maximum(self.longest, self.streak)
 

@@ -28,10 +28,11 @@ def claim(config: RunConfig, env: DistEnv, resume: bool) -> tuple[Path, files.Fo
     empty; a resumed run's must hold a run that has not completed; workers that torchrun started
     again after a failure take the directory as they find it (their dead attempt's lock is
     gone with it)."""
-    lock = None
+    lock, name = None, None
     if env.is_main:
         path, lock = _claim_name(config, env, resume)
-    return Path(env.broadcast(str(path) if env.is_main else None)), lock
+        name = str(path)
+    return Path(env.broadcast(name)), lock
 
 
 def _claim_name(config: RunConfig, env: DistEnv, resume: bool) -> tuple[Path, files.FolderLock]:

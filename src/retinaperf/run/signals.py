@@ -18,11 +18,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from types import FrameType
+from typing import Any, TypeAlias
 
 from retinaperf.distributed import launch
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# What `signal.signal` takes and gives back: a function, SIG_DFL or SIG_IGN, or None (a handler
+# that was not set from Python).
+Handler: TypeAlias = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 class StopRequest:
@@ -32,7 +37,7 @@ class StopRequest:
         self.repeat_window_s = repeat_window_s
         self.signal: int | None = None
         self._received_at = 0.0
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Handler] = {}
 
     @property
     def requested(self) -> bool:
@@ -86,10 +91,13 @@ def run_child(command: list[str], env: dict[str, str] | None = None) -> int:
     Ctrl-C sends to the child as well: the child stops with a checkpoint, where being killed with
     this process would lose its work."""
     started: list[subprocess.Popen] = []  # filled once started; the handlers are set before
+
+    def pass_on(signum: int, _: FrameType | None) -> None:
+        for child in started:
+            child.send_signal(signum)
+
     previous = {
-        signal.SIGTERM: signal.signal(
-            signal.SIGTERM, lambda signum, _: [child.send_signal(signum) for child in started]
-        ),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, pass_on),
         signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
     }
     try:

@@ -7,6 +7,7 @@ logging, evaluation and checkpoints hang around it in the trainer's loop.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -70,11 +71,13 @@ def build_optimizer(
     """The reference's SGD, updating every tensor in one fused kernel where the device has one
     (which also takes the loss scaler's overflow check without a host synchronisation), else with
     multi-tensor (foreach) kernels."""
-    options = {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
+    sgd = functools.partial(
+        torch.optim.SGD, params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
     try:
-        return torch.optim.SGD(params, **options, fused=True)
+        return sgd(fused=True)
     except RuntimeError:  # no fused SGD for this device type
-        return torch.optim.SGD(params, **options, foreach=True)
+        return sgd(foreach=True)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -95,13 +98,18 @@ def wrap_ddp(model: nn.Module, env: DistEnv) -> tuple[nn.Module, dict | None]:
         "gradient_as_bucket_view": True,
     }
     device_ids = [env.device] if env.device.type != "cpu" else None
-    kwargs = {**options}
+    ddp = functools.partial(
+        DistributedDataParallel,
+        model,
+        device_ids=device_ids,
+        gradient_as_bucket_view=options["gradient_as_bucket_view"],
+    )
     if _DDP_TAKES_FORWARD_SYNC:
         # torch 2.13 renamed the per-forward broadcast (and warns on every rank at the old
         # name); unlike the old False, the new one still syncs buffers once at init, which is
         # harmless here: every rank starts from the same weights.
-        kwargs["forward_sync_buffers"] = kwargs.pop("broadcast_buffers")
-    return DistributedDataParallel(model, device_ids=device_ids, **kwargs), options
+        return ddp(forward_sync_buffers=options["broadcast_buffers"]), options
+    return ddp(broadcast_buffers=options["broadcast_buffers"]), options
 
 
 # Every batch norm class of torch.nn, by their public names (their private base,

@@ -212,7 +212,7 @@ class AmdSmiCounter:
     source = "amdsmi energy counter"
     # A 64-bit count (uint64 in amdsmi_get_energy_count and in the driver's GPU metrics) of
     # ~15.3 µJ: 2.8e14 J, nine thousand years at 1 kW.
-    wrap_j = None
+    wrap_j: float | None = None
 
     def __init__(self, amdsmi: ModuleType, handle: Any, label: str) -> None:
         self._smi = amdsmi

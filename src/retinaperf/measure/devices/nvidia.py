@@ -159,7 +159,7 @@ class NvmlCounter:
     """A GPU's NVML energy counter. Holds a reference to NVML (nvmlInit) until `close()`."""
 
     source = "NVML energy counter"
-    wrap_j = None  # a 64-bit count of mJ: 584 million years at 1 kW
+    wrap_j: float | None = None  # a 64-bit count of mJ: 584 million years at 1 kW
 
     def __init__(self, handle: Any, label: str) -> None:
         self._handle = handle
