@@ -168,3 +168,23 @@ def test_the_private_import_check_sees_one(tmp_path):
     module = tmp_path / "x.py"
     module.write_text("from retinaperf.config.fields import _valid, setting\n")
     assert private_imports(module) == ["retinaperf.config.fields._valid"]
+
+
+# Small enough to read in one sitting (the project's style): a module, and a function in it.
+MODULE_LINES, FUNCTION_LINES = 450, 80
+
+
+@pytest.mark.parametrize(
+    "path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE))
+)
+def test_modules_and_functions_stay_readable_in_one_sitting(path: Path):
+    source = path.read_text(encoding="utf-8")
+    assert len(source.splitlines()) <= MODULE_LINES, f"split {path.name} by concern"
+    long = [
+        f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno is not None
+        and node.end_lineno - node.lineno + 1 > FUNCTION_LINES
+    ]
+    assert not long, f"{path.name}: split {long} into named steps"

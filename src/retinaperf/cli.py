@@ -27,15 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train RetinaNet ResNet-50-FPN on COCO2017; report how well a machine does it.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add_command in (_add_run, _add_synth, _add_evaluate, _add_report, _add_presets):
-        add_command(commands)
+    for name, (summary, add_arguments) in COMMAND_ARGUMENTS.items():
+        add_arguments(commands.add_parser(name, help=summary))
     return parser
 
 
-def _add_run(commands: argparse._SubParsersAction) -> None:
-    run = commands.add_parser(
-        "run", help="run the benchmark (default: smoke preset, generated data)"
-    )
+def _add_run(run: argparse.ArgumentParser) -> None:
     run.add_argument("--preset", help="preset name (see `retinaperf presets`); default: smoke")
     # The shortcut flags of three keys: their help is the keys' own (`presets --keys`).
     for flag in ("data_dir", "output_dir", "backbone_weights"):
@@ -77,8 +74,7 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
     )
 
 
-def _add_synth(commands: argparse._SubParsersAction) -> None:
-    gen = commands.add_parser("synth", help="write the generated COCO-layout dataset")
+def _add_synth(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--out", required=True, help="new or empty folder to write into")
     gen.add_argument(
         "--seed",
@@ -123,16 +119,12 @@ def _add_synth(commands: argparse._SubParsersAction) -> None:
     )
 
 
-def _add_evaluate(commands: argparse._SubParsersAction) -> None:
-    ev = commands.add_parser("evaluate", help="COCO bbox scores of a detections file")
+def _add_evaluate(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--annotations", required=True, help="COCO instances JSON (ground truth)")
     ev.add_argument("--detections", required=True, help="COCO results JSON (list of detections)")
 
 
-def _add_report(commands: argparse._SubParsersAction) -> None:
-    rep = commands.add_parser(
-        "report", help="put finished runs side by side in the table of FlagPerf's RetinaNet case"
-    )
+def _add_report(rep: argparse.ArgumentParser) -> None:
     rep.add_argument(
         "run_dirs",
         nargs="+",
@@ -149,13 +141,25 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
     rep.add_argument("--plots", action="store_true", help="also draw each run's plots again")
 
 
-def _add_presets(commands: argparse._SubParsersAction) -> None:
-    presets = commands.add_parser("presets", help="list presets (or every configuration key)")
+def _add_presets(presets: argparse.ArgumentParser) -> None:
     presets.add_argument(
         "--keys",
         action="store_true",
         help="list every configuration key instead, as KEY=DEFAULT with its type and meaning",
     )
+
+
+# Each command: its line in `retinaperf --help`, and what adds its arguments.
+COMMAND_ARGUMENTS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "run": ("run the benchmark (default: smoke preset, generated data)", _add_run),
+    "synth": ("write the generated COCO-layout dataset", _add_synth),
+    "evaluate": ("COCO bbox scores of a detections file", _add_evaluate),
+    "report": (
+        "put finished runs side by side in the table of FlagPerf's RetinaNet case",
+        _add_report,
+    ),
+    "presets": ("list presets (or every configuration key)", _add_presets),
+}
 
 
 def _key_help(name: str) -> str:

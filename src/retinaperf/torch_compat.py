@@ -55,7 +55,10 @@ def loss_scale(scaler: torch.amp.GradScaler) -> Tensor:
     No public alternative: `get_scale()` returns a float through `.item()`, which makes the
     host wait for the device at every step.
     """
-    return scaler._get_scale_async()
+    scale = scaler._get_scale_async()
+    if scale is None:  # the scale is made at the first scale(); a disabled scaler has none
+        raise RuntimeError("loss_scale: the scaler has no scale yet (or is disabled)")
+    return scale
 
 
 def version_counter(tensor: Tensor) -> int:

@@ -35,7 +35,8 @@ def setting(
     its value must lie in (>= ge, > gt, <= le) and its role."""
     # The range as msgspec's constraint (no bound: no constraint), declared once: msgspec checks
     # values against the key's type annotated with it, and `_range_need` reads it back.
-    bounds = msgspec.Meta(ge=ge, gt=gt, le=le)
+    # msgspec takes a lower bound as ge or gt, not both (None: no bound).
+    bounds = msgspec.Meta(gt=gt, le=le) if gt is not None else msgspec.Meta(ge=ge, le=le)
     return field(default=default, metadata={"help": help, "role": role, "bounds": bounds})
 
 
@@ -44,7 +45,8 @@ class Checked:
     is made; a subclass's `__post_init__` adds the checks that involve more than one key."""
 
     def __post_init__(self) -> None:
-        for f, kind in settings_of(type(self)):
+        cls: type = type(self)
+        for f, kind in settings_of(cls):
             # Stored as the type holds it: an int given for a float, a list for a tuple.
             setattr(self, f.name, valid(f, kind, getattr(self, f.name), "config"))
 

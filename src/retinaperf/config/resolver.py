@@ -29,7 +29,7 @@ from retinaperf.errors import UserError
 _SECTIONS: dict[str, type] = {
     name: kind
     for name, kind in typing.get_type_hints(RunConfig).items()
-    if dataclasses.is_dataclass(kind)
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind)
 }
 
 

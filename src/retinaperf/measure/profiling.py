@@ -162,7 +162,9 @@ class StepProfiler:
             # concerns what is recorded. Read when kineto starts (the first window of the
             # process); a level the user set is kept.
             os.environ.setdefault(KINETO_LOG_LEVEL, KINETO_SILENT)
-        activities = [ProfilerActivity.CPU, *([device_activity] if self._by_device else [])]
+        activities = [ProfilerActivity.CPU]
+        if self._by_device and device_activity is not None:
+            activities.append(device_activity)
         warmup = 1 if self._first > 1 else 0  # step A-1; step 1 has no step before it
         with warnings.catch_warnings():
             # torch warns of a schedule without warm-up; from step 1 there is no other way.

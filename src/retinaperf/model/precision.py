@@ -32,12 +32,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from retinaperf.errors import UserError
 from retinaperf.torch_compat import cpu_capabilities, loss_scale
+
+Model = TypeVar("Model", bound=nn.Module)
 
 # --- 1. The float32 math flags ------------------------------------------------------------------
 
@@ -223,7 +226,7 @@ class Precision:
         self._masters = MasterWeights() if self.policy.half_weights else None
         self._skipped = torch.zeros((), dtype=torch.int64, device=device)
 
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: Model) -> Model:
         """Half weights for fp16 (others keep float32 weights); float32 box math for every
         reduced precision."""
         if self._masters is not None:

@@ -124,10 +124,11 @@ class Uint8Transform(GeneralizedRCNNTransform):
         cache = self._mean_std_cache
         if (device, dtype) not in cache:
             with torch.inference_mode(False):  # usable in training when first made in evaluation
-                cache[device, dtype] = tuple(
+                mean, std = (
                     torch.tensor(values, dtype=dtype, device=device)[:, None, None]
                     for values in (self.image_mean, self.image_std)
                 )
+                cache[device, dtype] = mean, std
         return cache[device, dtype]
 
     @staticmethod

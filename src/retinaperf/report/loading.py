@@ -5,6 +5,7 @@ goes through `load_results`, so that none needs to know which version wrote a fi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 from retinaperf import invocation
 from retinaperf.errors import UserError
@@ -36,4 +37,5 @@ def load_results(run_dir: Path, completed_only: bool = True) -> dict:
             f"({results['reason']}): resume it "
             f"with `{invocation.command('run', '--resume', run_dir)}`, or leave it out"
         )
-    return results
+    # Read as the JSON it is: its readers index it by name, whatever the schema version.
+    return cast(dict[str, Any], results)

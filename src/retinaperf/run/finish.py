@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from retinaperf.measure.meter import Meter, summarize
 from retinaperf.measure.monitor import Monitor
 from retinaperf.model.precision import Precision
 from retinaperf.report import plots, tables
+from retinaperf.report import results as schema
 from retinaperf.report.events import MONITOR, EventLog
 from retinaperf.report.results import RESULTS, Results, build_results
 from retinaperf.run import checkpoint
@@ -53,7 +54,7 @@ class TrainedRun(Protocol):
     facts: dict[str, Any]
 
 
-def finish(t: TrainedRun, status: str, reason: str | None = None) -> dict:
+def finish(t: TrainedRun, status: schema.Status, reason: str | None = None) -> dict[str, Any]:
     """Reduce the metrics and write results.json with the run's status; returns the results on
     rank 0 and {"status": ...} on the others."""
     reduce = status != "failed"
@@ -71,7 +72,7 @@ def finish(t: TrainedRun, status: str, reason: str | None = None) -> dict:
     }
     ranks = t.env.gather(mine) if reduce else [mine]
     summary = summarize(t.meter, t.env, t.config.train.target_map, reduce=reduce)
-    if not t.env.is_main:
+    if not t.env.is_main or ranks is None:
         return {"status": status}
     results = _results(t, status, reason, summary, ranks)
     files.write_json_atomic(t.run_dir / RESULTS, results)
@@ -81,13 +82,15 @@ def finish(t: TrainedRun, status: str, reason: str | None = None) -> dict:
         reason=reason,
         **{k: v for k, v in results["metrics"].items() if k != "evaluations"},
     )
-    return results
+    return cast(dict[str, Any], results)
 
 
 def _results(
-    t: TrainedRun, status: str, reason: str | None, summary: dict, ranks: list[dict]
+    t: TrainedRun, status: schema.Status, reason: str | None, summary: dict, ranks: list[dict]
 ) -> Results:
-    """The results of the job, on rank 0, from its summary and what each rank gave."""
+    """The results of the job, on rank 0, from its summary and what each rank gave. The
+    measure layer's figures are plain dicts (it sits below the report layer's schema): they
+    are given their schema's types here, and `build_results` checks them."""
     cfg, env, meter, plugin = t.config, t.env, t.meter, t.device_plugin
     samples = [sample for rank in ranks for sample in rank["samples"]]
     monitored = monitor.summarize(samples) if samples else None
@@ -112,20 +115,23 @@ def _results(
     if completed and cfg.save_model:
         path = t.run_dir / "model.pt"
         torch.save(t.precision.float32_state_dict(t.inference_model), path)
+    used = utilization.utilization(
+        t.flops_per_image,
+        summary["p_core"],
+        plugin.peak(device_name, t.precision.peak_math()),
+        t.precision.peak_math(),
+        env.world_size,
+    )
+    hosts = [rank["host"] for rank in ranks]
+    machine = environment.capture(env.device, hosts, plugin, t.readings_note)
     return build_results(
         status=status,
         reason=reason,
-        summary=summary,
-        memory=memory,
-        facts=t.facts,
-        energy=spent,
-        utilization=utilization.utilization(
-            t.flops_per_image,
-            summary["p_core"],
-            plugin.peak(device_name, t.precision.peak_math()),
-            t.precision.peak_math(),
-            env.world_size,
-        ),
+        summary=cast(schema.Summary, summary),
+        memory=cast(schema.Memory, memory),
+        facts=cast(schema.Facts, t.facts),
+        energy=cast(schema.JobEnergy, spent),
+        utilization=cast(schema.Utilization, used),
         config=cfg,
         world_size=env.world_size,
         nodes=env.nodes,
@@ -133,20 +139,18 @@ def _results(
         device_name=device_name,
         skipped_steps=int(t.precision.skipped_steps().item()),
         batch_shapes=batch_shapes,
-        segments=segments,
+        segments=cast(list[schema.Segment], segments),
         checkpoint_failures=t.checkpointer.writer.failures,
         newest_checkpoint=t.checkpointer.newest,
-        monitor=monitored,
-        environment=environment.capture(
-            env.device, [rank["host"] for rank in ranks], plugin, t.readings_note
-        ),
+        monitor=cast(schema.MonitorSummary | None, monitored),
+        environment=cast(schema.Environment, machine),
         run_dir=t.run_dir,
         # e2e_time ends here, as results.json is written (over every segment of the run).
         e2e_time=meter.e2e_time(),
     )
 
 
-def publish(run_dir: Path, results: Results) -> Results:
+def publish(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     """What a completed run writes once its results.json is: report.md and the plots (from the
     event log and monitor.jsonl); then its checkpoints go (they are for going on, and cost
     hundreds of MB each; save_model=true keeps the trained weights). The numbers were measured:

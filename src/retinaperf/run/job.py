@@ -55,6 +55,7 @@ def run(
             trainer.train()
             results = finish.finish(trainer, "completed")
         except Interrupted:
+            assert trainer is not None  # raised by its training alone
             results = finish.finish(trainer, "interrupted", f"stopped by {stop.name}")
             # What a scheduler's grace time must cover (the step or evaluation batch under
             # way, the checkpoint, the results), for the admin who sets it.
@@ -88,7 +89,8 @@ def _clear_frames(err: BaseException) -> None:
     """Drop the locals of the finished frames in `err`'s traceback and in those of the errors
     it was raised from or during (the frames still running are left as they are)."""
     seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        traceback.clear_frames(err.__traceback__)
-        err = err.__cause__ or err.__context__
+    link: BaseException | None = err
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        traceback.clear_frames(link.__traceback__)
+        link = link.__cause__ or link.__context__

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from retinaperf import clock
@@ -33,7 +32,7 @@ from retinaperf.measure.meter import EvalRecord, Meter, device_events
 from retinaperf.measure.monitor import HostSampler, Monitor
 from retinaperf.measure.profiling import StepProfiler
 from retinaperf.model import precision, weights
-from retinaperf.model.network import build_model
+from retinaperf.model.network import RetinaPerfNet, build_model
 from retinaperf.model.precision import Precision
 from retinaperf.report.events import EVENTS, EventLog, TensorBoardSink, require_tensorboard
 from retinaperf.report.mlperf import MLPERF_LOG, MlperfLog
@@ -88,7 +87,7 @@ class Trainer:
             self.close()
             raise
 
-    def _build_model(self) -> tuple[nn.Module, weights.LoadedWeights | None]:
+    def _build_model(self) -> tuple[RetinaPerfNet, weights.LoadedWeights | None]:
         """The precision, the data, the backbone's weights, the model and its optimizer."""
         config, env = self.config, self.env
         if config.tensorboard:
@@ -115,7 +114,7 @@ class Trainer:
         )
         return model, backbone
 
-    def _open_run_dir(self, model: nn.Module) -> None:
+    def _open_run_dir(self, model: RetinaPerfNet) -> None:
         """On rank 0: the run directory with the configuration, and the event log's file and
         sinks in it. From here on, a failure is recorded there."""
         if not self.env.is_main:
@@ -126,7 +125,7 @@ class Trainer:
         if self.config.tensorboard:
             self.events.add_sink(TensorBoardSink(self.run_dir / "tensorboard"))
 
-    def _build_meters(self, model: nn.Module) -> None:
+    def _build_meters(self, model: RetinaPerfNet) -> None:
         """The energy counters, the meter (whose windows are the energy's phases, on the
         meter's clock) and the loss watch."""
         env, plugin = self.env, self.device_plugin
@@ -152,7 +151,7 @@ class Trainer:
         model.transform.register_forward_hook(_batch_shapes_to(self.meter))
         self.watch = LossWatch(env.device)
 
-    def _restore(self, model: nn.Module, continuing: bool) -> None:
+    def _restore(self, model: RetinaPerfNet, continuing: bool) -> None:
         """The checkpointer, and the state of the checkpoint this run goes on from; then what
         runs where, before the progress bars."""
         config, env = self.config, self.env
@@ -188,7 +187,7 @@ class Trainer:
             )
             print(text, flush=True)
 
-    def _wrap(self, model: nn.Module, backbone: weights.LoadedWeights | None) -> None:
+    def _wrap(self, model: RetinaPerfNet, backbone: weights.LoadedWeights | None) -> None:
         """FLOPs counted, the model compiled and wrapped in DDP; the run's facts and its start
         in the event log."""
         config, env = self.config, self.env
@@ -223,7 +222,8 @@ class Trainer:
         """The monitor (its thread starts with training), the profiler, and when the ranks
         agree on stopping."""
         config, env = self.config, self.env
-        self.monitor, self.readings_note = None, "the monitor was off (monitor_interval = 0)"
+        self.monitor: Monitor | None = None
+        self.readings_note: str | None = "the monitor was off (monitor_interval = 0)"
         if env.local_rank == 0 and config.monitor_interval > 0:
             sampler, self.readings_note = registry.open_sampler(self.device_plugin)
             samplers = [HostSampler()] + ([sampler] if sampler is not None else [])
@@ -419,7 +419,8 @@ class Trainer:
         outlive the run (a library's reference cycle can keep a frame that holds it), the
         group must not."""
         self._owned.close()
-        self.model = getattr(self, "inference_model", None)
+        if hasattr(self, "inference_model"):  # built: the DDP wrapper, if any, goes
+            self.model = self.inference_model
 
 
 def _batch_shapes_to(meter: Meter) -> Callable[..., None]:
