@@ -263,12 +263,17 @@ def test_an_interrupted_jobs_resume_command_starts_it_as_it_was_started(monkeypa
     from retinaperf import invocation
 
     monkeypatch.delenv(invocation.COMMAND_ENV, raising=False)
-    for name in ("LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+    for name in ("LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
     assert cli._resume_command("runs/a") == invocation.command("run", "--resume", "runs/a")
-    # torchrun's workers: under `run --nproc-per-node 2`, that command again
+    # a launcher that started every rank itself (FlagPerf's harness): its launch again
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli._resume_command("runs/a") == (
+        "the same launch of every rank with `retinaperf run --resume runs/a`"
+    )
+    # torchrun's workers: under `run --nproc-per-node 2`, that command again
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv(invocation.COMMAND_ENV, ".venv/bin/retinaperf")
     assert cli._resume_command("runs/a") == (

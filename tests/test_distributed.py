@@ -5,6 +5,7 @@ what happens when a rank dies."""
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import torchvision
 
 from retinaperf import distributed
 from retinaperf.data.synth import SynthSpec, generate
+from retinaperf.errors import UserError
 from retinaperf.report.events import read_events
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -62,12 +64,67 @@ def test_the_launch_is_what_torchruns_environment_says(monkeypatch):
 
 
 def test_without_torchrun_the_launch_is_a_world_of_one(monkeypatch):
-    for name in TORCHRUN_VARIABLES:
+    for name in [*TORCHRUN_VARIABLES, "NODE_RANK"]:
         monkeypatch.delenv(name, raising=False)
     assert distributed.launch() == distributed.Launch()
     assert distributed.launch().rank_prefix == ""
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # what torchrun sets without a job id
     assert distributed.launch().job_id is None
+
+
+def test_a_launcher_that_starts_every_rank_leaves_the_layout_and_restarts_unknown(monkeypatch):
+    """FlagPerf's harness sets RANK, LOCAL_RANK, WORLD_SIZE, NODE_RANK (and the master's
+    address): the ranks per node are not known before the process group is up, and torchrun's
+    restart count and job id, stale in the environment, are not this job's."""
+    for name in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    per_rank = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "NODE_RANK": "1"}
+    for name, value in per_rank.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")  # left over from an outer torchrun
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", "/tmp/error.json")
+    launched = distributed.launch()
+    assert launched == distributed.Launch(3, 4, 1, None, node_rank=1)
+    assert not launched.by_torchrun and launched.attempt == 0
+
+
+@pytest.mark.parametrize(
+    ("peers", "per_node"),
+    [
+        # NODE_RANK given: two nodes of two on one host (the loopback test below)
+        ([(0, "h", 0), (0, "h", 1), (1, "h", 0), (1, "h", 1)], 2),
+        # no NODE_RANK, two hosts of two
+        ([(None, "a", 0), (None, "a", 1), (None, "b", 1), (None, "b", 0)], 2),
+        # no NODE_RANK, two launchers' nodes on one host: told apart by their local ranks 0
+        ([(None, "h", 0), (None, "h", 1), (None, "h", 0), (None, "h", 1)], 2),
+        # one node of four
+        ([(None, "h", 0), (None, "h", 1), (None, "h", 2), (None, "h", 3)], 4),
+    ],
+)
+def test_the_node_layout_comes_from_every_ranks_place(peers, per_node):
+    assert distributed.node_layout(peers) == per_node
+
+
+@pytest.mark.parametrize(
+    ("peers", "message"),
+    [
+        ([(0, "h", 0), (0, "h", 0)], "the ranks of NODE_RANK 0 have local ranks [0, 0]"),
+        ([(None, "h", 0), (None, "h", 2)], "the ranks of host h have local ranks [0, 2]"),
+        ([(0, "h", 0), (0, "h", 1), (1, "h", 0)], "the nodes run 2, 1 ranks"),
+    ],
+)
+def test_a_layout_no_launcher_makes_is_refused_naming_it(peers, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        distributed.node_layout(peers)
+
+
+def test_a_rank_whose_launcher_left_out_a_variable_is_refused_naming_it(monkeypatch):
+    for name in [*TORCHRUN_VARIABLES, "MASTER_ADDR", "MASTER_PORT"]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(UserError, match="LOCAL_RANK, MASTER_ADDR, MASTER_PORT not set"):
+        distributed.check_variables(distributed.launch())
 
 
 def test_the_launch_and_the_cpus_are_read_without_importing_torch():
@@ -156,6 +213,56 @@ def test_two_nodes_of_one_process(tiny_run_args, tiny_dataset, tmp_path):
     m = results_of(out)
     assert (m["world_size"], m["nodes"], m["devices_per_node"]) == (2, 2, 1)
     assert m["trained_images"] == 2 * 2 * 2
+
+
+def per_rank_environments(nodes: int, per_node: int) -> list[dict[str, str]]:
+    """The environment a launcher that starts every rank itself gives each (FlagPerf's
+    start_pytorch_task.py: no LOCAL_WORLD_SIZE, nothing of torchrun's), on loopback."""
+    base = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("TORCHELASTIC_") and name != "LOCAL_WORLD_SIZE"
+    }
+    shared = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(nodes * per_node),
+        "OMP_NUM_THREADS": "1",
+    }
+    return [
+        {
+            **base,
+            **shared,
+            "NODE_RANK": str(node),
+            "RANK": str(node * per_node + local),
+            "LOCAL_RANK": str(local),
+        }
+        for node in range(nodes)
+        for local in range(per_node)
+    ]
+
+
+def test_two_nodes_of_two_started_rank_by_rank_without_torchrun(
+    tiny_run_args, tiny_dataset, tmp_path
+):
+    """Four processes started as FlagPerf's harness starts them, two per NODE_RANK on one host:
+    the job is recorded as 2 nodes of 2, not as one node of 4 (the host names are the same, so
+    NODE_RANK tells the nodes apart)."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "retinaperf", *tiny_run_args(tiny_dataset, out)]
+    ranks = [
+        subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for env in per_rank_environments(nodes=2, per_node=2)
+    ]
+    outputs = [rank.communicate(timeout=300) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0] * 4, "\n".join(
+        f"rank {i} stderr:\n{err[-3000:]}" for i, (_, err) in enumerate(outputs)
+    )
+    m = results_of(out)
+    assert (m["world_size"], m["nodes"], m["devices_per_node"]) == (4, 2, 2)
+    assert m["trained_images"] == 2 * 2 * 4  # steps x batch_size x ranks
 
 
 @pytest.mark.parametrize(

@@ -245,10 +245,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def _resume_command(run_dir: str) -> str:
     """The command that continues the run in `run_dir`, as this job was started: its launcher's
-    `--nproc-per-node` again; a torchrun the user typed, which this process cannot repeat,
-    named as such."""
+    `--nproc-per-node` again; a torchrun the user typed, or a launcher that started every rank,
+    which this process cannot repeat, named as such."""
     launched = launch()
     if not launched.by_torchrun:
+        if launched.world_size > 1:
+            return f"the same launch of every rank with `retinaperf run --resume {run_dir}`"
         return invocation.command("run", "--resume", run_dir)
     if os.environ.get(invocation.COMMAND_ENV):  # `run --nproc-per-node N` started this job
         nproc = str(launched.local_world_size)
@@ -295,11 +297,11 @@ def _repeat(args: argparse.Namespace, resolved, pairs: list[str]) -> int:
     --nproc-per-node), then their summary."""
     from retinaperf.run import rounds
 
-    if launch().by_torchrun:
+    if launch().by_torchrun or launch().world_size > 1:
         instead = invocation.command("run", "--repeat", "N", "--nproc-per-node", "M")
         raise UserError(
-            "--repeat: this process is one of torchrun's workers; repeat the torchrun command "
-            f"instead, or use `{instead}`"
+            "--repeat: this process is one rank of a job (torchrun's, or a launcher's that "
+            f"started every rank); repeat the launch instead, or use `{instead}`"
         )
     out_dir = Path(resolved.output_dir) if resolved.output_dir else files.new_timestamped_dir()
     # Each round gets its own output_dir, given last.
@@ -316,8 +318,8 @@ def _repeat(args: argparse.Namespace, resolved, pairs: list[str]) -> int:
 def _check_launch(nproc_per_node: int) -> None:
     if nproc_per_node < 1:
         raise UserError(f"--nproc-per-node {nproc_per_node}: give 1 or more")
-    if launch().by_torchrun:
-        raise UserError("--nproc-per-node: this process is already one of torchrun's workers")
+    if launch().by_torchrun or launch().world_size > 1:
+        raise UserError("--nproc-per-node: this process is already one rank of a job")
 
 
 def _torchrun_command(nproc_per_node: int, child: list[str]) -> list[str]:
