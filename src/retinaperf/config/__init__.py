@@ -10,6 +10,7 @@ key, the value and what to use.
     settings.py  the settings themselves, their defaults and help texts
     presets.py   the preset files: names, descriptions, tables
     resolver.py  `--set`, the precedence, a saved run's configuration, the keys' roles
+    flagperf.py  FlagPerf's case config files read as data, their keys as these settings
 
 This package's namespace is the configuration's public interface: the names below.
 """

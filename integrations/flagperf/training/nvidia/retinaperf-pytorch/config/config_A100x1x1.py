@@ -1,0 +1,8 @@
+# FlagPerf RetinaNet's A100 1x1 row (training/nvidia/retinanet-pytorch/config in FlagPerf):
+# local batch 16, lr 0.04. retinaperf runs it as its preset A100-1x1; every other key of
+# FlagPerf's RetinaNet base config is retinaperf's default (integrations/flagperf/README.md).
+vendor: str = "nvidia"
+
+train_batch_size = 16
+eval_batch_size = 16
+lr = 0.04
