@@ -34,8 +34,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Launch:
-    """What the launcher told this process through its environment (`launch()`); a world of one
-    without torchrun."""
+    """What the launcher told this process through its environment (`launch()`): torchrun, or
+    one that starts every rank itself; a world of one without either."""
 
     rank: int = 0
     world_size: int = 1

@@ -1,6 +1,6 @@
 """FlagPerf's case configuration files, read as data, and their keys as retinaperf's settings:
-what `integrations/flagperf/run_pretraining.py` runs when FlagPerf's harness starts retinaperf
-as a case.
+what `integrations/flagperf/training/benchmarks/retinaperf/pytorch/run_pretraining.py` runs
+when FlagPerf's harness starts retinaperf as a case.
 
 A FlagPerf config (the vendor's `config_A100x1x8.py` in FlagPerf's
 `training/<vendor>/<case>-pytorch/config/`, and the case's `_base` beside its training script)
