@@ -274,6 +274,12 @@ class RunConfig(Checked):
         "tensorboard package).",
         role="place",
     )
+    perflog_console: bool = setting(
+        False,
+        "Also print FlagPerf's [PerfLog] lines (written to <run dir>/flagperf.log always) on rank "
+        "0's console, as FlagPerf's harness greps them from rank 0's log.",
+        role="place",
+    )
     monitor_interval: float = setting(
         5.0,
         "Seconds between the system monitor's samples (CPU, RAM, and per GPU utilisation, "

@@ -13,6 +13,7 @@ begins and ends (its status, results.json) is `job.py`'s.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,7 @@ from retinaperf.model import precision, weights
 from retinaperf.model.network import RetinaPerfNet, build_model
 from retinaperf.model.precision import Precision
 from retinaperf.report.events import EVENTS, EventLog, TensorBoardSink, require_tensorboard
+from retinaperf.report.flagperf import FLAGPERF_LOG, FlagperfLog
 from retinaperf.report.mlperf import MLPERF_LOG, MlperfLog
 from retinaperf.run import build, evaluation, progress, rundir, signals, step
 from retinaperf.run.checkpoint import Position
@@ -122,6 +124,9 @@ class Trainer:
         rundir.prepare(self.run_dir, self.config, model, self.optimizer, self.precision)
         self.events.attach(self.run_dir / EVENTS)
         self.events.add_sink(MlperfLog(self.run_dir / MLPERF_LOG, self.command_start))
+        # FlagPerf's harness reads rank 0's console; an ordinary run's console stays clean.
+        console = sys.stdout if self.config.perflog_console else None
+        self.events.add_sink(FlagperfLog(self.run_dir / FLAGPERF_LOG, self.command_start, console))
         if self.config.tensorboard:
             self.events.add_sink(TensorBoardSink(self.run_dir / "tensorboard"))
 
