@@ -15,7 +15,7 @@ from mlperf_logging.mllog import constants as mlc
 from retinaperf import config, files
 from retinaperf.errors import UserError
 from retinaperf.report.events import read_events
-from retinaperf.report.mlperf import MLPERF_LOG, read_log
+from retinaperf.report.mlperf import MLPERF_LOG, log_files, read_log
 from retinaperf.run import checkpoint, evaluation, step
 
 # Two epochs of 5 steps (the 20 of 24 images that have boxes, batch 4), every step logged,
@@ -98,19 +98,15 @@ def test_a_run_stopped_by_sigterm_and_resumed_equals_the_uninterrupted_run(
     assert second["resumed_from"] == f"step-{stopped_at:08d}.pt"
     assert second["time_lost_s"] >= 0
     assert resumed["metrics"]["segments"] == 2
-    # The MLPerf-format log goes on in the same file: each segment from init_start to its
-    # run_stop, the interrupted one's aborted; the evaluations of both are the run's.
-    keys = [(e["key"], e["metadata"].get(mlc.STATUS)) for e in read_log(out / MLPERF_LOG)]
-    bounds = [k for k in keys if k[0] in (mlc.INIT_START, mlc.RUN_START, mlc.RUN_STOP)]
-    assert bounds == [
-        (mlc.INIT_START, None),
-        (mlc.RUN_START, None),
-        (mlc.RUN_STOP, mlc.ABORTED),
-        (mlc.INIT_START, None),
-        (mlc.RUN_START, None),
-        (mlc.RUN_STOP, mlc.SUCCESS),
-    ]
-    accuracy = [e["value"] for e in read_log(out / MLPERF_LOG) if e["key"] == mlc.EVAL_ACCURACY]
+    # The MLPerf-format logs: a file per segment, each from init_start to its run_stop, the
+    # interrupted one's aborted; the evaluations of both are the run's.
+    logs = [read_log(path) for path in log_files(out)]
+    assert [path.name for path in log_files(out)] == [MLPERF_LOG, "mlperf-segment-2.log"]
+    for log, status in zip(logs, (mlc.ABORTED, mlc.SUCCESS), strict=True):
+        keys = [(e["key"], e["metadata"].get(mlc.STATUS)) for e in log]
+        bounds = [k for k in keys if k[0] in (mlc.INIT_START, mlc.RUN_START, mlc.RUN_STOP)]
+        assert bounds == [(mlc.INIT_START, None), (mlc.RUN_START, None), (mlc.RUN_STOP, status)]
+    accuracy = [e["value"] for log in logs for e in log if e["key"] == mlc.EVAL_ACCURACY]
     assert accuracy == [e["mAP"] for e in resumed["metrics"]["evaluations"]] and accuracy
     # Times add up over the segments; the time between them is in none of them.
     m = resumed["metrics"]

@@ -316,6 +316,27 @@ class RunConfig(Checked):
         "Downloads and the generated dataset. Empty: $RETINAPERF_CACHE or ~/.cache/retinaperf.",
         role="place",
     )
+    mlperf_org: str = setting(
+        "retinaperf",
+        "The MLPerf log's submission_org: who ran the run (your organisation). The default names "
+        "the benchmark itself, as MLPerf's reference implementations log "
+        "`reference_implementation`.",
+        role="place",
+    )
+    mlperf_platform: str = setting(
+        "",
+        "The MLPerf log's submission_platform: the system the run trained on. Empty: its devices "
+        "as `<devices>x<device name>` on one node, `<nodes>x<devices per node>x<device name>` on "
+        "several (e.g. 1xNVIDIA H100, 2x8xNVIDIA A100).",
+        role="place",
+    )
+    mlperf_division: Literal["open", "closed"] = setting(
+        "open",
+        "The MLPerf log's submission_division. open: this workload is FlagPerf's RetinaNet recipe "
+        "(COCO, ResNet-50, SGD), not MLPerf's closed RetinaNet (OpenImages, ResNeXt-50, Adam); "
+        "closed holds the log to the closed rules, which this workload does not meet.",
+        role="place",
+    )
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -330,6 +351,8 @@ class RunConfig(Checked):
             "random values in the pretrained structure do not learn like ImageNet weights: "
             "use it with throughput_only=true (run --synthetic), or `none` to train from scratch",
         )
+        # MLPerf's checker refuses an empty submission_org (the platform's empty means derived).
+        check(self.mlperf_org.strip() != "", "mlperf_org", self.mlperf_org, "name who ran the run")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

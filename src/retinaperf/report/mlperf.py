@@ -1,9 +1,19 @@
-"""The MLPerf-format log of a run: `<run dir>/mlperf.log`, `:::MLLOG {json}` lines written by the
-mlperf-logging package's `mllog`, another view of the event log (a sink of it, so rank 0 only).
+"""The MLPerf-format logs of a run: `:::MLLOG {json}` lines written by the mlperf-logging
+package's `mllog`, another view of the event log (a sink of it, so rank 0 only), one file per
+process segment, each a whole MLPerf run that mlperf-logging's compliance checker takes
+(`--usage training --ruleset 5.1.0`, the last ruleset with RetinaNet).
+
+Files: MLPerf has no resume, so a run's segments do not share a file (the checker refuses a file
+with two `run_start`s). The first segment writes `<run dir>/mlperf.log`; each later one (a
+`--resume`, or workers torchrun started again) writes the next free `mlperf-segment-<n>.log`,
+n = 2, 3, ...: the order the processes logged in (`log_files` lists them in it).
 
 What a process segment writes, from the event log's records:
 
-- `run_start`: `init_start` (timed at the command's start), then the settings:
+- `run_start`: `init_start` (timed at the command's start), then `cache_clear` (false: the
+  benchmark does not drop the OS page cache), `submission_org`, `submission_platform`,
+  `submission_division` (the keys mlperf_org, mlperf_platform, mlperf_division; the platform's
+  default is the devices, see `platform`) and the settings:
   `submission_benchmark` (retinanet), `global_batch_size` (batch_size x ranks),
   `opt_base_learning_rate` (lr), the warm-up factor, the decay's boundary epochs (lr_steps) and
   factor (lr_gamma), the weight decay, the seed, `train_samples` and `eval_samples` (the images
@@ -15,13 +25,13 @@ What a process segment writes, from the event log's records:
   `epoch_num`), `eval_stop`;
 - `run_end` or `run_failed`, whichever comes first: the intervals still open (an epoch cut
   short) end, then exactly one `run_stop`, `status` success for a completed run and aborted for
-  an interrupted or failed one.
+  an interrupted or failed one (the checker takes either).
 
 The values are those of results.json (metrics `global_batch`, `lr`, `evaluations`' mAP,
-`train_images`, `val_images`). A resumed run appends to the same file: each segment writes its own
-`init_start` ... `run_stop`, its `run_stop` saying how that segment ended (aborted for one that was
-interrupted), so the file's last `run_stop` says how the run ended. A process killed outright
-leaves its segment without a `run_stop`.
+`train_images`, `val_images`). A segment's `run_stop` says how that segment ended, so the last
+file's says how the run ended. The checker refuses a file whose segment ran no evaluation (it
+requires an `eval_accuracy`, which cannot be logged without one) and one a process killed
+outright left without its `run_stop`.
 
 The logger is this log's own (not mllog's module-wide one): a `logging.Logger` outside logging's
 registry with one file handler, closed with the sink, so that nothing outlives the run.
@@ -40,7 +50,8 @@ from mlperf_logging.mllog.mllog import LOG_TEMPLATE, MLLogger
 
 from retinaperf import clock
 
-MLPERF_LOG = "mlperf.log"
+MLPERF_LOG = "mlperf.log"  # the first segment's
+LATER_SEGMENT = "mlperf-segment-{}.log"  # the n-th's, n >= 2
 
 PREFIX = LOG_TEMPLATE.split("{")[0]  # ":::MLLOG "
 
@@ -129,10 +140,47 @@ class MlperfLog:
             self._mllog.end(mlc.RUN_STOP, metadata={mlc.STATUS: status}, time_ms=at)
 
 
+def segment_log(run_dir: Path) -> Path:
+    """The file a new segment of the run in `run_dir` writes: the first one not yet written."""
+    return run_dir / _file_name(len(log_files(run_dir)) + 1)
+
+
+def log_files(run_dir: Path) -> list[Path]:
+    """The MLPerf logs of the run in `run_dir`, one per segment, in the order they were written
+    (numbered without a gap, as `segment_log` names them)."""
+    found: list[Path] = []
+    while (path := run_dir / _file_name(len(found) + 1)).is_file():
+        found.append(path)
+    return found
+
+
+def _file_name(segment: int) -> str:
+    """The name of the `segment`-th file (from 1)."""
+    return MLPERF_LOG if segment == 1 else LATER_SEGMENT.format(segment)
+
+
+def platform(run_start: dict) -> str:
+    """The system of the run, as MLPerf names platforms (nodes x system): `mlperf_platform`, or
+    its devices as `<devices>x<device name>` on one node, `<nodes>x<devices per node>x<device
+    name>` on several."""
+    configured = run_start["config"]["mlperf_platform"].strip()
+    if configured:
+        return configured
+    node = f"{run_start['devices_per_node']}x{run_start['device_name']}"
+    return node if run_start["nodes"] == 1 else f"{run_start['nodes']}x{node}"
+
+
 def settings(run_start: dict) -> dict[str, Any]:
     """The MLPerf keys of a run's settings, from the event log's `run_start` record."""
-    train = run_start["config"]["train"]
+    config = run_start["config"]
+    train = config["train"]
     return {
+        # MLPerf's rules ask for the cache to be flushed (or the system restarted) before a
+        # run; this benchmark drops no cache, and says so.
+        mlc.CACHE_CLEAR: False,
+        mlc.SUBMISSION_ORG: config["mlperf_org"],
+        mlc.SUBMISSION_PLATFORM: platform(run_start),
+        mlc.SUBMISSION_DIVISION: config["mlperf_division"],
         mlc.SUBMISSION_BENCHMARK: mlc.RETINANET,
         mlc.GLOBAL_BATCH_SIZE: train["batch_size"] * run_start["world_size"],
         mlc.OPT_BASE_LR: train["lr"],

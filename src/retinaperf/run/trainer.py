@@ -37,7 +37,7 @@ from retinaperf.model.network import RetinaPerfNet, build_model
 from retinaperf.model.precision import Precision
 from retinaperf.report.events import EVENTS, EventLog, TensorBoardSink, require_tensorboard
 from retinaperf.report.flagperf import FLAGPERF_LOG, FlagperfLog
-from retinaperf.report.mlperf import MLPERF_LOG, MlperfLog
+from retinaperf.report.mlperf import MlperfLog, segment_log
 from retinaperf.run import build, evaluation, progress, rundir, signals, step
 from retinaperf.run.checkpoint import Position
 from retinaperf.run.checkpointer import Checkpointer, Generators
@@ -123,7 +123,8 @@ class Trainer:
             return
         rundir.prepare(self.run_dir, self.config, model, self.optimizer, self.precision)
         self.events.attach(self.run_dir / EVENTS)
-        self.events.add_sink(MlperfLog(self.run_dir / MLPERF_LOG, self.command_start))
+        # A file of its own for each segment: MLPerf has no resume (see report/mlperf.py).
+        self.events.add_sink(MlperfLog(segment_log(self.run_dir), self.command_start))
         # FlagPerf's harness reads rank 0's console; an ordinary run's console stays clean.
         console = sys.stdout if self.config.perflog_console else None
         self.events.add_sink(FlagperfLog(self.run_dir / FLAGPERF_LOG, self.command_start, console))
@@ -219,6 +220,10 @@ class Trainer:
             "run_start",
             config=config.to_dict(),
             world_size=env.world_size,
+            # The devices the run trains on: the MLPerf log's platform.
+            device_name=self.device_plugin.device_name(env.device),
+            nodes=env.nodes,
+            devices_per_node=env.local_world_size,
             segment=self.checkpointer.segments.current,
             **self.facts,
         )
