@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -78,8 +79,9 @@ class EventLog:
             self._file.close()
             self._file = None
         sinks, self._sinks = self._sinks, []
-        for sink in sinks:
-            sink.close()
+        with contextlib.ExitStack() as closing:  # every sink, even after one fails to close
+            for sink in sinks:
+                closing.callback(sink.close)
 
 
 class EventSink(Protocol):
