@@ -1,20 +1,27 @@
-"""One command that checks a CUDA GPU: the tests marked `gpu`, then the throughput mode of the
-A100-1x1 preset (its batch, lr and 800x1333 resize, on generated COCO-like data) in several
-precisions, and in bf16 with torchvision's code for every part of the step (the reference),
-without channels-last, with cuDNN's benchmark mode, with a profiler window (top operators, how
-much of the window the device was busy), with torch.compile and with torch.compile replaying
-CUDA graphs: what each choice of the step is worth there. Writes
+"""One command that checks a CUDA GPU, in two tiers (benchmarks/gpu_tiers.py says which run is
+in which, and how long each should take on one H100).
+
+Tier 1, the default, answers the main questions in about 5 minutes of one H100: the tests
+marked `gpu`, then the throughput mode of the A100-1x1 preset (its batch, lr and 800x1333
+resize, on generated COCO-like data) for 40 steps in fp32, bf16, bf16 with torchvision's code
+for every part of the step (the reference) and bf16 with torch.compile replaying CUDA graphs,
+and bf16 stopped by SIGTERM, resumed and compared with the same run left alone. A short
+`sweep --find-batch` in bf16 joins tier 1 once `retinaperf sweep` exists. Tier 2 runs 100
+steps of the rest: amp, fp32-strict, and bf16 without channels-last, with cuDNN's benchmark
+mode, with a profiler window (top operators, how much of the window the device was busy) and
+with torch.compile: what each choice of the step is worth there. Writes
 docs/results/<date>-<device>-gpu-check/: each run's directory, the tests' log and a README.md
-with the generated summary table and the command that produced it.
+with the generated summary tables, each run's measured wall time beside its estimate, and the
+command that produced it.
 
     python benchmarks/gpu_check.py                       # after `make` (or: make gpu-check)
     PYTHONPATH=src python3 benchmarks/gpu_check.py       # a GPU machine's own torch, no install
-    python benchmarks/gpu_check.py --dry-run             # print what it would run
+    python benchmarks/gpu_check.py --tier 2              # every other run (--tier all: both)
+    python benchmarks/gpu_check.py --dry-run --tier all  # the tiers, commands and estimates
 
-Needs no network: random weights in the pretrained structure and generated data. About 100
-steps per run keeps it within 9 minutes on one H100. Without a CUDA device it prints what
-it would run and exits 0 (`--cpu` runs it on the CPU anyway, slowly: to try the script).
-Exit status: 0 when every test and every run succeeded.
+Needs no network: random weights in the pretrained structure and generated data. Without a
+CUDA device it prints what it would run and exits 0 (`--cpu` runs it on the CPU anyway,
+slowly: to try the script). Exit status: 0 when every test and every run succeeded.
 """
 
 from __future__ import annotations
@@ -27,12 +34,27 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
 import torch  # noqa: E402
+from gpu_tiers import (  # noqa: E402
+    PROFILED,
+    RESUME,
+    RESUME_SETTINGS,
+    RESUME_STEPS,
+    RUNS,
+    TESTS,
+    TIER_1,
+    TIER_STEPS,
+    estimate_s,
+    tier_of,
+    tier_totals,
+    time_table,
+)
 from resume_check import ResumeCheck, stop_and_resume  # noqa: E402
 
 from retinaperf.config import PRECISIONS as KNOWN_PRECISIONS  # noqa: E402
@@ -43,100 +65,143 @@ from retinaperf.report.results import RESULTS  # noqa: E402
 from retinaperf.units import NO_VALUE, significant  # noqa: E402
 
 PRESET = "A100-1x1"
-PROFILED = "40:45"  # the steps bf16-profile records: after the warm-up, before the end
-# name -> settings of each run, in the order they run. fp32-strict last: the slowest, so a check
-# cut short by its time limit loses the least.
-RUNS = {
-    "fp32": ("precision=fp32",),
-    "bf16": ("precision=bf16",),
-    "bf16-torchvision": (
-        "precision=bf16",
-        "transform=torchvision",
-        "reuse_constants=false",
-        "loss=torchvision",
-        "postprocess=torchvision",
-    ),
-    "bf16-nchw": ("precision=bf16", "channels_last=off"),
-    "bf16-cudnn-benchmark": ("precision=bf16", "cudnn_benchmark=on"),
-    "bf16-profile": ("precision=bf16", f"profile_steps={PROFILED}"),
-    "bf16-compile": ("precision=bf16", "compile=true"),
-    "bf16-cudagraphs": ("precision=bf16", "compile=true", "compile_mode=reduce-overhead"),
-    "amp": ("precision=amp",),
-    "fp32-strict": ("precision=fp32-strict",),
-}
-# Any precision can be asked for by name, as a run of that precision alone.
+# Any precision can be asked for by name, as a run of that precision alone (tier 2).
 KNOWN_RUNS = {**{p: (f"precision={p}",) for p in KNOWN_PRECISIONS}, **RUNS}
-# Not a run but a pair: bf16 stopped by SIGTERM halfway and resumed, against the same left alone
-# (resume_check.py), with deterministic kernels so that the first resumed step's loss can be
-# compared bit for bit (cuBLAS needs a fixed workspace for that).
-RESUME = "bf16-resume"
-RESUME_SETTINGS = ("precision=bf16", "deterministic=true", "log_every=1")
-RESUME_STEPS = 40
-DETERMINISTIC_CUBLAS = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+DETERMINISTIC_CUBLAS = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}  # bit-equal cuBLAS, for the pair
+
+
+@dataclass
+class Planned:
+    """One entry of the check: the tests, a run or the resume pair, with its estimate."""
+
+    name: str
+    tier: int
+    steps: int | None  # None: the tests
+    estimate_s: float
+    command: list[str]  # the resume pair's: the `retinaperf run` arguments of both its runs
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.runs) - {*KNOWN_RUNS, RESUME})
-    if unknown or args.steps < 1:
-        choices = ", ".join([*KNOWN_RUNS, RESUME])
-        parser.error(f"--runs: choose from {choices}" if unknown else "--steps >= 1")
+    tiers = _tiers(parser, args)
     started = time.perf_counter()
     device = "cpu" if args.cpu else "cuda"
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else device
     out_dir = _new_dir(Path(args.out), f"{datetime.date.today()}-{_slug(name)}-gpu-check")
-    tests = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
-    tests += [str(path) for path in _files_with_gpu_tests()]
-    overrides = ["device=cpu", *args.overrides] if args.cpu else args.overrides
-    runs = {
-        name: _run_command(KNOWN_RUNS[name], args.steps, out_dir / name, overrides)
-        for name in args.runs
-        if name != RESUME
-    }
-    steps = min(args.steps, RESUME_STEPS)
-    resume_args = _run_args((*RESUME_SETTINGS, f"max_steps={steps}"), overrides)
+    plan = _plan(args, tiers, out_dir)
     if args.dry_run or not (torch.cuda.is_available() or args.cpu):
-        why = "dry run" if args.dry_run else "no CUDA device here: dry run"
-        print(f"gpu_check ({why}); it would run, writing {out_dir}:")
-        for command in (tests, *runs.values()):
-            print("  " + shlex.join(command))
-        if RESUME in args.runs:
-            print(
-                f"  {RESUME}: resume_check.py --stop-at {steps // 2} -- {shlex.join(resume_args)}"
-            )
+        _print_plan(plan, out_dir, "dry run" if args.dry_run else "no CUDA device here: dry run")
         return 0
 
     out_dir.mkdir(parents=True)
     environment = {**os.environ, "PYTHONPATH": _pythonpath()}
     print(f"gpu_check on {name}: writing {out_dir}", flush=True)
-    tested = subprocess.run(
-        tests, cwd=REPO, env=environment, capture_output=True, text=True, check=False
-    )
-    (out_dir / "gpu_tests.log").write_text(tested.stdout + tested.stderr, encoding="utf-8")
-    verdict = _pytest_verdict(tested.stdout)
-    print(f"tests marked gpu: {verdict} ({time.perf_counter() - started:.0f} s)", flush=True)
-    failed = [] if tested.returncode == 0 else ["tests marked gpu"]
-    for run_name, command in runs.items():
-        done = subprocess.run(command, cwd=REPO, env=environment, check=False)
-        print(f"{run_name}: exit status {done.returncode} ({time.perf_counter() - started:.0f} s)")
-        if done.returncode != 0:
-            failed.append(f"run {run_name}")
-    resumed = None
-    if RESUME in args.runs:
-        resumed = stop_and_resume(
-            resume_args, steps // 2, out_dir / RESUME, {**environment, **DETERMINISTIC_CUBLAS}
+    verdict, failed, resumed = "not run (tier 1 not asked for)", [], None
+    measured: dict[str, float] = {}
+    for entry in plan:
+        began = time.perf_counter()
+        if entry.name == TESTS:
+            verdict, outcome = _run_tests(entry.command, out_dir, environment)
+            failed += [] if outcome == 0 else [TESTS]
+            outcome_text = verdict
+        elif entry.name == RESUME:
+            env = {**environment, **DETERMINISTIC_CUBLAS}
+            resumed = stop_and_resume(entry.command, _stop_at(entry), out_dir / RESUME, env)
+            failed += [f"{RESUME} ({', '.join(resumed.different)})"] if resumed.different else []
+            outcome_text = ", ".join(resumed.different) or "equal"
+        else:
+            done = subprocess.run(entry.command, cwd=REPO, env=environment, check=False)
+            failed += [f"run {entry.name}"] if done.returncode else []
+            outcome_text = f"exit status {done.returncode}"
+        measured[entry.name] = time.perf_counter() - began
+        print(
+            f"{entry.name}: {outcome_text}, {measured[entry.name]:.0f} s "
+            f"(estimated {entry.estimate_s:.0f} s on one H100)",
+            flush=True,
         )
-        print(f"{RESUME}: {resumed.different or 'equal'} ({time.perf_counter() - started:.0f} s)")
-        if resumed.different:
-            failed.append(f"{RESUME} ({', '.join(resumed.different)})")
-    finished = [out_dir / p for p in runs if (out_dir / p / RESULTS).is_file()]
+    times = [(e.name, e.tier, e.steps, e.estimate_s, measured.get(e.name)) for e in plan]
+    finished = [out_dir / e.name for e in plan if (out_dir / e.name / RESULTS).is_file()]
     loaded = [loading.load_results(d) for d in finished]
-    text = summary(name, loaded, verdict, failed, argv, resumed)
+    text = summary(name, loaded, verdict, failed, argv, resumed, times)
     write_text_atomic(out_dir / "README.md", text)
     print(text)
+    for tier, estimated, took in tier_totals(times):
+        print(f"tier {tier}: {took:.0f} s measured, {estimated:.0f} s estimated on one H100")
     print(f"gpu_check: {time.perf_counter() - started:.0f} s in all; {out_dir / 'README.md'}")
     return 1 if failed else 0
+
+
+def _tiers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> set[int]:
+    """The tiers asked for: --tier's, else all when --runs names the runs, else tier 1. With
+    both, a run named outside the tier is refused: the two say different things."""
+    unknown = sorted(set(args.runs or ()) - {*KNOWN_RUNS, RESUME})
+    if unknown:
+        parser.error(f"--runs {', '.join(unknown)}: choose from {', '.join([*KNOWN_RUNS, RESUME])}")
+    if args.steps is not None and args.steps < 1:
+        parser.error("--steps >= 1")
+    tier = args.tier or ("all" if args.runs else "1")
+    tiers = {1, 2} if tier == "all" else {int(tier)}
+    outside = [run for run in args.runs or () if tier_of(run) not in tiers]
+    if outside:
+        parser.error(
+            f"--runs {', '.join(outside)}: not in tier {tier} but in tier 2; "
+            "name --tier 2 or --tier all, or leave --tier out to run them by name"
+        )
+    return tiers
+
+
+def _plan(args: argparse.Namespace, tiers: set[int], out_dir: Path) -> list[Planned]:
+    """What the check runs, in order: the tests (with tier 1), then the runs of the tiers asked
+    for (tier 1's first, as the short answers) or those --runs names, in its order."""
+    overrides = ["device=cpu", *args.overrides] if args.cpu else args.overrides
+    default = [n for n in (*TIER_1, *RUNS) if n != TESTS and tier_of(n) in tiers]
+    names = list(dict.fromkeys(args.runs or default))
+    plan = []
+    if 1 in tiers:
+        tests = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
+        tests += [str(path) for path in _files_with_gpu_tests()]
+        plan.append(Planned(TESTS, 1, None, estimate_s(TESTS, (), 0), tests))
+    for name in names:
+        steps = args.steps or TIER_STEPS[tier_of(name)]
+        if name == RESUME:
+            steps = min(steps, RESUME_STEPS)
+            command = _run_args((*RESUME_SETTINGS, f"max_steps={steps}"), overrides)
+        else:
+            command = _run_command(KNOWN_RUNS[name], steps, out_dir / name, overrides)
+        settings = RESUME_SETTINGS if name == RESUME else KNOWN_RUNS[name]
+        plan.append(Planned(name, tier_of(name), steps, estimate_s(name, settings, steps), command))
+    return plan
+
+
+def _print_plan(plan: list[Planned], out_dir: Path, why: str) -> None:
+    """Each tier's entries with their estimates and commands, and the tier's estimated total."""
+    print(f"gpu_check ({why}); it would run, writing {out_dir}:")
+    for tier in sorted({entry.tier for entry in plan}):
+        print(f"tier {tier}:")
+        for entry in (e for e in plan if e.tier == tier):
+            if entry.name == RESUME:
+                command = f"resume_check.py --stop-at {_stop_at(entry)} -- "
+                command += shlex.join(entry.command)
+            else:
+                command = shlex.join(entry.command)
+            print(f"  {entry.name}: {entry.estimate_s / 60:.1f} min: {command}")
+        total = sum(e.estimate_s for e in plan if e.tier == tier)
+        print(f"tier {tier} in all: {total / 60:.1f} min estimated on one H100")
+
+
+def _stop_at(entry: Planned) -> int:
+    """The step after which the resume pair's second run is stopped: halfway."""
+    return (entry.steps or RESUME_STEPS) // 2
+
+
+def _run_tests(command: list[str], out_dir: Path, environment: dict[str, str]) -> tuple[str, int]:
+    """The tests marked gpu, their log into out_dir: pytest's verdict and exit status."""
+    tested = subprocess.run(
+        command, cwd=REPO, env=environment, capture_output=True, text=True, check=False
+    )
+    (out_dir / "gpu_tests.log").write_text(tested.stdout + tested.stderr, encoding="utf-8")
+    return _pytest_verdict(tested.stdout), tested.returncode
 
 
 def summary(
@@ -146,9 +211,11 @@ def summary(
     failed: list[str],
     argv: list[str] | None,
     resumed: ResumeCheck | None = None,
+    times: list[tuple[str, int, int | None, float, float | None]] | None = None,
 ) -> str:
-    """The results folder's README: what ran, the seed's table of the runs, and the columns a
-    throughput check adds (p_core_steady, MFU, the float32 math in force, how the step ran)."""
+    """The results folder's README: what ran, the seed's table of the runs, the columns a
+    throughput check adds (p_core_steady, MFU, the float32 math in force, how the step ran), and
+    each run's measured wall time beside its estimate (the figures gpu_tiers.py's are to become)."""
     command = "python benchmarks/gpu_check.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     lines = [
         f"# GPU check on {device}, {datetime.date.today()}",
@@ -161,10 +228,10 @@ def summary(
         "",
     ]
     if runs:
-        steps = runs[0]["metrics"]["steps"]
+        steps = " or ".join(str(n) for n in sorted({r["metrics"]["steps"] for r in runs}))
         lines += [
             f"Throughput mode of preset {PRESET} (`retinaperf run --preset {PRESET} --synthetic`),"
-            f" {steps} steps per run:",
+            f" {steps} steps per run (each run's in the time table below):",
             "",
             comparison.render_comparison(comparison.compare(runs), "md"),
             "",
@@ -179,6 +246,14 @@ def summary(
             f"{verdict}.",
             "",
             resumed.table(),
+        ]
+    if times:
+        lines += [
+            "",
+            "Wall time of each run on this device (the run's process or processes, start to end),"
+            " beside its estimate on one H100 (benchmarks/gpu_tiers.py):",
+            "",
+            time_table(times),
         ]
     return "\n".join(lines) + "\n"
 
@@ -291,13 +366,23 @@ def _pythonpath() -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=100, help="steps per run (default 100)")
+    parser.add_argument(
+        "--tier",
+        choices=("1", "2", "all"),
+        help="1: the main questions, about 5 minutes of one H100; 2: every other run; "
+        "all (default: 1, or all with --runs)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help=f"steps per run (default: {TIER_STEPS[1]} in tier 1, {TIER_STEPS[2]} in tier 2; "
+        f"{RESUME} at most {RESUME_STEPS})",
+    )
     parser.add_argument(
         "--runs",
         type=lambda text: [name for name in text.split(",") if name],
-        default=[*RUNS, RESUME],
         help=f"comma-separated run names: a precision or one of {', '.join([*RUNS, RESUME])} "
-        "(default all)",
+        "(default: every run of the tiers asked for)",
     )
     parser.add_argument("--out", default=str(REPO / "docs" / "results"), help="parent folder")
     parser.add_argument(
