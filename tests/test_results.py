@@ -147,8 +147,8 @@ def test_built_results_round_trip_through_the_schema():
 def test_built_results_are_laid_out_as_the_trainer_wrote_them():
     built = _built()
     assert list(built) == [
-        "schema_version", "status", "reason", "metrics", "segments", "batch_shapes", "energy",
-        "checkpoint", "monitor", "config", "environment", "run_dir", "notes",
+        "schema_version", "status", "reason", "failure", "metrics", "segments", "batch_shapes",
+        "energy", "checkpoint", "monitor", "config", "environment", "run_dir", "notes",
     ]  # fmt: skip
     keys = list(built["metrics"])
     # the summary, memory and set-up facts first, e2e_time last (it ends as the file is written)
@@ -165,8 +165,15 @@ def test_upgrade_leaves_current_results_as_they_are():
 
 
 def test_a_version_2_file_gets_no_notes():
-    older = {key: value for key, value in _built().items() if key != "notes"}
+    older = {key: value for key, value in _built().items() if key not in ("notes", "failure")}
     assert upgrade({**older, "schema_version": 2}) == _built()
+
+
+def test_a_version_3_failed_file_records_no_kind_of_failure():
+    failed = {**_built("failed"), "failure": "out_of_memory"}
+    older = {key: value for key, value in failed.items() if key != "failure"}
+    upgraded = upgrade({**older, "schema_version": 3})
+    assert upgraded["failure"] is None and upgraded["status"] == "failed"
 
 
 @pytest.mark.parametrize("run_dir", COMMITTED, ids=lambda p: str(p.relative_to(DOCS)))

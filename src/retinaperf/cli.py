@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_run(run: argparse.ArgumentParser) -> None:
+def _add_configuration(run: argparse.ArgumentParser) -> None:
+    """The options that choose a configuration, which `run` and `sweep` share."""
     run.add_argument("--preset", help="preset name (see `retinaperf presets`); default: smoke")
     # The shortcut flags of three keys: their help is the keys' own (`presets --keys`).
     for flag in ("data_dir", "output_dir", "backbone_weights"):
@@ -52,6 +53,18 @@ def _add_run(run: argparse.ArgumentParser) -> None:
         "coco`) instead of generating one; another dataset is refused",
     )
     run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a configuration key (repeatable), e.g. --set lr=0.02",
+    )
+
+
+def _add_run(run: argparse.ArgumentParser) -> None:
+    _add_configuration(run)
+    run.add_argument(
         "--repeat",
         type=int,
         metavar="N",
@@ -64,13 +77,33 @@ def _add_run(run: argparse.ArgumentParser) -> None:
         help="continue a stopped run from its newest checkpoint, with the configuration saved "
         "in RUN_DIR (--set may change only keys that leave the workload as it is)",
     )
-    run.add_argument(
-        "--set",
-        dest="overrides",
+
+
+def _add_sweep(sweep: argparse.ArgumentParser) -> None:
+    _add_configuration(sweep)
+    sweep.add_argument(
+        "--vary",
         action="append",
         default=[],
-        metavar="KEY=VALUE",
-        help="override a configuration key (repeatable), e.g. --set lr=0.02",
+        metavar="KEY=V1,V2",
+        help="an axis of the grid (repeatable): a configuration key and its values, e.g. "
+        "--vary batch_size=8,16 --vary precision=fp32,bf16; or nproc_per_node=1,8 (processes "
+        "through torchrun). Every combination is a point, run in a process of its own into "
+        "<output dir>/<point>",
+    )
+    sweep.add_argument(
+        "--find-batch",
+        action="store_true",
+        help="search the largest local batch that fits in memory, for each combination of the "
+        "other axes: from the configuration's batch, doubling, then bisecting (a point out of "
+        "memory is the boundary, not a failure); memory_limit_gib caps the memory",
+    )
+    sweep.add_argument(
+        "--lr-rule",
+        choices=("linear", "none"),
+        default="linear",
+        help="how lr follows the batch: linear, lr x global batch / the configuration's global "
+        "batch; none, lr as configured (default: %(default)s)",
     )
 
 
@@ -129,7 +162,8 @@ def _add_report(rep: argparse.ArgumentParser) -> None:
         "run_dirs",
         nargs="+",
         metavar="RUN_DIR",
-        help="run directories, or the folder of a `run --repeat` (its rounds, and their spread)",
+        help="run directories, or the folder of a `run --repeat` (its rounds, and their spread) "
+        "or of a `sweep` (its completed points, and what they tell)",
     )
     rep.add_argument(
         "--format",
@@ -152,6 +186,7 @@ def _add_presets(presets: argparse.ArgumentParser) -> None:
 # Each command: its line in `retinaperf --help`, and what adds its arguments.
 COMMAND_ARGUMENTS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "run": ("run the benchmark (default: smoke preset, generated data)", _add_run),
+    "sweep": ("run a grid of a configuration's variants and put them side by side", _add_sweep),
     "synth": ("write the generated COCO-layout dataset", _add_synth),
     "evaluate": ("COCO bbox scores of a detections file", _add_evaluate),
     "report": (
@@ -282,7 +317,7 @@ def _check_resume(args: argparse.Namespace, pairs: list[str]) -> None:
 def _child_args(args: argparse.Namespace, pairs: list[str]) -> list[str]:
     """`retinaperf run` arguments that repeat this command's settings (the shortcut flags as
     `--set` pairs), for the processes it starts."""
-    if args.resume is not None:
+    if getattr(args, "resume", None) is not None:  # `sweep` has no --resume
         child = ["run", "--resume", args.resume]
     else:
         child = ["run", "--preset", args.preset or "smoke"]
@@ -313,6 +348,51 @@ def _repeat(args: argparse.Namespace, resolved, pairs: list[str]) -> int:
         command = [sys.executable, "-m", "retinaperf", *child]
     with invocation.handed_down():  # so that a round's messages name the command typed
         return rounds.run_rounds(args.repeat, out_dir, command, START_ENV)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """`sweep`: the points of the grid (or the batch search), each a fresh `retinaperf run`."""
+    from retinaperf import config
+    from retinaperf.run import sweep
+
+    if args.nproc_per_node is not None:
+        _check_launch(args.nproc_per_node)
+    elif launch().by_torchrun or launch().world_size > 1:
+        raise UserError("sweep: this process is one rank of a job; run the sweep outside it")
+    flags = {"data_dir": args.data_dir, "backbone_weights": args.backbone_weights}
+    pairs = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    pairs += args.overrides
+    overrides = config.parse_overrides(pairs)  # a bad setting, once, before any point runs
+    resolved = config.resolve(args.preset or "smoke", overrides, args.synthetic)
+    axes = sweep.parse_axes(args.vary)
+    sweep.check_plan(axes, args.find_batch, args.lr_rule, overrides)
+    for axis in axes:  # each value with the rest of the configuration, before any point runs
+        for value in axis.values if axis.key != sweep.NPROC_AXIS else ():
+            varied = config.parse_overrides([f"{axis.key}={value}"], "--vary")
+            config.resolve(args.preset or "smoke", {**overrides, **varied}, args.synthetic)
+    out_dir = Path(args.output_dir) if args.output_dir else files.new_timestamped_dir()
+    shape = resolved.nodes * resolved.devices_per_node
+    base = sweep.Base(
+        preset=resolved.preset,
+        batch_size=resolved.train.batch_size,
+        lr=resolved.train.lr,
+        world_size=shape or args.nproc_per_node or 1,
+        precision=resolved.train.precision,
+        memory_limit_gib=resolved.memory_limit_gib,
+        shape_fixed=resolved.devices_per_node != 0,
+    )
+    child = _child_args(args, [p for p in pairs if p.partition("=")[0].strip() != "output_dir"])
+
+    def command(nproc: int | None) -> list[str]:
+        if nproc is None:
+            return [sys.executable, "-m", "retinaperf", *child]
+        return _torchrun_command(nproc, child)
+
+    plan = sweep.SweepPlan(
+        out_dir, axes, args.find_batch, args.lr_rule, base, args.nproc_per_node, command, START_ENV
+    )
+    with invocation.handed_down():  # so that a point's messages name the command typed
+        return sweep.run_sweep(plan)
 
 
 def _check_launch(nproc_per_node: int) -> None:
@@ -388,12 +468,15 @@ def _presets(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from retinaperf.report import spread
     from retinaperf.report.loading import load_results
-    from retinaperf.run import rounds
+    from retinaperf.run import sweep
 
-    run_dirs = [d for given in args.run_dirs for d in rounds.run_dirs(Path(given))]
+    run_dirs = [d for given in args.run_dirs for d in sweep.run_dirs(Path(given))]
     # Named where they are now, as given: a run directory may have moved since it was written.
     runs = [{**load_results(d), "run_dir": str(d)} for d in run_dirs]
-    print(spread.render_runs(runs, args.format))
+    if len(args.run_dirs) == 1 and sweep.is_sweep(Path(args.run_dirs[0])) and args.format == "md":
+        print(sweep.report_text(Path(args.run_dirs[0])))  # its points, and what they tell
+    else:
+        print(spread.render_runs(runs, args.format))
     if args.plots:
         from retinaperf.report.plots import write_run_plots
 
@@ -405,6 +488,7 @@ def _report(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "run": _run,
+    "sweep": _sweep,
     "synth": _synth,
     "evaluate": _evaluate,
     "report": _report,

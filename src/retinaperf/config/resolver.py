@@ -75,27 +75,33 @@ def _flatten(table: dict[str, Any], where: str) -> dict[str, Any]:
     return flat
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`["lr=0.02", "train.epochs=3"]` -> `{"lr": 0.02, "epochs": 3}`, each checked."""
+def parse_overrides(pairs: list[str], flag: str = "--set") -> dict[str, Any]:
+    """`["lr=0.02", "train.epochs=3"]` -> `{"lr": 0.02, "epochs": 3}`, each checked; errors name
+    `flag`, the option the pairs came from."""
     overrides: dict[str, Any] = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
         key = key.strip()
         if not sep:
-            raise UserError(f"--set {pair!r}: write KEY=VALUE, e.g. --set lr=0.02")
+            raise UserError(f"{flag} {pair!r}: write KEY=VALUE, e.g. {flag} lr=0.02")
         section, _, bare = key.rpartition(".")
         if bare == "preset":
-            raise UserError(f"--set {key}: choose the preset with --preset NAME, not --set")
+            raise UserError(f"{flag} {key}: choose the preset with --preset NAME, not {flag}")
         if bare not in _KEYS or (section and _KEYS[bare].section != section):
             raise UserError(
-                f"--set {key}: unknown key; `{invocation.command('presets', '--keys')}` lists "
+                f"{flag} {key}: unknown key; `{invocation.command('presets', '--keys')}` lists "
                 "the valid keys"
             )
         if bare in overrides:
-            raise UserError(f"--set {key}: given twice; give each key once")
+            raise UserError(f"{flag} {key}: given twice; give each key once")
         entry = _KEYS[bare]
-        overrides[bare] = valid(entry.field, entry.kind, from_text(text, entry.kind), "--set")
+        overrides[bare] = valid(entry.field, entry.kind, from_text(text, entry.kind), flag)
     return overrides
+
+
+def is_list_key(name: str) -> bool:
+    """Whether the key `name` (bare) takes a list of values, written with commas (lr_steps)."""
+    return typing.get_origin(_KEYS[name].kind) is tuple
 
 
 def resolve(preset: str, overrides: dict[str, Any], synthetic: bool = False) -> RunConfig:

@@ -267,6 +267,16 @@ class RunConfig(Checked):
         gt=0,
         role="conduct",
     )
+    memory_limit_gib: float = setting(
+        0.0,
+        "GiB of memory each process may take on its device; past it, an allocation fails as out "
+        "of memory (what `retinaperf sweep --find-batch` searches against). CUDA: the caching "
+        "allocator's cap (torch.cuda.set_per_process_memory_fraction; the CUDA context is not "
+        "counted). CPU: the process's data segment, heap and private mappings included "
+        "(RLIMIT_DATA). 0: no limit.",
+        ge=0,
+        role="conduct",
+    )
     output_dir: str = setting("", "Run directory. Empty: runs/<timestamp>/.", role="place")
     tensorboard: bool = setting(
         False,

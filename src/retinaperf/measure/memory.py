@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from retinaperf.errors import UserError
 from retinaperf.units import GIB
 
 
@@ -87,3 +88,46 @@ def driver_peak(devices: list[dict], ids: list[str | None]) -> tuple[float, floa
         return None
     busiest = max(mine, key=lambda d: d["mem_used_peak_gib"])
     return busiest["mem_used_peak_gib"], busiest["mem_total_gib"]
+
+
+# What PyTorch's CPU allocator says when malloc fails (c10/core/impl/alloc_cpu.cpp); on CUDA and
+# other accelerators the allocator raises torch.OutOfMemoryError instead.
+CPU_ALLOCATOR_FAILURE = "DefaultCPUAllocator: can't allocate memory"
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is an allocation that failed for want of memory: the device allocator's
+    OutOfMemoryError, the CPU allocator's error, or Python's MemoryError."""
+    if isinstance(err, torch.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(err, RuntimeError) and CPU_ALLOCATOR_FAILURE in str(err)
+
+
+def limit_memory(device: torch.device, limit_gib: float) -> None:
+    """Cap what this process may allocate on `device` at `limit_gib` (0: no cap), as the setting
+    memory_limit_gib says (results.json's config records it).
+
+    CUDA: the caching allocator's fraction of the device (the context's own memory is outside
+    it). CPU: RLIMIT_DATA, the data segment (heap and private writable mappings), whose excess
+    makes malloc fail, and with it PyTorch's CPU allocator. The limit holds for this process and
+    the DataLoader workers it starts."""
+    if limit_gib == 0:
+        return
+    wanted = int(limit_gib * GIB)
+    if device.type == "cuda":
+        _free, total = torch.cuda.mem_get_info(device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, wanted / total), device)
+        return
+    if device.type == "cpu":
+        _soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        if hard != resource.RLIM_INFINITY and wanted > hard:
+            raise UserError(
+                f"config: memory_limit_gib={limit_gib:g} is not valid: above this process's hard "
+                f"data limit ({hard / GIB:.2f} GiB, `ulimit -Hd`): use a lower value"
+            )
+        resource.setrlimit(resource.RLIMIT_DATA, (wanted, hard))
+        return
+    raise UserError(
+        f"config: memory_limit_gib={limit_gib:g} is not valid on a {device.type} device: "
+        "it caps CUDA and CPU memory only; use 0"
+    )

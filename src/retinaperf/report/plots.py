@@ -1,4 +1,5 @@
-"""Plots of a run, drawn from the event log and the monitor's samples.
+"""Plots of a run, drawn from the event log and the monitor's samples; and a sweep's plot of
+p_core and memory against the batch (`sweep_figure`).
 
 Every plotted number is a field of an event or a monitor sample, as written there: nothing is
 recomputed or smoothed here, so a plot can always be checked against `events.jsonl`. Figures are
@@ -201,6 +202,33 @@ def host_figure(samples: list[Record]) -> Figure:
         ax.grid(True, alpha=0.3)
     # Outside the data area, as in the device plot: inside it sat on the CPU line.
     cpu_ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    return fig
+
+
+def sweep_figure(series: dict[str, dict[str, list[float]]]) -> Figure:
+    """A sweep's p_core (fig.axes[0]) and peak memory (fig.axes[1]) against the local batch, one
+    line per group (`report.sweep_report.plot_series`); a batch that ran out of memory is a
+    vertical dotted line in its group's colour on the memory panel. The batch axis is in powers
+    of two, as --find-batch doubles it."""
+    fig = _new_figure(TALL_SIZE)
+    core_ax, mem_ax = fig.subplots(2, 1, sharex=True)
+    for i, (label, points) in enumerate(series.items()):
+        style = {"color": f"C{i % 10}", "marker": "o"}
+        _line(core_ax, (points["batch"], points["p_core"]), label=label, **style)
+        _line(mem_ax, (points["batch"], points["mem_used_gib"]), label=label, **style)
+        for batch in points["out_of_memory"]:
+            mem_ax.axvline(
+                batch, color=style["color"], linestyle=":", label=f"{label}: out of memory"
+            )
+    core_ax.set_title("p_core and peak memory against the batch")
+    core_ax.set_ylabel("p_core (images/s)")
+    mem_ax.set_ylabel("peak memory (GiB)")
+    mem_ax.set_xlabel("local batch")
+    mem_ax.set_xscale("log", base=2)
+    for ax in (core_ax, mem_ax):
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     return fig
 
 

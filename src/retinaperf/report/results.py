@@ -5,8 +5,9 @@ brings a file of any earlier version to the current shape (`upgrade.upgrade`) an
 (`check`), so that no reader needs to know which version wrote it. Versions: 0, files without
 `schema_version` (their fields came in over several commits, back to the first committed
 results, of 966242c); 1, the first versioned schema; 2, issue 18: device plug-ins name their
-readings and peaks; 3, this one: `notes`, what went wrong after the outcome was written (issue
-23).
+readings and peaks; 3: `notes`, what went wrong after the outcome was written (issue
+23); 4, this one: `failure`, what kind of failure a failed run met (issue 25: `retinaperf sweep`
+records a run out of memory as the boundary of the batch, not as a crash).
 
 TypedDicts, not dataclasses: results.json is a JSON object that readers index by key and the
 builder writes as a dict; TypedDicts type those keys without a conversion at either end, and
@@ -24,9 +25,12 @@ from retinaperf.config import RunConfig
 from retinaperf.errors import UserError
 
 RESULTS = "results.json"
-SCHEMA_VERSION = 3  # raised when a field is added or changes meaning; `upgrade` learns the step
+SCHEMA_VERSION = 4  # raised when a field is added or changes meaning; `upgrade` learns the step
 
 Status = Literal["completed", "interrupted", "failed"]
+# What a failed run met: its device's memory could not hold the step (or evaluation), or any other
+# error. None: a run that did not fail, or a file written before the field (version < 4).
+Failure = Literal["out_of_memory", "error"]
 
 
 class Evaluation(TypedDict):
@@ -275,6 +279,7 @@ class Results(TypedDict):
     schema_version: int
     status: Status
     reason: str | None  # why a run stopped or failed; None when completed
+    failure: Failure | None
     metrics: Metrics
     segments: list[Segment] | None  # None: not recorded (a run of one segment)
     batch_shapes: list[list[int]] | None  # None: not recorded
@@ -295,6 +300,7 @@ def build_results(
     *,
     status: Status,
     reason: str | None,
+    failure: Failure | None = None,
     summary: Summary,
     memory: Memory,
     facts: Facts,
@@ -350,6 +356,7 @@ def build_results(
         "schema_version": SCHEMA_VERSION,
         "status": status,
         "reason": reason,
+        "failure": failure,
         "metrics": metrics,
         "segments": segments,
         "batch_shapes": [list(shape) for shape in batch_shapes],

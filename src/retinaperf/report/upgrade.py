@@ -33,6 +33,8 @@ def upgrade(results: dict[str, Any]) -> dict[str, Any]:
     if version < 2:
         _from_version_1(upgraded)
     upgraded.setdefault("notes", [])  # version 3: nothing was noted after the outcome before
+    # version 4: a failure's kind was not recorded before (None: not known, as for no failure)
+    upgraded.setdefault("failure", None)
     # First, as written; a versioned file's own (older) number must not win over it.
     return {
         "schema_version": SCHEMA_VERSION,

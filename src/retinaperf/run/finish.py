@@ -19,10 +19,10 @@ from torch import nn
 from retinaperf import files
 from retinaperf.config import RunConfig
 from retinaperf.distributed import DistEnv
-from retinaperf.errors import UserError
+from retinaperf.errors import OutOfMemory, UserError
 from retinaperf.measure import energy, environment, monitor, utilization
 from retinaperf.measure.devices.base import DevicePlugin
-from retinaperf.measure.memory import driver_peak, memory_peak
+from retinaperf.measure.memory import driver_peak, is_out_of_memory, memory_peak
 from retinaperf.measure.memory import memory as job_memory
 from retinaperf.measure.meter import Meter, summarize
 from retinaperf.measure.monitor import Monitor
@@ -54,9 +54,14 @@ class TrainedRun(Protocol):
     facts: dict[str, Any]
 
 
-def finish(t: TrainedRun, status: schema.Status, reason: str | None = None) -> dict[str, Any]:
-    """Reduce the metrics and write results.json with the run's status; returns the results on
-    rank 0 and {"status": ...} on the others."""
+def finish(
+    t: TrainedRun,
+    status: schema.Status,
+    reason: str | None = None,
+    failure: schema.Failure | None = None,
+) -> dict[str, Any]:
+    """Reduce the metrics and write results.json with the run's status (and a failed run's kind
+    of failure); returns the results on rank 0 and {"status": ...} on the others."""
     reduce = status != "failed"
     if status != "completed":
         t.meter.stopped()  # training time, and its energy, end here
@@ -74,7 +79,7 @@ def finish(t: TrainedRun, status: schema.Status, reason: str | None = None) -> d
     summary = summarize(t.meter, t.env, t.config.train.target_map, reduce=reduce)
     if not t.env.is_main or ranks is None:
         return {"status": status}
-    results = _results(t, status, reason, summary, ranks)
+    results = _results(t, (status, reason, failure), summary, ranks)
     files.write_json_atomic(t.run_dir / RESULTS, results)
     t.events.emit(
         "run_end",
@@ -86,12 +91,16 @@ def finish(t: TrainedRun, status: schema.Status, reason: str | None = None) -> d
 
 
 def _results(
-    t: TrainedRun, status: schema.Status, reason: str | None, summary: dict, ranks: list[dict]
+    t: TrainedRun,
+    outcome: tuple[schema.Status, str | None, schema.Failure | None],
+    summary: dict,
+    ranks: list[dict],
 ) -> Results:
     """The results of the job, on rank 0, from its summary and what each rank gave. The
     measure layer's figures are plain dicts (it sits below the report layer's schema): they
     are given their schema's types here, and `build_results` checks them."""
     cfg, env, meter, plugin = t.config, t.env, t.meter, t.device_plugin
+    status, reason, failure = outcome
     samples = [sample for rank in ranks for sample in rank["samples"]]
     monitored = monitor.summarize(samples) if samples else None
     uuids = [rank["uuid"] for rank in ranks]
@@ -127,6 +136,7 @@ def _results(
     return build_results(
         status=status,
         reason=reason,
+        failure=failure,
         summary=cast(schema.Summary, summary),
         memory=cast(schema.Memory, memory),
         facts=cast(schema.Facts, t.facts),
@@ -176,7 +186,8 @@ def publish(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
 def record_failure(t: TrainedRun, err: BaseException) -> None:
     """results.json of a run that failed once set up, saying why; never masks the error."""
     reason = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+    out_of_memory = isinstance(err, OutOfMemory) or is_out_of_memory(err)
     try:
-        finish(t, "failed", reason)
+        finish(t, "failed", reason, "out_of_memory" if out_of_memory else "error")
     except Exception as secondary:  # the run is failing already: say so, keep the first error
         warnings.warn(f"could not write the failed run's results.json: {secondary}", stacklevel=1)

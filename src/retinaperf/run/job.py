@@ -14,6 +14,7 @@ import traceback
 
 from retinaperf import distributed, files
 from retinaperf.config import RunConfig
+from retinaperf.measure import memory
 from retinaperf.measure.devices import registry
 from retinaperf.report.events import EventLog
 from retinaperf.run import build, evaluation, finish, rundir, signals, step
@@ -33,6 +34,7 @@ def run(
     evaluation (tests wrap them)."""
     device = distributed.pick_device(config.device, distributed.launch().local_rank)
     plugin = registry.plugin_for(device)
+    memory.limit_memory(device, config.memory_limit_gib)
     env = distributed.setup(device, config.dist_timeout, plugin.collective_backend)
     trainer = None
     with (

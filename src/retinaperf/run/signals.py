@@ -84,21 +84,30 @@ def ignore_in_worker(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def run_child(command: list[str], env: dict[str, str] | None = None) -> int:
+def run_child(
+    command: list[str], env: dict[str, str] | None = None, received: list[int] | None = None
+) -> int:
     """Run `command` (a run, or torchrun starting one) to its end and return its exit status.
 
     While it runs this process passes SIGTERM on to it and ignores SIGINT, which a terminal's
     Ctrl-C sends to the child as well: the child stops with a checkpoint, where being killed with
-    this process would lose its work."""
+    this process would lose its work. Given `received` (a sweep, which must stop after its point),
+    SIGINT is passed on too, so that one sent to this process alone stops the child (which takes
+    a terminal's second copy, a moment later, as the same request), and each signal passed on is
+    appended to `received`."""
     started: list[subprocess.Popen] = []  # filled once started; the handlers are set before
 
     def pass_on(signum: int, _: FrameType | None) -> None:
+        if received is not None:
+            received.append(signum)
         for child in started:
             child.send_signal(signum)
 
     previous = {
         signal.SIGTERM: signal.signal(signal.SIGTERM, pass_on),
-        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        signal.SIGINT: signal.signal(
+            signal.SIGINT, signal.SIG_IGN if received is None else pass_on
+        ),
     }
     try:
         started.append(subprocess.Popen(command, env=env))

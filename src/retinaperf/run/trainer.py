@@ -25,10 +25,11 @@ from retinaperf import clock
 from retinaperf.config import RunConfig, parse_step_window, workload
 from retinaperf.data import coco
 from retinaperf.distributed import DistEnv
-from retinaperf.errors import UserError
+from retinaperf.errors import OutOfMemory, UserError
 from retinaperf.measure import energy
 from retinaperf.measure.devices import registry
 from retinaperf.measure.devices.base import DevicePlugin
+from retinaperf.measure.memory import is_out_of_memory
 from retinaperf.measure.meter import EvalRecord, Meter, device_events
 from retinaperf.measure.monitor import HostSampler, Monitor
 from retinaperf.measure.profiling import StepProfiler
@@ -341,11 +342,13 @@ class Trainer:
                 self.precision,
                 self.config.train.clip_grad_norm,
             )
-        except torch.OutOfMemoryError as err:
+        except Exception as err:  # out of memory; anything else goes on up
+            if not is_out_of_memory(err):
+                raise
             message = step.out_of_memory_message(
                 self.env.device, number, images, self.config.model, self.precision.name, err
             )
-            raise UserError(message) from None
+            raise OutOfMemory(message) from None
         self.watch.update(losses)
         return losses
 

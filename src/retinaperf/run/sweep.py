@@ -1,0 +1,322 @@
+"""`retinaperf sweep`: a grid of one configuration's variants, each point a run of its own, side by
+side (issue 25).
+
+Each point is a fresh `retinaperf run` process (through torchrun for several processes), as each
+round of `run --repeat` is (run/rounds.py): a point that fails or runs out of memory cannot
+leave the next one a fragmented allocator or a broken process group. A point out of memory is
+the boundary of the batch, not a crash: its run writes results.json with `failure`
+"out_of_memory", read here. The learning rate follows the batch by a rule (`LR_RULES`). Then
+sweep.json, report.md (report/sweep_report.py) and sweep.png sit beside the points' run
+directories; `retinaperf report` reads such a folder (`run_dirs`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from retinaperf import config, files
+from retinaperf.errors import UserError
+from retinaperf.report import loading, plots, sweep_report, tables
+from retinaperf.report.results import RESULTS
+from retinaperf.run import batch_search, rounds, signals
+
+SWEEP = "sweep.json"
+PLOT = "sweep.png"
+NPROC_AXIS = "nproc_per_node"  # an axis of the launch (torchrun's processes), not a key
+BATCH = "batch_size"
+LR_RULES = ("linear", "none")
+# Keys a point cannot vary: each point has its own run directory, and lr follows the batch.
+FIXED_KEYS = {"output_dir": "each point gets its own run directory in the sweep's folder"}
+
+
+@dataclass(frozen=True)
+class Axis:
+    key: str  # a configuration key by its bare name, or NPROC_AXIS
+    values: tuple[str, ...]  # as given: what each point passes to `--set`
+
+
+@dataclass(frozen=True)
+class Base:
+    """What the sweep's points start from: the resolved configuration's batch and lr, and the
+    processes its lr is for (the preset's shape, else the sweep's --nproc-per-node)."""
+
+    preset: str
+    batch_size: int
+    lr: float
+    world_size: int
+    precision: str
+    memory_limit_gib: float
+    shape_fixed: bool  # the preset names its devices per node: a point of another count says so
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    out_dir: Path
+    axes: tuple[Axis, ...]
+    find_batch: bool
+    lr_rule: str
+    base: Base
+    nproc_per_node: int | None  # the sweep's --nproc-per-node (None: one process, no torchrun)
+    command: Callable[[int | None], list[str]]  # `retinaperf run` for N processes (None: one)
+    start_variable: str  # the environment variable that hands a point its start time
+
+
+def parse_axes(texts: list[str]) -> tuple[Axis, ...]:
+    """`--vary KEY=V1,V2,...` options as axes, every key and value checked as `--set` checks
+    them (UserError naming the option otherwise)."""
+    axes: list[Axis] = []
+    for text in texts:
+        key, sep, joined = text.partition("=")
+        key = key.strip()
+        values = tuple(value.strip() for value in joined.split(","))
+        if not sep or "" in values:
+            raise UserError(f"--vary {text!r}: write KEY=V1,V2,..., e.g. --vary batch_size=8,16")
+        if key == NPROC_AXIS:
+            bad = [v for v in values if not v.isdigit() or int(v) < 1]
+            if bad:
+                raise UserError(f"--vary {key}={bad[0]}: give a number of processes, 1 or more")
+        else:
+            for value in values:
+                config.parse_overrides([f"{key}={value}"], "--vary")
+            key = key.rpartition(".")[2]
+            if config.is_list_key(key) or key in FIXED_KEYS:
+                why = FIXED_KEYS.get(key, "its value is a list, whose commas --vary would split")
+                raise UserError(f"--vary {key}: cannot be varied: {why}; set it with --set")
+        if key in [axis.key for axis in axes]:
+            raise UserError(f"--vary {key}: given twice; give all its values in one --vary")
+        if len(set(values)) < len(values):
+            raise UserError(f"--vary {text!r}: a value given twice; give each once")
+        axes.append(Axis(key, values))
+    return tuple(axes)
+
+
+def check_plan(axes: tuple[Axis, ...], find_batch: bool, lr_rule: str, overrides: dict) -> None:
+    """What cannot go together: the batch searched and varied, lr varied and scaled."""
+    keys = [axis.key for axis in axes]
+    if find_batch and BATCH in keys:
+        raise UserError("--find-batch: drop --vary batch_size: the search chooses the batches")
+    if not find_batch and not axes:
+        raise UserError("sweep: give --vary KEY=V1,V2,... (repeatable), --find-batch, or both")
+    if lr_rule == "linear" and "lr" in keys:
+        raise UserError("--vary lr: lr follows the batch by --lr-rule linear; add --lr-rule none")
+
+
+def point_lr(base: Base, batch_size: int, world_size: int, rule: str) -> float:
+    """The linear scaling rule (Goyal et al., 2017): lr in proportion to the global batch, from
+    the base's lr at its global batch; `none` keeps the base's lr."""
+    if rule == "none":
+        return base.lr
+    return base.lr * (batch_size * world_size) / (base.batch_size * base.world_size)
+
+
+def run_sweep(plan: SweepPlan) -> int:
+    """Run the plan's points into `plan.out_dir` (a new or empty folder, locked while the sweep
+    runs), then write sweep.json, report.md and sweep.png. Returns 0, 1 where a point failed
+    (the others still ran), or 128 + the signal that stopped the sweep (what finished is
+    written)."""
+    lock = files.claim_folder(
+        plan.out_dir,
+        "output",
+        "wait for it to end, or choose another --output-dir",
+        lambda: files.require_empty(plan.out_dir, "output", "choose a new --output-dir"),
+    )
+    records: list[dict[str, Any]] = []
+    stopped_by: int | None = None
+    try:
+        stopped_by = _run_points(plan, records)
+    except KeyboardInterrupt:  # Ctrl-C between two points, none running
+        stopped_by = signal.SIGINT
+    finally:
+        try:
+            write_outputs(plan, records, stopped_by)
+        finally:
+            lock.release()
+    if stopped_by is not None:
+        print(f"retinaperf: sweep stopped by {signal.Signals(stopped_by).name}", flush=True)
+        return 128 + stopped_by
+    return 1 if any(r["status"] == "failed" for r in records) else 0
+
+
+def _run_points(plan: SweepPlan, records: list[dict[str, Any]]) -> int | None:
+    """Every point of the grid (each searched for its batch with find_batch), appended to
+    `records` as it ends; the signal that stopped the sweep, or None."""
+    combinations = list(itertools.product(*(axis.values for axis in plan.axes)))
+    received: list[int] = []
+
+    def attempt(values: dict[str, str], left: str) -> dict[str, Any]:
+        number = len(records) + 1
+        record = _run_point(plan, values, f"point {number} ({left})", received)
+        records.append(record)
+        return record
+
+    for k, combination in enumerate(combinations):
+        values = dict(zip([axis.key for axis in plan.axes], combination, strict=True))
+        if not plan.find_batch:
+            left = f"{len(combinations) - k - 1} left after it"
+            if attempt(values, left)["status"] == "interrupted" or received:
+                return received[0] if received else signal.SIGINT
+            continue
+        searches_left = len(combinations) - k - 1
+
+        def fits(
+            batch: int, values: dict = values, left: int = searches_left
+        ) -> batch_search.Outcome:
+            record = attempt({**values, BATCH: str(batch)}, f"searching; {left} searches after it")
+            return _search_outcome(record, received)
+
+        result = batch_search.search(plan.base.batch_size, fits)
+        if received or (records and records[-1]["status"] == "interrupted"):
+            return received[0] if received else signal.SIGINT
+        print(_search_line(values, result), flush=True)
+    return None
+
+
+def _search_outcome(record: dict[str, Any], received: list[int]) -> batch_search.Outcome:
+    if received or record["status"] in ("failed", "interrupted"):
+        return "stop"
+    return "fits" if record["status"] == "completed" else "out_of_memory"
+
+
+def _search_line(values: dict[str, str], result: batch_search.SearchResult) -> str:
+    where = ", ".join(f"{k}={v}" for k, v in values.items()) or "the configuration"
+    if result.stopped_at is not None:
+        return f"retinaperf: {where}: search stopped at batch {result.stopped_at} (failed)"
+    return (
+        f"retinaperf: {where}: largest batch that fits {result.largest_fit}, out of memory at "
+        f"{result.smallest_out_of_memory}"
+    )
+
+
+def _run_point(
+    plan: SweepPlan, values: dict[str, str], progress: str, received: list[int]
+) -> dict[str, Any]:
+    """One point: its `retinaperf run` into its own folder, and what became of it."""
+    nproc_text = values.get(NPROC_AXIS)
+    nproc = int(nproc_text) if nproc_text is not None else plan.nproc_per_node
+    world = nproc or 1
+    batch = int(values.get(BATCH, plan.base.batch_size))
+    lr = point_lr(plan.base, batch, world, plan.lr_rule)
+    pairs = [f"{key}={value}" for key, value in values.items() if key != NPROC_AXIS]
+    if plan.lr_rule != "none":
+        pairs.append(f"lr={lr!r}")
+    if nproc_text is not None and plan.base.shape_fixed:
+        pairs.append(f"devices_per_node={world}")  # the point's shape, not the preset's
+    name = "_".join(f"{key}-{value}" for key, value in values.items()) or "point"
+    folder = plan.out_dir / name
+    print(f"retinaperf: {progress}: {name} -> {folder}", flush=True)
+    environment = {**os.environ, plan.start_variable: repr(time.time())}
+    command = [*plan.command(nproc), *[a for p in pairs for a in ("--set", p)]]
+    code = signals.run_child(
+        [*command, "--set", f"output_dir={folder}"], environment, received=received
+    )
+    record = {
+        "name": name,
+        "run_dir": str(folder),
+        "values": values,
+        "batch_size": batch,
+        "nproc_per_node": world,
+        "lr": lr,
+        "memory_limit_gib": float(values.get("memory_limit_gib", plan.base.memory_limit_gib)),
+        "exit_status": code,
+        **_outcome(folder, code, values.get("precision", plan.base.precision)),
+    }
+    print(f"retinaperf: {name}: {record['status']}", flush=True)
+    return record
+
+
+def _outcome(folder: Path, code: int, precision: str) -> dict[str, Any]:
+    """What became of a point, from its results.json where it wrote one: completed,
+    out_of_memory, failed or interrupted, with the figures the sweep's report reads."""
+    if not (folder / RESULTS).exists():
+        interrupted = code in (128 + signal.SIGINT, 128 + signal.SIGTERM)
+        return {
+            "status": "interrupted" if interrupted else "failed",
+            "reason": f"exit status {code} before its run wrote results (its output says why)",
+            "precision": precision,
+            "p_core": None,
+            "mem_used_gib": None,
+            "mem_total_gib": None,
+        }
+    results = loading.load_results(folder, completed_only=False)
+    status = results["status"]
+    if status == "failed" and results["failure"] == "out_of_memory":
+        status = "out_of_memory"
+    m = results["metrics"]
+    return {
+        "status": status,
+        "reason": results["reason"],
+        "precision": m["precision"],
+        "p_core": m["p_core"] if status == "completed" else None,
+        "mem_used_gib": m["mem_used_gib"],
+        "mem_total_gib": m["mem_total_gib"],
+    }
+
+
+def write_outputs(plan: SweepPlan, records: list[dict[str, Any]], stopped_by: int | None) -> dict:
+    """sweep.json, report.md and sweep.png of the points in `records` (those that ran)."""
+    sweep = {
+        "status": "interrupted" if stopped_by is not None else "completed",
+        "axes": {axis.key: list(axis.values) for axis in plan.axes},
+        "find_batch": plan.find_batch,
+        "lr_rule": plan.lr_rule,
+        "base": {
+            "preset": plan.base.preset,
+            "batch_size": plan.base.batch_size,
+            "lr": plan.base.lr,
+            "world_size": plan.base.world_size,
+        },
+        "points": records,
+        **sweep_report.summarize(records),
+    }
+    files.write_json_atomic(plan.out_dir / SWEEP, sweep)
+    runs = _completed_runs(plan.out_dir, sweep)
+    series = sweep_report.plot_series(records)
+    if series:
+        figure = plots.sweep_figure(series)
+        figure.savefig(plan.out_dir / PLOT, dpi=plots.DPI, metadata=plots.PNG_METADATA)
+    text = sweep_report.render(sweep, runs, PLOT if (plan.out_dir / PLOT).exists() else None)
+    files.write_text_atomic(plan.out_dir / tables.REPORT, text)
+    print(text, flush=True)
+    print(f"sweep: {plan.out_dir / SWEEP}")
+    return sweep
+
+
+def _completed_runs(out_dir: Path, sweep: dict) -> list[dict]:
+    """The completed points' results, named by their run directories where they are now."""
+    return [
+        {**loading.load_results(d), "run_dir": str(d)}
+        for d in (Path(out_dir) / Path(p["run_dir"]).name for p in sweep["points"])
+        if (d / RESULTS).exists() and _status_of(sweep, d.name) == "completed"
+    ]
+
+
+def _status_of(sweep: dict, name: str) -> str:
+    return next(p["status"] for p in sweep["points"] if p["name"] == name)
+
+
+def is_sweep(path: Path) -> bool:
+    return (Path(path) / SWEEP).exists()
+
+
+def run_dirs(path: Path) -> list[Path]:
+    """The run directories a folder given to `retinaperf report` stands for: a sweep's completed
+    points, or what `rounds.run_dirs` finds (a run, a `--repeat` folder's rounds)."""
+    if not is_sweep(path):
+        return rounds.run_dirs(path)
+    sweep = files.read_json(Path(path) / SWEEP, "report")
+    return [Path(path) / p["name"] for p in sweep["points"] if p["status"] == "completed"]
+
+
+def report_text(path: Path) -> str:
+    """A sweep folder's report, as its report.md holds it, from sweep.json and the points'
+    results where they are now."""
+    sweep = files.read_json(Path(path) / SWEEP, "report")
+    plot = PLOT if (Path(path) / PLOT).exists() else None
+    return sweep_report.render(sweep, _completed_runs(Path(path), sweep), plot)
