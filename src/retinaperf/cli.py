@@ -13,7 +13,7 @@ import warnings  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from retinaperf import clock, files, invocation  # noqa: E402
+from retinaperf import arguments, clock, files, invocation  # noqa: E402
 from retinaperf.distributed import launch  # noqa: E402
 from retinaperf.errors import UserError  # noqa: E402
 
@@ -32,176 +32,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_configuration(run: argparse.ArgumentParser) -> None:
-    """The options that choose a configuration, which `run` and `sweep` share."""
-    run.add_argument("--preset", help="preset name (see `retinaperf presets`); default: smoke")
-    # The shortcut flags of three keys: their help is the keys' own (`presets --keys`).
-    for flag in ("data_dir", "output_dir", "backbone_weights"):
-        run.add_argument(f"--{flag.replace('_', '-')}", help=_key_help(flag))
-    run.add_argument(
-        "--nproc-per-node",
-        type=int,
-        metavar="N",
-        help="start N processes on this node (one per device) through torchrun",
-    )
-    run.add_argument(
-        "--synthetic",
-        action="store_true",
-        help="throughput mode: the preset's recipe on generated COCO-like data with random "
-        "weights in the pretrained structure (no download); measures speed and memory, not mAP. "
-        "With --data-dir D: on a dataset `retinaperf synth` wrote into D (e.g. `synth --profile "
-        "coco`) instead of generating one; another dataset is refused",
-    )
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a configuration key (repeatable), e.g. --set lr=0.02",
-    )
-
-
-def _add_run(run: argparse.ArgumentParser) -> None:
-    _add_configuration(run)
-    run.add_argument(
-        "--repeat",
-        type=int,
-        metavar="N",
-        help="run the configuration N times, each round a fresh command into <output dir>/"
-        "round-K, then write summary.json (mean, min, max, cv of each metric) and report.md",
-    )
-    run.add_argument(
-        "--resume",
-        metavar="RUN_DIR",
-        help="continue a stopped run from its newest checkpoint, with the configuration saved "
-        "in RUN_DIR (--set may change only keys that leave the workload as it is)",
-    )
-
-
-def _add_sweep(sweep: argparse.ArgumentParser) -> None:
-    _add_configuration(sweep)
-    sweep.add_argument(
-        "--vary",
-        action="append",
-        default=[],
-        metavar="KEY=V1,V2",
-        help="an axis of the grid (repeatable): a configuration key and its values, e.g. "
-        "--vary batch_size=8,16 --vary precision=fp32,bf16; or nproc_per_node=1,8 (processes "
-        "through torchrun). Every combination is a point, run in a process of its own into "
-        "<output dir>/<point>",
-    )
-    sweep.add_argument(
-        "--find-batch",
-        action="store_true",
-        help="search the largest local batch that fits in memory, for each combination of the "
-        "other axes: from the configuration's batch, doubling, then bisecting (a point out of "
-        "memory is the boundary, not a failure); memory_limit_gib caps the memory",
-    )
-    sweep.add_argument(
-        "--lr-rule",
-        choices=("linear", "none"),
-        default="linear",
-        help="how lr follows the batch: linear, lr x global batch / the configuration's global "
-        "batch; none, lr as configured (default: %(default)s)",
-    )
-
-
-def _add_synth(gen: argparse.ArgumentParser) -> None:
-    gen.add_argument("--out", required=True, help="new or empty folder to write into")
-    gen.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        metavar="N",
-        help="the same seed and arguments write the same files; another seed, other images "
-        "(default: %(default)s)",
-    )
-    gen.add_argument(
-        "--train-images",
-        type=int,
-        default=512,
-        metavar="N",
-        help="images in train2017/ (default: %(default)s)",
-    )
-    gen.add_argument(
-        "--val-images",
-        type=int,
-        default=96,
-        metavar="N",
-        help="images in val2017/ (default: %(default)s)",
-    )
-    gen.add_argument(
-        "--image-size",
-        type=int,
-        default=0,
-        help="typical size in pixels: short side for shapes (default 128), long side for coco "
-        "(default 640)",
-    )
-    gen.add_argument(
-        "--profile",
-        choices=("shapes", "coco"),
-        default="shapes",
-        help="shapes: quick to learn (default); coco: COCO2017's statistics, for throughput",
-    )
-    gen.add_argument(
-        "--workers",
-        type=int,
-        metavar="N",
-        help="processes drawing images (default: the CPUs available, at most 8)",
-    )
-
-
-def _add_evaluate(ev: argparse.ArgumentParser) -> None:
-    ev.add_argument("--annotations", required=True, help="COCO instances JSON (ground truth)")
-    ev.add_argument("--detections", required=True, help="COCO results JSON (list of detections)")
-
-
-def _add_report(rep: argparse.ArgumentParser) -> None:
-    rep.add_argument(
-        "run_dirs",
-        nargs="+",
-        metavar="RUN_DIR",
-        help="run directories, or the folder of a `run --repeat` (its rounds, and their spread) "
-        "or of a `sweep` (its completed points, and what they tell)",
-    )
-    rep.add_argument(
-        "--format",
-        choices=("md", "csv", "json"),
-        default="md",
-        help="md: the table with notes, then the spread of runs of one configuration; csv, json: "
-        "one row per run with ASCII keys and plain numbers, for scripts (default: %(default)s)",
-    )
-    rep.add_argument("--plots", action="store_true", help="also draw each run's plots again")
-
-
-def _add_presets(presets: argparse.ArgumentParser) -> None:
-    presets.add_argument(
-        "--keys",
-        action="store_true",
-        help="list every configuration key instead, as KEY=DEFAULT with its type and meaning",
-    )
-
-
 # Each command: its line in `retinaperf --help`, and what adds its arguments.
 COMMAND_ARGUMENTS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
-    "run": ("run the benchmark (default: smoke preset, generated data)", _add_run),
-    "sweep": ("run a grid of a configuration's variants and put them side by side", _add_sweep),
-    "synth": ("write the generated COCO-layout dataset", _add_synth),
-    "evaluate": ("COCO bbox scores of a detections file", _add_evaluate),
+    "run": ("run the benchmark (default: smoke preset, generated data)", arguments.add_run),
+    "sweep": (
+        "run a grid of a configuration's variants and put them side by side",
+        arguments.add_sweep,
+    ),
+    "synth": ("write the generated COCO-layout dataset", arguments.add_synth),
+    "evaluate": ("COCO bbox scores of a detections file", arguments.add_evaluate),
     "report": (
         "put finished runs side by side in the table of FlagPerf's RetinaNet case",
-        _add_report,
+        arguments.add_report,
     ),
-    "presets": ("list presets (or every configuration key)", _add_presets),
+    "presets": ("list presets (or every configuration key)", arguments.add_presets),
 }
-
-
-def _key_help(name: str) -> str:
-    from retinaperf import config
-
-    (key,) = [key for key in config.all_keys() if key.name.rpartition(".")[2] == name]
-    return key.help
 
 
 def main(argv: list[str] | None = None, run_fn: Callable[..., dict] | None = None) -> int:
@@ -366,21 +211,10 @@ def _sweep(args: argparse.Namespace) -> int:
     resolved = config.resolve(args.preset or "smoke", overrides, args.synthetic)
     axes = sweep.parse_axes(args.vary)
     sweep.check_plan(axes, args.find_batch, args.lr_rule, overrides)
-    for axis in axes:  # each value with the rest of the configuration, before any point runs
-        for value in axis.values if axis.key != sweep.NPROC_AXIS else ():
-            varied = config.parse_overrides([f"{axis.key}={value}"], "--vary")
-            config.resolve(args.preset or "smoke", {**overrides, **varied}, args.synthetic)
+    for varied in sweep.axis_overrides(axes):  # each value checked before any point runs
+        config.resolve(args.preset or "smoke", {**overrides, **varied}, args.synthetic)
     out_dir = Path(args.output_dir) if args.output_dir else files.new_timestamped_dir()
-    shape = resolved.nodes * resolved.devices_per_node
-    base = sweep.Base(
-        preset=resolved.preset,
-        batch_size=resolved.train.batch_size,
-        lr=resolved.train.lr,
-        world_size=shape or args.nproc_per_node or 1,
-        precision=resolved.train.precision,
-        memory_limit_gib=resolved.memory_limit_gib,
-        shape_fixed=resolved.devices_per_node != 0,
-    )
+    base = sweep.base_of(resolved, args.nproc_per_node)
     child = _child_args(args, [p for p in pairs if p.partition("=")[0].strip() != "output_dir"])
 
     def command(nproc: int | None) -> list[str]:

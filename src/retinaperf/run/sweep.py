@@ -108,6 +108,32 @@ def check_plan(axes: tuple[Axis, ...], find_batch: bool, lr_rule: str, overrides
         raise UserError("--vary lr: lr follows the batch by --lr-rule linear; add --lr-rule none")
 
 
+def axis_overrides(axes: tuple[Axis, ...]) -> list[dict[str, Any]]:
+    """Each value of each configuration axis as the override it makes, for checking each value
+    with the rest of the configuration before any point runs."""
+    return [
+        config.parse_overrides([f"{axis.key}={value}"], "--vary")
+        for axis in axes
+        if axis.key != NPROC_AXIS
+        for value in axis.values
+    ]
+
+
+def base_of(resolved: config.RunConfig, nproc_per_node: int | None) -> Base:
+    """The sweep's base: the resolved configuration's batch and lr, for the processes of the
+    preset's shape (nodes x devices per node), else of --nproc-per-node, else one."""
+    shape = resolved.nodes * resolved.devices_per_node
+    return Base(
+        preset=resolved.preset,
+        batch_size=resolved.train.batch_size,
+        lr=resolved.train.lr,
+        world_size=shape or nproc_per_node or 1,
+        precision=resolved.train.precision,
+        memory_limit_gib=resolved.memory_limit_gib,
+        shape_fixed=resolved.devices_per_node != 0,
+    )
+
+
 def point_lr(base: Base, batch_size: int, world_size: int, rule: str) -> float:
     """The linear scaling rule (Goyal et al., 2017): lr in proportion to the global batch, from
     the base's lr at its global batch; `none` keeps the base's lr."""
