@@ -98,9 +98,8 @@ def grid(tiny_run_args, tiny_dataset, tmp_path_factory):
     """`sweep --vary batch_size=2,4 --vary precision=fp32,bf16` on the tiny dataset, one step a
     point: its folder, sweep.json and exit status."""
     out = tmp_path_factory.mktemp("sweep") / "grid"
-    run_args = tiny_run_args(tiny_dataset, out, max_steps=1)
-    fixed = run_args.index("precision=fp32")  # precision is an axis here: its --set goes
-    args = ["sweep", *run_args[1 : fixed - 1], *run_args[fixed + 1 :]]
+    # Its --set batch_size=2 and precision=fp32 are the base; each point's values replace them.
+    args = ["sweep", *tiny_run_args(tiny_dataset, out, max_steps=1)[1:]]
     code = cli.main([*args, "--vary", "batch_size=2,4", "--vary", "precision=fp32,bf16"])
     return out, json.loads((out / SWEEP).read_text()), code
 

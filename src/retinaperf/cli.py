@@ -215,9 +215,11 @@ def _sweep(args: argparse.Namespace) -> int:
         config.resolve(args.preset or "smoke", {**overrides, **varied}, args.synthetic)
     out_dir = Path(args.output_dir) if args.output_dir else files.new_timestamped_dir()
     base = sweep.base_of(resolved, args.nproc_per_node)
-    child = _child_args(args, [p for p in pairs if p.partition("=")[0].strip() != "output_dir"])
 
-    def command(nproc: int | None) -> list[str]:
+    def command(nproc: int | None, point_pairs: list[str]) -> list[str]:
+        # A point's own settings (its axis values, lr, output_dir) replace the sweep's --set of
+        # the same keys: `--set batch_size=2 --vary batch_size=2,4` starts the lr rule at 2.
+        child = _child_args(args, sweep.replace_pairs(pairs, point_pairs))
         if nproc is None:
             return [sys.executable, "-m", "retinaperf", *child]
         return _torchrun_command(nproc, child)

@@ -64,7 +64,8 @@ class SweepPlan:
     lr_rule: str
     base: Base
     nproc_per_node: int | None  # the sweep's --nproc-per-node (None: one process, no torchrun)
-    command: Callable[[int | None], list[str]]  # `retinaperf run` for N processes (None: one)
+    # `retinaperf run` for N processes (None: one) with the point's `--set` pairs
+    command: Callable[[int | None, list[str]], list[str]]
     start_variable: str  # the environment variable that hands a point its start time
 
 
@@ -117,6 +118,16 @@ def axis_overrides(axes: tuple[Axis, ...]) -> list[dict[str, Any]]:
         if axis.key != NPROC_AXIS
         for value in axis.values
     ]
+
+
+def _bare_key(pair: str) -> str:
+    return pair.partition("=")[0].strip().rpartition(".")[2]
+
+
+def replace_pairs(pairs: list[str], point_pairs: list[str]) -> list[str]:
+    """The sweep's `--set` pairs with those of keys a point sets dropped, then the point's."""
+    replaced = {_bare_key(p) for p in point_pairs}
+    return [*(p for p in pairs if _bare_key(p) not in replaced), *point_pairs]
 
 
 def base_of(resolved: config.RunConfig, nproc_per_node: int | None) -> Base:
@@ -238,10 +249,8 @@ def _run_point(
     folder = plan.out_dir / name
     print(f"retinaperf: {progress}: {name} -> {folder}", flush=True)
     environment = {**os.environ, plan.start_variable: repr(time.time())}
-    command = [*plan.command(nproc), *[a for p in pairs for a in ("--set", p)]]
-    code = signals.run_child(
-        [*command, "--set", f"output_dir={folder}"], environment, received=received
-    )
+    command = plan.command(nproc, [*pairs, f"output_dir={folder}"])
+    code = signals.run_child(command, environment, received=received)
     record = {
         "name": name,
         "run_dir": str(folder),
