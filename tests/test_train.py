@@ -459,6 +459,41 @@ def test_out_of_memory_fails_the_run_with_the_batch_and_image_size(
     assert results["metrics"]["steps"] == failing - 1
 
 
+CPU_ALLOCATOR = "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory"
+
+
+@pytest.mark.parametrize("where", ["flop_count", "evaluation"])
+def test_out_of_memory_outside_a_step_is_recorded_as_such_in_one_line(
+    where, tiny_run_args, tiny_dataset, tmp_path, capsys, monkeypatch
+):
+    """An allocation that fails before training (the FLOP count runs a step's forward and
+    backward on the first batch) or in an evaluation: results.json says out_of_memory, and the
+    user gets one line, no traceback."""
+
+    def runs_out(*args, **kwargs):
+        raise RuntimeError(f"{CPU_ALLOCATOR}: you tried to allocate 8388608 bytes.")
+
+    if where == "flop_count":
+        monkeypatch.setattr("retinaperf.measure.utilization.train_flops_per_image", runs_out)
+    out = tmp_path / "run"
+    args = tiny_run_args(tiny_dataset, out, max_steps=1, monitor_interval=0)
+    code = run_cli(args, evaluate_fn=runs_out if where == "evaluation" else None)
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    (line,) = [e for e in err.splitlines() if e.startswith("retinaperf: error:")]
+    assert "out of cpu memory" in line and "can't allocate memory" in line
+    results = load_results(out, completed_only=False)
+    assert (results["status"], results["failure"]) == ("failed", "out_of_memory")
+    assert results["reason"] == line.removeprefix("retinaperf: error: ")
+    if where == "flop_count":
+        assert "counting the FLOPs of the first batch: local batch 2" in line.replace(
+            " (a training step's forward and backward)", ""
+        )
+        assert results["metrics"]["steps"] == 0 and results["metrics"]["flops_per_image"] is None
+    else:
+        assert results["metrics"]["steps"] == 1
+
+
 def test_a_run_with_loader_workers_exits(tiny_run_args, tiny_dataset, tmp_path):
     """Workers ignore SIGTERM, so the interpreter's exit, which terminates leftover workers,
     could not stop them: the run stops them itself, and the command ends."""

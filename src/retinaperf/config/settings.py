@@ -272,8 +272,9 @@ class RunConfig(Checked):
         "GiB of memory each process may take on its device; past it, an allocation fails as out "
         "of memory (what `retinaperf sweep --find-batch` searches against). CUDA: the caching "
         "allocator's cap (torch.cuda.set_per_process_memory_fraction; the CUDA context is not "
-        "counted). CPU: the process's data segment, heap and private mappings included "
-        "(RLIMIT_DATA). 0: no limit.",
+        "counted). CPU: on the scale of `mem` (the peak resident set): the data segment "
+        "(RLIMIT_DATA: heap and private mappings) may grow by the limit less the resident set "
+        "when the run starts (Linux). 0: no limit.",
         ge=0,
         role="conduct",
     )

@@ -103,14 +103,30 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and CPU_ALLOCATOR_FAILURE in str(err)
 
 
+def _status_bytes(field: str) -> int | None:
+    """A size from Linux's /proc/self/status (`VmData`, `VmRSS`), or None where it does not say."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
 def limit_memory(device: torch.device, limit_gib: float) -> None:
     """Cap what this process may allocate on `device` at `limit_gib` (0: no cap), as the setting
     memory_limit_gib says (results.json's config records it).
 
     CUDA: the caching allocator's fraction of the device (the context's own memory is outside
-    it). CPU: RLIMIT_DATA, the data segment (heap and private writable mappings), whose excess
-    makes malloc fail, and with it PyTorch's CPU allocator. The limit holds for this process and
-    the DataLoader workers it starts."""
+    it). CPU: the limit is on the scale of the CPU's `mem` (the peak resident set): the data
+    segment (heap and private writable mappings, what RLIMIT_DATA caps) may grow, from here on,
+    by the limit less the resident set now (the interpreter and the libraries loaded so far);
+    past that malloc fails, and with it PyTorch's CPU allocator. Reserved address space the run
+    never touches (thread stacks, malloc's arenas) counts as growth too: a run fails somewhat
+    before its resident set reaches the limit. The cap holds for this process and the DataLoader
+    workers it starts (each inherits it, and the parent's segment)."""
     if limit_gib == 0:
         return
     wanted = int(limit_gib * GIB)
@@ -119,15 +135,33 @@ def limit_memory(device: torch.device, limit_gib: float) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, wanted / total), device)
         return
     if device.type == "cpu":
-        _soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
-        if hard != resource.RLIM_INFINITY and wanted > hard:
-            raise UserError(
-                f"config: memory_limit_gib={limit_gib:g} is not valid: above this process's hard "
-                f"data limit ({hard / GIB:.2f} GiB, `ulimit -Hd`): use a lower value"
-            )
-        resource.setrlimit(resource.RLIMIT_DATA, (wanted, hard))
+        resource.setrlimit(resource.RLIMIT_DATA, _data_limit(limit_gib))
         return
     raise UserError(
         f"config: memory_limit_gib={limit_gib:g} is not valid on a {device.type} device: "
         "it caps CUDA and CPU memory only; use 0"
     )
+
+
+def _data_limit(limit_gib: float) -> tuple[int, int]:
+    """RLIMIT_DATA (soft, hard) for a CPU run of memory_limit_gib `limit_gib` (see limit_memory)."""
+    data, resident = _status_bytes("VmData"), _status_bytes("VmRSS")
+    if data is None or resident is None:
+        raise UserError(
+            f"config: memory_limit_gib={limit_gib:g} is not valid here: a CPU's limit is set "
+            "from /proc/self/status (Linux), which this system lacks; use 0"
+        )
+    room = int(limit_gib * GIB) - resident
+    if room <= 0:
+        raise UserError(
+            f"config: memory_limit_gib={limit_gib:g} is not valid: this process holds "
+            f"{resident / GIB:.2f} GiB already (its resident set before the model is built); "
+            "give more"
+        )
+    _soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY and data + room > hard:
+        raise UserError(
+            f"config: memory_limit_gib={limit_gib:g} is not valid: above this process's hard "
+            f"data limit ({hard / GIB:.2f} GiB, `ulimit -Hd`): use a lower value"
+        )
+    return data + room, hard

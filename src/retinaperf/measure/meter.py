@@ -127,8 +127,11 @@ class Meter:
         return self.prior_seconds[span] + end - start
 
     def stopped(self) -> None:
-        """A run cut short (interrupted, failed): its training time ends now."""
+        """A run cut short (interrupted, failed): its training time ends now; one cut short
+        before training started (out of memory counting its FLOPs) trained for no time."""
         self.train_end = self.clock()
+        if self.train_start is None:
+            self.train_start = self._interval_start = self.train_end
         self._enter(None)
 
     def _enter(self, phase: Phase | None) -> None:

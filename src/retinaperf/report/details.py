@@ -131,6 +131,11 @@ def _profile_lines(config: dict) -> list[str]:
 
 
 def _utilization_line(m: dict) -> str:
+    if m["flops_per_image"] is None:
+        return "- compute: not counted (the run failed before its FLOPs were counted)"
+    if m["achieved_tflops"] is None:
+        flops = m["flops_per_image"] / 1e9
+        return f"- compute: {flops:.1f} GFLOP per training image; no step timed"
     line = (
         f"- compute: {m['flops_per_image'] / 1e9:.1f} GFLOP per training image; "
         f"{m['achieved_tflops']:.3g} TFLOP/s at p_core"

@@ -14,15 +14,16 @@ import torch
 from torch import nn
 
 from retinaperf import distributed, torch_compat
-from retinaperf.config import RunConfig
+from retinaperf.config import ModelConfig, RunConfig
 from retinaperf.data import coco, sampling, synth
 from retinaperf.distributed import DistEnv
-from retinaperf.errors import UserError
+from retinaperf.errors import OutOfMemory, UserError
 from retinaperf.measure import scoring, utilization
+from retinaperf.measure.memory import is_out_of_memory
 from retinaperf.model import weights
 from retinaperf.model.precision import Precision
 from retinaperf.report import results
-from retinaperf.run import signals
+from retinaperf.run import signals, step
 
 
 @dataclass
@@ -176,10 +177,23 @@ def backbone_init(config: RunConfig, backbone: weights.LoadedWeights | None) -> 
     return results.RANDOM_INIT
 
 
-def count_flops(model: nn.Module, loaders: Loaders, env: DistEnv, trained_in: Precision) -> float:
-    """Training FLOPs per image on the run's first batch (see utilization.py), once per run."""
+def count_flops(
+    model: nn.Module, loaders: Loaders, env: DistEnv, trained_in: Precision, cfg: ModelConfig
+) -> tuple[float | None, OutOfMemory | None]:
+    """Training FLOPs per image on the run's first batch (see utilization.py), once per run, on
+    rank 0 (None elsewhere). The count runs a step's forward and backward on that batch: where
+    it runs out of memory, the count is None and the error, to be raised as the run's failure."""
+    if not env.is_main:
+        return None, None
     dataset = loaders.train_loader.dataset
     keys = next(iter(loaders.train_sampler))  # epoch 0's first batch: the sampler is pure
     images, targets = coco.check_batch([dataset[key] for key in keys])
     images, targets = coco.to_device(images, targets, env.device)
-    return utilization.train_flops_per_image(model, images, targets, trained_in.autocast)
+    try:
+        return utilization.train_flops_per_image(model, images, targets, trained_in.autocast), None
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
+        where = "counting the FLOPs of the first batch (a training step's forward and backward)"
+        message = step.out_of_memory_message(env.device, where, images, cfg, trained_in.name, err)
+    return None, OutOfMemory(message)  # outside the handler: its frames (and tensors) are gone

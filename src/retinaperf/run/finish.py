@@ -190,4 +190,8 @@ def record_failure(t: TrainedRun, err: BaseException) -> None:
     try:
         finish(t, "failed", reason, "out_of_memory" if out_of_memory else "error")
     except Exception as secondary:  # the run is failing already: say so, keep the first error
-        warnings.warn(f"could not write the failed run's results.json: {secondary}", stacklevel=1)
+        warnings.warn(
+            "could not write the failed run's results.json: "
+            f"{type(secondary).__name__}: {secondary}",
+            stacklevel=1,
+        )

@@ -54,6 +54,8 @@ def run(
                 config, env, plugin, run_dir, events, command_start, resume, stop, step_fn,
                 evaluate_fn,
             )  # fmt: skip
+            if trainer.setup_failure is not None:  # out of memory counting the FLOPs
+                raise trainer.setup_failure
             trainer.train()
             results = finish.finish(trainer, "completed")
         except Interrupted:
@@ -64,14 +66,19 @@ def run(
             stopped_in = stop.seconds_since()
             events.emit("stopped", signal=stop.name, seconds=stopped_in)
             return {**results, "signal": stop.name, "stopped_in_s": stopped_in}
-        except BaseException as err:
+        except BaseException as raised:
+            # An allocation that failed (in an evaluation, building the model) is out of memory:
+            # recorded as such, and told in one line.
+            err = step.as_out_of_memory(raised, device)
             events.emit("run_failed", error=f"{type(err).__name__}: {err}")
             if trainer is not None:
                 finish.record_failure(trainer, err)
             # The traceback keeps the frames it passed through, and their locals (the trainer,
             # the DDP model of a step) alive while the error rises past the teardown below:
             # the printed traceback needs the code and lines alone.
-            _clear_frames(err)
+            _clear_frames(raised)
+            if err is not raised:
+                raise err from None
             raise
         else:
             # Outside the handlers above: once results.json holds the outcome, nothing that

@@ -16,6 +16,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from retinaperf.config import ModelConfig, TrainConfig
 from retinaperf.distributed import DistEnv
+from retinaperf.errors import OutOfMemory, UserError
+from retinaperf.measure.memory import is_out_of_memory
 from retinaperf.model.precision import Precision
 
 
@@ -148,17 +150,30 @@ def implementation(
 
 def out_of_memory_message(
     device: torch.device,
-    step: int,
+    where: str,
     images: list[torch.Tensor],
     model: ModelConfig,
     precision: str,
-    err: Exception,
+    err: BaseException,
 ) -> str:
-    """What to do when a step ran out of device memory, with the batch that did it."""
+    """What to do when a step (`where`: "at step 3") ran out of device memory, with the batch
+    that did it."""
     largest = max(images, key=lambda image: image.shape[1] * image.shape[2])
     return (
-        f"out of {device} memory at step {step}: local batch {len(images)}, images up to "
+        f"out of {device} memory {where}: local batch {len(images)}, images up to "
         f"{largest.shape[2]}x{largest.shape[1]} px resized to short side {model.min_size} "
         f"(long side at most {model.max_size}), precision {precision}: lower batch_size "
         f"(and lr with it), min_size/max_size, or use bf16/amp ({str(err).splitlines()[0]})"
+    )
+
+
+def as_out_of_memory(err: BaseException, device: torch.device) -> BaseException:
+    """`err` as OutOfMemory where it is an allocation that failed (in an evaluation, say:
+    a step's own says more, `out_of_memory_message`), so that it is recorded as such and told
+    in one line; any other error as it is."""
+    if isinstance(err, UserError) or not is_out_of_memory(err):
+        return err
+    return OutOfMemory(
+        f"out of {device} memory outside a training step ({str(err).splitlines()[0]}): lower "
+        "eval_batch_size, min_size/max_size or batch_size, or raise memory_limit_gib"
     )

@@ -199,10 +199,10 @@ class Trainer:
         in the event log."""
         config, env = self.config, self.env
         # Counted before compiling (compiled kernels bypass the FLOP counter) and before DDP
-        # wraps the model (so that no gradient hook fires).
-        self.flops_per_image = (
-            build.count_flops(model, self.loaders, env, self.precision) if env.is_main else None
-        )
+        # wraps the model (so that no gradient hook fires). Out of memory, it is the run's
+        # failure, raised once the trainer is whole (job.py), so that results.json records it.
+        counted = build.count_flops(model, self.loaders, env, self.precision, self.config.model)
+        self.flops_per_image, self.setup_failure = counted
         if config.model.compile:
             model.compile_parts(config.model.compile_mode)
         self.model, ddp = step.wrap_ddp(model, env)
@@ -346,8 +346,9 @@ class Trainer:
             if not is_out_of_memory(err):
                 raise
             message = step.out_of_memory_message(
-                self.env.device, number, images, self.config.model, self.precision.name, err
-            )
+                self.env.device, f"at step {number}", images, self.config.model,
+                self.precision.name, err,
+            )  # fmt: skip
             raise OutOfMemory(message) from None
         self.watch.update(losses)
         return losses
