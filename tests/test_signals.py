@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from retinaperf.run.signals import SIGNALS, ignore_in_worker
+from retinaperf.run.signals import SIGNALS, ignore_in_worker, run_child
 
 
 def test_a_second_signal_exits_at_once():
@@ -96,3 +96,11 @@ def test_a_launcher_hands_sigterm_to_its_run_and_leaves_sigint_to_the_terminal()
             job.kill()
     assert job.returncode == 128 + signal.SIGTERM
     assert "SIGTERM received" in err and "SIGINT" not in err
+
+
+def test_a_child_a_signal_ended_exits_as_a_shell_says_128_plus_the_signal():
+    """Popen gives -N for a child signal N ended: the launcher, `--repeat` and a sweep's point
+    say 128 + N, as a shell does (what a sweep reads as interrupted, 130 and 143)."""
+    killed = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    assert run_child([sys.executable, "-c", killed]) == 128 + signal.SIGKILL
+    assert run_child([sys.executable, "-c", "raise SystemExit(3)"]) == 3

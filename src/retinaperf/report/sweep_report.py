@@ -127,7 +127,8 @@ def _group_cells(group: dict[str, Any]) -> dict[str, str]:
     best = group["best_p_core"]
     at = group["out_of_memory_at"]
     limit = group["out_of_memory_limit_gib"]
-    memory = f"{group['out_of_memory_device_gib']:.1f} GiB device" if at is not None else ""
+    device = group["out_of_memory_device_gib"]
+    memory = "device memory unknown" if device is None else f"{device:.1f} GiB device"
     if at is not None and limit:
         memory += f", limit {limit:g} GiB"
     return {

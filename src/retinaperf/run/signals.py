@@ -87,7 +87,8 @@ def ignore_in_worker(worker_id: int) -> None:
 def run_child(
     command: list[str], env: dict[str, str] | None = None, received: list[int] | None = None
 ) -> int:
-    """Run `command` (a run, or torchrun starting one) to its end and return its exit status.
+    """Run `command` (a run, or torchrun starting one) to its end and return its exit status,
+    as a shell gives it (128 + N for a child a signal N ended).
 
     While it runs this process passes SIGTERM on to it and ignores SIGINT, which a terminal's
     Ctrl-C sends to the child as well: the child stops with a checkpoint, where being killed with
@@ -111,7 +112,8 @@ def run_child(
     }
     try:
         started.append(subprocess.Popen(command, env=env))
-        return started[0].wait()
+        code = started[0].wait()
+        return 128 - code if code < 0 else code
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

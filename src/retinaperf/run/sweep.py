@@ -32,6 +32,7 @@ PLOT = "sweep.png"
 NPROC_AXIS = "nproc_per_node"  # an axis of the launch (torchrun's processes), not a key
 BATCH = "batch_size"
 LR_RULES = ("linear", "none")
+STOPS = (signal.SIGINT, signal.SIGTERM)  # what stops a sweep, as it stops a run
 # Keys a point cannot vary: each point has its own run directory, and lr follows the batch.
 FIXED_KEYS = {"output_dir": "each point gets its own run directory in the sweep's folder"}
 
@@ -166,11 +167,16 @@ def run_sweep(plan: SweepPlan) -> int:
     )
     records: list[dict[str, Any]] = []
     stopped_by: int | None = None
+    # SIGINT and SIGTERM are recorded for the whole sweep (and passed on to the point running,
+    # signals.run_child): one that comes between two points, or while a point's outcome is
+    # read, stops the sweep before the next point, losing nothing.
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, _recorder(received)) for sig in STOPS}
     try:
-        stopped_by = _run_points(plan, records)
-    except KeyboardInterrupt:  # Ctrl-C between two points, none running
-        stopped_by = signal.SIGINT
+        stopped_by = _run_points(plan, records, received)
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         try:
             write_outputs(plan, records, stopped_by)
         finally:
@@ -181,11 +187,18 @@ def run_sweep(plan: SweepPlan) -> int:
     return 1 if any(r["status"] == "failed" for r in records) else 0
 
 
-def _run_points(plan: SweepPlan, records: list[dict[str, Any]]) -> int | None:
+def _recorder(received: list[int]) -> Callable[[int, Any], None]:
+    def record(signum: int, _frame: Any) -> None:
+        received.append(signum)
+
+    return record
+
+
+def _run_points(plan: SweepPlan, records: list[dict[str, Any]], received: list[int]) -> int | None:
     """Every point of the grid (each searched for its batch with find_batch), appended to
-    `records` as it ends; the signal that stopped the sweep, or None."""
+    `records` as it ends, until a signal is `received`; the signal that stopped the sweep, or
+    None."""
     combinations = list(itertools.product(*(axis.values for axis in plan.axes)))
-    received: list[int] = []
 
     def attempt(values: dict[str, str], left: str) -> dict[str, Any]:
         number = len(records) + 1
@@ -194,6 +207,8 @@ def _run_points(plan: SweepPlan, records: list[dict[str, Any]]) -> int | None:
         return record
 
     for k, combination in enumerate(combinations):
+        if received:
+            return received[0]
         values = dict(zip([axis.key for axis in plan.axes], combination, strict=True))
         if not plan.find_batch:
             left = f"{len(combinations) - k - 1} left after it"
@@ -205,6 +220,8 @@ def _run_points(plan: SweepPlan, records: list[dict[str, Any]]) -> int | None:
         def fits(
             batch: int, values: dict = values, left: int = searches_left
         ) -> batch_search.Outcome:
+            if received:  # between two points of the search
+                return "stop"
             record = attempt({**values, BATCH: str(batch)}, f"searching; {left} searches after it")
             return _search_outcome(record, received)
 
