@@ -2,6 +2,11 @@
 end to end (points in their own processes, sweep.json, report.md, sweep.png, `report`)."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -131,3 +136,93 @@ def test_grid_report_has_every_point_a_row_saturation_and_plot(grid, capsys):
     assert capsys.readouterr().out.rstrip("\n") == report.rstrip("\n")
     assert cli.main(["report", str(out), "--format", "json"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 4
+
+
+# 256 px (fp32): a training image's memory is clear beside the model's (about 0.1 GiB; at 64 px it
+# is lost in the noise).
+SIZE = {"min_size": 256, "max_size": 256}
+
+
+@pytest.fixture(scope="module")
+def found(tiny_run_args, tiny_dataset, tmp_path_factory):
+    """`sweep --find-batch` from the tiny batch 2 under a memory_limit_gib chosen, as a user
+    would, from a first sweep's memory: at batch 2 plus 2.5 times what batch 4 added, room for
+    about 5 more images less what the run reserves untouched (measured: about 2), so that batch 2
+    fits by a wide margin and batch 8 does not (a search of 5 points: 2, 4, 8, 6, then 5 or 7)."""
+    first = tmp_path_factory.mktemp("sweep") / "measured"
+    args = tiny_run_args(tiny_dataset, first, max_steps=1, **SIZE)
+    assert cli.main(["sweep", *args[1:], "--vary", "batch_size=2,4"]) == 0
+    measured = json.loads((first / SWEEP).read_text())["points"]
+    mem = {p["batch_size"]: p["mem_used_gib"] for p in measured}
+    assert mem[4] - mem[2] > 0.05, mem  # the batch's share is clear at this size
+    limit = round(mem[2] + 2.5 * (mem[4] - mem[2]), 3)
+    out = tmp_path_factory.mktemp("sweep") / "found"
+    args = tiny_run_args(tiny_dataset, out, max_steps=1, memory_limit_gib=limit, **SIZE)
+    code = cli.main(["sweep", *args[1:], "--find-batch"])
+    return out, json.loads((out / SWEEP).read_text()), code, limit
+
+
+def test_find_batch_records_the_out_of_memory_point_as_the_boundary(found):
+    out, sweep, code, limit = found
+    assert code == 0 and sweep["status"] == "completed" and sweep["find_batch"]
+    points = sweep["points"]
+    assert points[0]["batch_size"] == 2 and points[0]["status"] == "completed"
+    assert {p["status"] for p in points} == {"completed", "out_of_memory"}
+    fitted = [p["batch_size"] for p in points if p["status"] == "completed"]
+    failed = [p["batch_size"] for p in points if p["status"] == "out_of_memory"]
+    # The search ends where the largest batch that fits and the smallest that does not meet.
+    assert min(failed) == max(fitted) + 1 and max(fitted) < min(failed) and len(points) <= 6
+    for point in points:
+        results = json.loads((out / point["name"] / "results.json").read_text())
+        assert results["config"]["memory_limit_gib"] == point["memory_limit_gib"] == limit
+        if point["status"] == "out_of_memory":
+            assert results["failure"] == "out_of_memory" and "out of cpu memory" in point["reason"]
+        else:
+            assert results["status"] == "completed" and point["mem_used_gib"] < limit
+    (group,) = sweep["groups"]
+    assert (group["largest_fit"], group["out_of_memory_at"]) == (max(fitted), min(failed))
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    assert group["out_of_memory_device_gib"] == pytest.approx(ram)
+    assert group["out_of_memory_limit_gib"] == limit
+    report = (out / "report.md").read_text()
+    boundary = f"| {min(failed)} ({ram:.1f} GiB device, limit {limit:g} GiB) |"
+    assert "| fp32 | " in report and boundary in report
+    assert all(f"| batch_size-{b} (smoke) |" in report for b in fitted)
+    assert all(f"- batch_size-{b}: out_of_memory: out of cpu memory" in report for b in failed)
+    assert (out / "sweep.png").stat().st_size > 0
+
+
+def test_ctrl_c_stops_the_sweep_and_reports_the_points_that_finished(
+    tiny_run_args, tiny_dataset, tmp_path
+):
+    """SIGINT to the sweep's process group, as a terminal's Ctrl-C sends it, once its first
+    point has written its results: exit 130, sweep.json interrupted with that point."""
+    out = tmp_path / "sweep"
+    args = ["sweep", *tiny_run_args(tiny_dataset, out, max_steps=1)[1:], "--vary", "batch_size=2,4"]
+    with open(tmp_path / "console.txt", "w") as console:
+        sweep = subprocess.Popen(
+            [sys.executable, "-m", "retinaperf", *args],
+            stdout=console,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as a terminal's job has
+        )
+        try:
+            first = out / "batch_size-2" / "results.json"
+            deadline = time.monotonic() + 600
+            while not first.exists():
+                assert sweep.poll() is None, (tmp_path / "console.txt").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the first point wrote no results in 600 s"
+                time.sleep(0.1)
+            os.killpg(sweep.pid, signal.SIGINT)
+            code = sweep.wait(timeout=600)
+        finally:
+            if sweep.poll() is None:
+                os.killpg(sweep.pid, signal.SIGKILL)
+    assert code == 130, (tmp_path / "console.txt").read_text()[-3000:]
+    written = json.loads((out / SWEEP).read_text())
+    assert written["status"] == "interrupted"
+    first_point, *rest = written["points"]
+    assert (first_point["name"], first_point["status"]) == ("batch_size-2", "completed")
+    assert all(p["status"] == "interrupted" for p in rest)  # the second, if it had started
+    report = (out / "report.md").read_text()
+    assert "then the sweep was interrupted" in report and "| batch_size-2 (smoke) |" in report
