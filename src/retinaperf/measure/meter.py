@@ -34,13 +34,14 @@ import contextlib
 import dataclasses
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
 from retinaperf.distributed import DistEnv, synchronize
+from retinaperf.measure.breakdown import CommTimer, breakdown
 from retinaperf.measure.energy import Phase
 
 
@@ -67,6 +68,11 @@ _TOTALS = (
     "images", "steps", "core_seconds", "steady_images", "steady_core_seconds", "eval_seconds",
     "checkpoint_seconds",
 )  # fmt: skip
+# The seconds of the time breakdown: a checkpoint written before they were counted has none, and
+# a run resumed from it counts them from then on.
+_BREAKDOWN_TOTALS = ("data_seconds", "comm_seconds", "host_bound_seconds")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -82,6 +88,8 @@ class Meter:
     on the host clock between synchronizes (the CPU)."""
     phases: Phases | None = None
     """Told where training, each evaluation and a stop begin; None: nothing follows them."""
+    comm: CommTimer | None = None
+    """Times DDP's all-reduce (the hook `step.wrap_ddp` registers); None: one rank."""
     train_start: float | None = None
     train_end: float | None = None
     images: int = 0
@@ -91,6 +99,13 @@ class Meter:
     steady_core_seconds: float = 0.0
     eval_seconds: float = 0.0
     checkpoint_seconds: float = 0.0
+    data_seconds: float = 0.0
+    """Waiting for the next training batch and copying it to the device (`batches`, `copying`)."""
+    comm_seconds: float = 0.0
+    """The exposed part of DDP's all-reduce, inside the core windows (`CommTimer`)."""
+    host_bound_seconds: float = 0.0
+    """On an accelerator: the device time of the core windows that the host took at least as long
+    to enqueue (the device could only follow the host)."""
     evals: list[EvalRecord] = field(default_factory=list)
     prior_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_SPANS, 0.0))
     """Each span's seconds in the segments before this one (a resumed run)."""
@@ -100,7 +115,8 @@ class Meter:
     batch_shapes: set[tuple[int, ...]] = field(default_factory=set)
     """The distinct padded batch shapes the training steps saw."""
     _pending: deque = field(default_factory=deque)
-    """Core windows whose events the device may not have reached: (start, end, steady)."""
+    """Core windows whose events the device may not have reached: (start, end, steady, the
+    host's seconds enqueuing the step)."""
 
     def train_started(self) -> None:
         """Call after the barrier that has every rank ready."""
@@ -149,16 +165,40 @@ class Meter:
             # Recorded on the stream: the device stamps them as it reaches them, the host goes on.
             start = self.events()
             start.record()
+            enqueue_start = self.clock()  # the host's own time for the step: a read, no wait
             yield
+            enqueued = self.clock() - enqueue_start
             end = self.events()
             end.record()
-            self._pending.append((start, end, steady))
+            self._pending.append((start, end, steady, enqueued))
             self.settle(wait=False)
+        if self.comm is not None:
+            self.comm_seconds += self.comm.step_done()
         self.images += images
         self.steps += 1
         if steady:
             self.steady_images += images
         self._interval_images += images
+
+    def batches(self, loader: Iterable[T]) -> Iterator[T]:
+        """The items of `loader`, the wait for each added to the data time."""
+        items = iter(loader)
+        while True:
+            start = self.clock()
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            finally:
+                self.data_seconds += self.clock() - start
+            yield item
+
+    @contextlib.contextmanager
+    def copying(self) -> Iterator[None]:
+        """Times a batch's checks and its copy to the device, part of the data time."""
+        start = self.clock()
+        yield
+        self.data_seconds += self.clock() - start
 
     def saw_batch(self, shape: tuple[int, ...]) -> None:
         """A training step's padded batch shape (N, C, H, W)."""
@@ -168,12 +208,15 @@ class Meter:
         """Add the device times of the core windows the device has finished; with `wait`, wait
         for the device to finish them all (before the totals are read)."""
         while self._pending:
-            start, end, steady = self._pending[0]
+            start, end, steady, enqueued = self._pending[0]
             if wait:
                 end.synchronize()
             elif not end.query():
                 return
-            self._add_core(start.elapsed_time(end) / 1000, steady)  # elapsed_time is in ms
+            seconds = start.elapsed_time(end) / 1000  # elapsed_time is in ms
+            self._add_core(seconds, steady)
+            if enqueued >= seconds:
+                self.host_bound_seconds += seconds
             self._pending.popleft()
 
     def _add_core(self, seconds: float, steady: bool) -> None:
@@ -225,7 +268,7 @@ class Meter:
         self.settle()
         now = self.clock()
         return {
-            **{name: getattr(self, name) for name in _TOTALS},
+            **{name: getattr(self, name) for name in _TOTALS + _BREAKDOWN_TOTALS},
             "evals": [dataclasses.asdict(record) for record in self.evals],
             "batch_shapes": sorted(self.batch_shapes),
             "train_seconds": self._over_segments("train", self.train_start, now),
@@ -237,6 +280,8 @@ class Meter:
         """Continue from a checkpoint's totals (before `train_started`)."""
         for name in _TOTALS:
             setattr(self, name, state[name])
+        for name in _BREAKDOWN_TOTALS:
+            setattr(self, name, state.get(name, 0.0))
         self.evals = [EvalRecord(**record) for record in state["evals"]]
         self.batch_shapes = {tuple(shape) for shape in state["batch_shapes"]}
         self.prior_seconds = {span: state[f"{span}_seconds"] for span in _SPANS}
@@ -293,6 +338,15 @@ def summarize(meter: Meter, env: DistEnv, target_map: float, reduce: bool = True
         # None when the run had no step after the timing warm-up
         "p_core_steady": _ratio(steady_images, steady_core_max),
         "timing_warmup_steps": meter.timing_warmup_steps,
+        # Rank 0's own view, as train_time is: its parts add up to its training time.
+        "breakdown": breakdown(
+            train_minus_eval - meter.checkpoint_seconds,
+            meter.data_seconds,
+            meter.core_seconds,
+            meter.comm_seconds,
+            None if meter.events is None else meter.host_bound_seconds,
+        ),
+        "breakdown_note": None,
         **_accuracy(meter.evals, target_map),
     }
 

@@ -27,6 +27,7 @@ from retinaperf.data import coco
 from retinaperf.distributed import DistEnv
 from retinaperf.errors import UserError
 from retinaperf.measure import energy
+from retinaperf.measure.breakdown import CommTimer
 from retinaperf.measure.devices import registry
 from retinaperf.measure.devices.base import DevicePlugin
 from retinaperf.measure.meter import EvalRecord, Meter, device_events
@@ -151,6 +152,7 @@ class Trainer:
             timing_warmup_steps=self.config.train.timing_warmup_steps,
             events=device_events(env.device),
             phases=self.energy,
+            comm=CommTimer(time.perf_counter) if env.world_size > 1 else None,
         )
         # The padded batch shapes of the training steps (cuDNN's benchmark mode and CUDA
         # graphs work per shape): the model's transform makes them.
@@ -204,7 +206,7 @@ class Trainer:
         )
         if config.model.compile:
             model.compile_parts(config.model.compile_mode)
-        self.model, ddp = step.wrap_ddp(model, env)
+        self.model, ddp = step.wrap_ddp(model, env, self.meter.comm)
         implementation = step.implementation(config.model, self.channels_last, self.optimizer, ddp)
         self.facts = {
             **self.loaders.facts,
@@ -305,14 +307,15 @@ class Trainer:
             disable=not self.env.is_main,
         )
         with bar:  # closed on error too, so the error starts on a line of its own
-            for step_in_epoch, batch in enumerate(self.loaders.train_loader, start):
+            for step_in_epoch, batch in enumerate(meter.batches(self.loaders.train_loader), start):
                 lr = cfg.lr * step.lr_factor(
                     step_in_epoch, epoch, warmup_iters, cfg.warmup_factor, cfg.lr_steps,
                     cfg.lr_gamma,
                 )  # fmt: skip
                 step.set_lr(self.optimizer, lr)
-                images, targets = coco.check_batch(batch)  # outside the core window: the wait
-                images, targets = coco.to_device(images, targets, self.env.device)  # and copy
+                with meter.copying():  # outside the core window, as the wait for the batch
+                    images, targets = coco.check_batch(batch)
+                    images, targets = coco.to_device(images, targets, self.env.device)
                 number = meter.steps + 1
                 self.profiler.before_step(number)
                 with meter.core_step(len(images)):
