@@ -7,8 +7,7 @@ The meter collects the seconds (`Meter.data_seconds`, `comm_seconds`, `host_boun
 `breakdown` is the pure function that turns them into parts, shares and a verdict.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: DDP checks the hook's annotations as objects.
 from collections.abc import Callable
 from typing import Any
 
