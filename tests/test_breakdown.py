@@ -8,10 +8,11 @@ import time
 import pytest
 import torch
 from test_distributed import HERE, TORCHRUN, run
+from test_metrics import FakeClock, FakeDevice, single
 
 from retinaperf.data import coco
 from retinaperf.measure.breakdown import breakdown
-from retinaperf.measure.meter import Meter
+from retinaperf.measure.meter import Meter, summarize
 
 CPU = torch.device("cpu")
 # Slow enough that the wait outweighs a tiny step on a loaded 2-core CI machine (seconds).
@@ -64,6 +65,25 @@ def test_the_meter_times_the_wait_for_each_batch_and_its_copy():
     # two batches and the final next() that ends the loop, two copies
     assert meter.data_seconds == 5.0
     assert meter.state_dict()["data_seconds"] == 5.0  # the totals travel in checkpoints
+
+
+def test_on_an_accelerator_windows_the_host_took_as_long_to_enqueue_are_host_bound():
+    """No synchronize: the host's own clock around the step against the device's events."""
+    clock, device = FakeClock(0.0), FakeDevice()
+    meter = Meter(0.0, torch.device("cuda"), clock=clock, events=device.event)
+    meter.train_started()
+    for device_s, host_s in [(3.0, 0.1), (1.0, 1.5), (2.0, 0.2)]:
+        with meter.core_step(images=2):
+            device.enqueue(device_s)
+            clock.advance(host_s)  # the host enqueuing the step's work
+    assert device.waits == []
+    clock.advance(20.0)
+    meter.stopped()  # training time ends here (no evaluation)
+    m = summarize(meter, single(), target_map=0.0)
+    assert meter.host_bound_seconds == pytest.approx(1.0)  # the second step's window
+    parts = _parts(m["breakdown"])
+    assert parts["host"] == pytest.approx(1.0) and parts["device"] == pytest.approx(5.0)
+    assert m["breakdown"]["bound_by"] == "device"
 
 
 def test_a_plain_run_shows_the_breakdown_adding_up_and_is_bound_by_compute(one_run):
