@@ -1,7 +1,7 @@
-"""Where the training time went (docs/metrics.md, "Where the time went"): the exposed part of
-DDP's all-reduce, timed by a communication hook, and the breakdown of the training time (evaluation
-and checkpoints apart) into data, host, device (or, on the CPU, compute), communication and
-other, with the verdict of what bounds the run.
+"""Where the training time went (docs/metrics.md, "Where the time went: `breakdown`"): the
+exposed part of DDP's all-reduce, timed by a communication hook, and the breakdown of the
+training time (evaluation and checkpoints apart) into data, host, device (or, on the CPU,
+compute), communication and other, with the verdict of what bounds the run.
 
 The meter collects the seconds (`Meter.data_seconds`, `comm_seconds`, `host_bound_seconds`);
 `breakdown` is the pure function that turns them into parts, shares and a verdict.
