@@ -12,6 +12,7 @@ Windows (seconds):
     eval_time  = sum of evaluation windows
     core time  = sum of core windows (forward + loss + backward + optimizer step)
     steady core time = the same without the first `timing_warmup_steps` steps
+    data time = sum of [wait for data, copy] (`batches`, `copying`): the breakdown's (breakdown.py)
 
 How device work is timed:
 - Evaluations and checkpoints: the host clock between two device synchronizes.
