@@ -90,7 +90,8 @@ class Meter:
     phases: Phases | None = None
     """Told where training, each evaluation and a stop begin; None: nothing follows them."""
     comm: CommTimer | None = None
-    """Times DDP's all-reduce (the hook `step.wrap_ddp` registers); None: one rank."""
+    """Times DDP's all-reduce (the hook `step.wrap_ddp` registers; `comm_timer`); None: one
+    rank."""
     train_start: float | None = None
     train_end: float | None = None
     images: int = 0
@@ -117,7 +118,9 @@ class Meter:
     """The distinct padded batch shapes the training steps saw."""
     _pending: deque = field(default_factory=deque)
     """Core windows whose events the device may not have reached: (start, end, steady, the
-    host's seconds enqueuing the step)."""
+    host's seconds enqueuing the step, the step's all-reduce stamps or None)."""
+    _checkpoints: list[tuple[float, float]] = field(default_factory=list)
+    """This segment's checkpoints: (start, seconds)."""
 
     def train_started(self) -> None:
         """Call after the barrier that has every rank ready."""
@@ -128,6 +131,14 @@ class Meter:
         """Seconds of training up to the last evaluation (or `stopped`), over all segments."""
         assert self.train_start is not None and self.train_end is not None
         return self._over_segments("train", self.train_start, self.train_end)
+
+    def checkpoint_time(self) -> float:
+        """Seconds training waited for checkpoints, over all segments: those inside `train_time`.
+        The checkpoint written after the last evaluation, where `train_time` ends, is not."""
+        after_end = sum(
+            seconds for start, seconds in self._checkpoints if start >= (self.train_end or 0.0)
+        )
+        return self.checkpoint_seconds - after_end
 
     def init_time(self) -> float:
         """Seconds from command start to train start, over all segments."""
@@ -171,10 +182,12 @@ class Meter:
             enqueued = self.clock() - enqueue_start
             end = self.events()
             end.record()
-            self._pending.append((start, end, steady, enqueued))
+            comm = self.comm.step_done() if self.comm is not None else None
+            self._pending.append((start, end, steady, enqueued, comm))
             self.settle(wait=False)
-        if self.comm is not None:
-            self.comm_seconds += self.comm.step_done()
+        if self.events is None and self.comm is not None and (comm := self.comm.step_done()):
+            ready, done = comm  # host clock readings: the CPU's all-reduce runs on the host
+            self.comm_seconds += max(0.0, done - ready)
         self.images += images
         self.steps += 1
         if steady:
@@ -209,7 +222,7 @@ class Meter:
         """Add the device times of the core windows the device has finished; with `wait`, wait
         for the device to finish them all (before the totals are read)."""
         while self._pending:
-            start, end, steady, enqueued = self._pending[0]
+            start, end, steady, enqueued, comm = self._pending[0]
             if wait:
                 end.synchronize()
             elif not end.query():
@@ -218,6 +231,10 @@ class Meter:
             self._add_core(seconds, steady)
             if enqueued >= seconds:
                 self.host_bound_seconds += seconds
+            if comm is not None:
+                # The step's stream waited for the all-reduce before `end`: both are stamped.
+                ready, done = comm
+                self.comm_seconds += max(0.0, ready.elapsed_time(done) / 1000)
             self._pending.popleft()
 
     def _add_core(self, seconds: float, steady: bool) -> None:
@@ -249,7 +266,9 @@ class Meter:
         self.synchronize(self.device)
         start = self.clock()
         yield
-        self.checkpoint_seconds += self.clock() - start
+        seconds = self.clock() - start
+        self.checkpoint_seconds += seconds
+        self._checkpoints.append((start, seconds))
 
     def eval_done(self, epoch: int, stats: dict[str, float]) -> EvalRecord:
         """Record the stats of the evaluation that just ended."""
@@ -303,6 +322,23 @@ def device_events(device: torch.device) -> Callable[[], Any] | None:
     return lambda: torch.Event(device=device, enable_timing=True)
 
 
+def comm_timer(device: torch.device, world_size: int) -> CommTimer | None:
+    """The timer of DDP's exposed all-reduce for a Meter on `device`: host clock readings on the
+    CPU, timing events on an accelerator's streams; None for one rank (no all-reduce)."""
+    if world_size == 1:
+        return None
+    events = device_events(device)
+    if events is None:
+        return CommTimer(time.perf_counter)
+
+    def stamp() -> Any:
+        event = events()
+        event.record()
+        return event
+
+    return CommTimer(stamp)
+
+
 def summarize(meter: Meter, env: DistEnv, target_map: float, reduce: bool = True) -> dict:
     """docs/metrics.md's times, throughputs and accuracy (e2e_time ends when results.json is
     written, so the writer adds it; memory comes from `memory`), reduced over ranks: images
@@ -325,11 +361,12 @@ def summarize(meter: Meter, env: DistEnv, target_map: float, reduce: bool = True
 
     train_time = meter.train_time()
     train_minus_eval = train_time - meter.eval_seconds
+    checkpoint_time = meter.checkpoint_time()
     return {
         "init_time": meter.init_time(),
         "train_time": train_time,
         "eval_time": meter.eval_seconds,
-        "checkpoint_time": meter.checkpoint_seconds,
+        "checkpoint_time": checkpoint_time,
         "core_time": core_max,
         "trained_images": int(images),
         "steps": int(steps / env.world_size),
@@ -341,7 +378,7 @@ def summarize(meter: Meter, env: DistEnv, target_map: float, reduce: bool = True
         "timing_warmup_steps": meter.timing_warmup_steps,
         # Rank 0's own view, as train_time is: its parts add up to its training time.
         "breakdown": breakdown(
-            train_minus_eval - meter.checkpoint_seconds,
+            train_minus_eval - checkpoint_time,
             meter.data_seconds,
             meter.core_seconds,
             meter.comm_seconds,

@@ -117,8 +117,7 @@ def breakdown_lines(m: dict) -> list[str]:
     parts = ", ".join(
         f"{p['part']} {p['seconds']:.1f} s ({_share(p['share'])})" for p in b["parts"]
     )
-    one = any(p["part"] == "compute" for p in b["parts"])
-    cpu = " (on the CPU host and device are one part: compute)" if one else ""
+    cpu = " (on the CPU the device is the host: one part, device)" if b["device_is_host"] else ""
     lines = [
         f"- where the time went, of {b['total']:.1f} s of training without evaluation and "
         f"checkpoints: {parts}{cpu}"

@@ -37,7 +37,7 @@ class Evaluation(TypedDict):
 
 
 class TimePart(TypedDict):
-    part: Literal["data", "host", "device", "compute", "communication", "other"]
+    part: Literal["data", "host", "device", "communication", "other"]
     seconds: float  # "other" is negative where parts overlapped
     share: float | None  # of the breakdown's total; None: a total of 0
 
@@ -47,7 +47,8 @@ class Breakdown(TypedDict):
 
     total: float  # train_time - eval_time - checkpoint_time
     parts: list[TimePart]  # they add up to `total`
-    bound_by: Literal["data", "host", "device", "compute", "communication"] | None
+    device_is_host: bool  # the CPU: no host part, the device's is the host's time
+    bound_by: Literal["data", "host", "device", "communication"] | None
     evidence: str
     advice: str | None  # None: no verdict (no step timed)
 

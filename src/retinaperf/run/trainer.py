@@ -27,10 +27,9 @@ from retinaperf.data import coco
 from retinaperf.distributed import DistEnv
 from retinaperf.errors import UserError
 from retinaperf.measure import energy
-from retinaperf.measure.breakdown import CommTimer
 from retinaperf.measure.devices import registry
 from retinaperf.measure.devices.base import DevicePlugin
-from retinaperf.measure.meter import EvalRecord, Meter, device_events
+from retinaperf.measure.meter import EvalRecord, Meter, comm_timer, device_events
 from retinaperf.measure.monitor import HostSampler, Monitor
 from retinaperf.measure.profiling import StepProfiler
 from retinaperf.model import precision, weights
@@ -152,7 +151,7 @@ class Trainer:
             timing_warmup_steps=self.config.train.timing_warmup_steps,
             events=device_events(env.device),
             phases=self.energy,
-            comm=CommTimer(time.perf_counter) if env.world_size > 1 else None,
+            comm=comm_timer(env.device, env.world_size),
         )
         # The padded batch shapes of the training steps (cuDNN's benchmark mode and CUDA
         # graphs work per shape): the model's transform makes them.
