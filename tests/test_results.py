@@ -164,9 +164,30 @@ def test_upgrade_leaves_current_results_as_they_are():
     assert upgrade(copy.deepcopy(built)) == built
 
 
+def _without_breakdown() -> dict[str, Any]:
+    """The built results as a file of schema 3 has them: no breakdown of the time."""
+    older = _built()
+    del older["metrics"]["breakdown"], older["metrics"]["breakdown_note"]
+    return older
+
+
 def test_a_version_2_file_gets_no_notes():
-    older = {key: value for key, value in _built().items() if key != "notes"}
-    assert upgrade({**older, "schema_version": 2}) == _built()
+    older = {key: value for key, value in _without_breakdown().items() if key != "notes"}
+    upgraded = upgrade({**older, "schema_version": 2})
+    assert upgraded["notes"] == [] and upgraded["schema_version"] == SCHEMA_VERSION
+
+
+def test_a_version_3_file_gets_a_null_breakdown_with_its_reason():
+    upgraded = upgrade({**_without_breakdown(), "schema_version": 3})
+    check(upgraded)
+    m = upgraded["metrics"]
+    assert m["breakdown"] is None
+    assert m["breakdown_note"] == "results written before retinaperf broke the training time down"
+    assert "- time breakdown: none: results written before" in render_report(upgraded)
+    # everything else as it was written
+    expected = _built()
+    expected["metrics"] |= {"breakdown": None, "breakdown_note": m["breakdown_note"]}
+    assert upgraded == expected
 
 
 @pytest.mark.parametrize("run_dir", COMMITTED, ids=lambda p: str(p.relative_to(DOCS)))

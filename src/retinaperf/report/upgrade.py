@@ -33,6 +33,11 @@ def upgrade(results: dict[str, Any]) -> dict[str, Any]:
     if version < 2:
         _from_version_1(upgraded)
     upgraded.setdefault("notes", [])  # version 3: nothing was noted after the outcome before
+    # Version 4 (issue 25): the time was not broken down before.
+    upgraded["metrics"].setdefault("breakdown", None)
+    upgraded["metrics"].setdefault(
+        "breakdown_note", "results written before retinaperf broke the training time down"
+    )
     # First, as written; a versioned file's own (older) number must not win over it.
     return {
         "schema_version": SCHEMA_VERSION,
