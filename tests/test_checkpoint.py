@@ -3,6 +3,7 @@ for bit; what is refused on the way (another configuration, pickled code, no dis
 
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -187,17 +188,24 @@ def test_checkpoints_are_kept_newest_first_hold_the_state_and_go_when_the_run_co
     assert not checkpoint.folder(out).exists() and done["checkpoint"] is None
 
 
-def stopped_run(tiny_dataset, tiny_run_args, out: Path) -> Path:
-    """A run stopped by SIGTERM after its second step."""
+@pytest.fixture(scope="module")
+def stopped_at_2(tiny_dataset, tiny_run_args, tmp_path_factory) -> Path:
+    """A run stopped by SIGTERM after its second step, made once: use `stopped_run`'s copy."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
     args = tiny_run_args(tiny_dataset, out, **{**SETTINGS, "epochs": 1})
     assert run_cli(args, step_fn=signal_at(step.train_step, 2)) == 128 + signal.SIGTERM
     return out
 
 
-def test_resume_refuses_a_setting_that_changes_the_workload(
-    tiny_dataset, tiny_run_args, tmp_path, monkeypatch, capsys
-):
-    out = stopped_run(tiny_dataset, tiny_run_args, tmp_path / "run")
+@pytest.fixture
+def stopped_run(stopped_at_2, tmp_path) -> Path:
+    """A copy of the run stopped after its second step, for this test alone to change and
+    resume (a run directory may move: `--resume` takes it where it is now)."""
+    return Path(shutil.copytree(stopped_at_2, tmp_path / "run"))
+
+
+def test_resume_refuses_a_setting_that_changes_the_workload(stopped_run, capsys):
+    out = stopped_run
     capsys.readouterr()
     assert run_cli(["run", "--resume", str(out), "--set", "lr=0.5"]) == 1
     assert "--set lr would change the workload" in capsys.readouterr().err
@@ -210,10 +218,8 @@ def test_resume_refuses_a_setting_that_changes_the_workload(
     assert "holds a completed run: there is nothing to resume" in capsys.readouterr().err
 
 
-def test_a_checkpoint_of_another_configuration_is_refused(
-    tiny_dataset, tiny_run_args, tmp_path, monkeypatch, capsys
-):
-    out = stopped_run(tiny_dataset, tiny_run_args, tmp_path / "run")
+def test_a_checkpoint_of_another_configuration_is_refused(stopped_run, capsys):
+    out = stopped_run
     saved = json.loads((out / "config.json").read_text())
     saved["train"]["lr"] = 0.5  # as if the checkpoint had come from another run
     (out / "config.json").write_text(json.dumps(saved))
@@ -233,10 +239,8 @@ class Planted:
         return (os.mkdir, (str(self.marker),))
 
 
-def test_a_checkpoint_carrying_code_is_refused_without_running_it(
-    tiny_dataset, tiny_run_args, tmp_path, monkeypatch, capsys
-):
-    out = stopped_run(tiny_dataset, tiny_run_args, tmp_path / "run")
+def test_a_checkpoint_carrying_code_is_refused_without_running_it(stopped_run, tmp_path, capsys):
+    out = stopped_run
     marker = tmp_path / "ran"
     planted = checkpoint.folder(out) / "step-9.pt"
     torch.save({"format": 1, "payload": Planted(marker)}, planted)
@@ -326,8 +330,11 @@ def test_a_background_write_saves_the_state_as_it_was_when_handed_over(tmp_path)
     assert saved["ranks"] == [{"rng": (1, 2)}]
 
 
-def stopped_with_checkpoints(tiny_dataset, tiny_run_args, out: Path) -> Path:
-    """A run with a checkpoint at every step (3 kept), stopped by SIGTERM at its 4th."""
+@pytest.fixture(scope="module")
+def stopped_at_4_with_checkpoints(tiny_dataset, tiny_run_args, tmp_path_factory) -> Path:
+    """A run with a checkpoint at every step (3 kept), stopped by SIGTERM at its 4th, made once:
+    use `stopped_with_checkpoints`'s copy."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
     settings = {**SETTINGS, "epochs": 1, "checkpoint_minutes": 1e-6, "keep_checkpoints": 3}
     args = tiny_run_args(tiny_dataset, out, **settings)
     assert run_cli(args, step_fn=signal_at(step.train_step, 4)) == 128 + signal.SIGTERM
@@ -337,6 +344,12 @@ def stopped_with_checkpoints(tiny_dataset, tiny_run_args, out: Path) -> Path:
         "step-00000004.pt",
     ]
     return out
+
+
+@pytest.fixture
+def stopped_with_checkpoints(stopped_at_4_with_checkpoints, tmp_path) -> Path:
+    """A copy of that run, for this test alone to damage and resume."""
+    return Path(shutil.copytree(stopped_at_4_with_checkpoints, tmp_path / "run"))
 
 
 def truncate(path: Path) -> None:
@@ -352,9 +365,9 @@ def overwrite_middle(path: Path) -> None:
 
 @pytest.mark.parametrize("harm", [truncate, overwrite_middle])
 def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_goes_on_from_the_one_before(
-    harm, tiny_dataset, tiny_run_args, tmp_path, capsys
+    harm, stopped_with_checkpoints, capsys
 ):
-    out = stopped_with_checkpoints(tiny_dataset, tiny_run_args, tmp_path / "run")
+    out = stopped_with_checkpoints
     newest = checkpoint.saved(out)[-1]
     harm(newest)
     capsys.readouterr()
@@ -375,9 +388,9 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_goes_on_from_the
 
 
 def test_with_no_intact_checkpoint_the_resume_stops_saying_what_to_do(
-    tiny_dataset, tiny_run_args, tmp_path, capsys
+    stopped_with_checkpoints, capsys
 ):
-    out = stopped_with_checkpoints(tiny_dataset, tiny_run_args, tmp_path / "run")
+    out = stopped_with_checkpoints
     for path in checkpoint.saved(out):
         overwrite_middle(path)
     capsys.readouterr()
