@@ -268,6 +268,7 @@ EXTRA_COLUMNS = (
     "MFU",
     "GPU util",
     "device busy",
+    "bound by",
     "batch shapes",
     "float32 math",
     "mem",
@@ -299,6 +300,8 @@ def _extra_row(results: dict) -> dict[str, str]:
         # NVML's utilisation: the share of sample periods in which a kernel ran (monitor mean)
         "GPU util": f"{max(utilisation):.1f}%" if utilisation else NO_VALUE,
         "device busy": NO_VALUE if busy is None else f"{100 * busy:.1f}% of steps {PROFILED}",
+        # where the training time went (docs/metrics.md): the verdict and its evidence
+        "bound by": _bound_by(m["breakdown"]),
         "batch shapes": str(m["batch_shapes"]),
         "float32 math": f"conv {m['math']['effective_conv']}, matmul "
         f"{m['math']['effective_matmul']}",
@@ -306,6 +309,12 @@ def _extra_row(results: dict) -> dict[str, str]:
         "img/J": NO_VALUE if per_joule is None else significant(per_joule),
         "energy": m["energy_source"] or m["energy_note"],
     }
+
+
+def _bound_by(breakdown: dict | None) -> str:
+    if breakdown is None or breakdown["bound_by"] is None:
+        return NO_VALUE
+    return f"{breakdown['bound_by']}: {breakdown['evidence']}"
 
 
 def _device_busy(run_dir: Path) -> float | None:

@@ -24,6 +24,24 @@ def run_cli(
     return cli.main(args, run_fn=functools.partial(job.run, **injected) if injected else None)
 
 
+class StepWatch:
+    """A step function that notes when its latest call started and how long the longest took:
+    tests that slow a part of a run on purpose scale the delay to the run's own steps, so that
+    the part outweighs them however loaded the machine is."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        self.started: float | None = None
+        self.longest = 0.0
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        self.started = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.longest = max(self.longest, time.perf_counter() - self.started)
+
+
 def signal_at(fn: Callable, call: int) -> Callable:
     """`fn`, sending this process SIGTERM during its `call`-th call (1-based)."""
     calls = []

@@ -3,6 +3,7 @@ for bit; what is refused on the way (another configuration, pickled code, no dis
 
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -13,14 +14,18 @@ from cli_helpers import run_cli, signal_at
 from mlperf_logging.mllog import constants as mlc
 
 from retinaperf import config, files
+from retinaperf.data.synth import SynthSpec, generate
 from retinaperf.errors import UserError
 from retinaperf.report.events import read_events
 from retinaperf.report.mlperf import MLPERF_LOG, log_files, read_log
 from retinaperf.run import checkpoint, evaluation, step
 
-# Two epochs of 5 steps (the 20 of 24 images that have boxes, batch 4), every step logged,
-# deterministic kernels.
+# Two epochs of 3 steps (12 images, batch 4) of 32 px, every step logged, deterministic kernels:
+# what is asserted (a stop inside an epoch, at its end, during an evaluation; a checkpoint at every
+# step) needs a few steps an epoch, not many, nor large images.
 SETTINGS = {
+    "min_size": 32,
+    "max_size": 43,
     "batch_size": 4,
     "epochs": 2,
     "max_steps": 0,
@@ -29,6 +34,14 @@ SETTINGS = {
     "save_model": "true",
     "monitor_interval": 0,
 }
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This module's dataset, in place of conftest's: 12 training and 8 validation images of
+    32 px, every one with boxes."""
+    root = tmp_path_factory.mktemp("data") / "coco"
+    return generate(SynthSpec(seed=3, train_images=12, val_images=8, image_size=32), root)
 
 
 def step_losses(run_dir: Path) -> dict[int, tuple[float, float]]:
@@ -55,8 +68,8 @@ def uninterrupted(tiny_dataset, tiny_run_args, tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     ("where", "call", "stopped_at"),
     [
-        ("train_step", 4, 4),  # inside epoch 0: resumes at its 5th batch
-        ("evaluate_model", 1, 5),  # during the first evaluation: abandoned, run again after
+        ("train_step", 2, 2),  # inside epoch 0: resumes at its 3rd batch
+        ("evaluate_model", 1, 3),  # during the first evaluation: abandoned, run again after
     ],
 )
 def test_a_run_stopped_by_sigterm_and_resumed_equals_the_uninterrupted_run(
@@ -150,8 +163,8 @@ def test_a_signal_during_an_evaluation_stops_the_run_after_the_batch_under_way(
     assert stopped["status"] == "interrupted" and stopped["metrics"]["evaluations"] == []
     assert torch.load(stopped["checkpoint"], weights_only=True)["position"] == {
         "epoch": 0,
-        "step_in_epoch": 5,
-        "step": 5,
+        "step_in_epoch": 3,
+        "step": 3,
     }
     (logged,) = [e for e in read_events(out / "events.jsonl") if e["event"] == "stopped"]
     assert logged["signal"] == "SIGTERM"
@@ -165,17 +178,17 @@ def test_checkpoints_are_kept_newest_first_hold_the_state_and_go_when_the_run_co
     # A timed checkpoint at every step, 3 kept; stopped during the last step.
     settings = {**SETTINGS, "checkpoint_minutes": 1e-6, "keep_checkpoints": 3}
     args = tiny_run_args(tiny_dataset, out, **settings)
-    assert run_cli(args, step_fn=signal_at(step.train_step, 10)) == 128 + signal.SIGTERM
+    assert run_cli(args, step_fn=signal_at(step.train_step, 6)) == 128 + signal.SIGTERM
     kept = [p.name for p in checkpoint.saved(out)]
-    assert kept == ["step-00000008.pt", "step-00000009.pt", "step-00000010.pt"]
+    assert kept == ["step-00000004.pt", "step-00000005.pt", "step-00000006.pt"]
     assert not [p for p in checkpoint.folder(out).iterdir() if p.name.startswith(".")]
     # Each with its digest, in sha256sum's format; the pruned ones' went with them.
     for path in checkpoint.saved(out):
         assert checkpoint.digest_file(path).read_text() == f"{files.sha256_of(path)}  {path.name}\n"
     assert len(list(checkpoint.folder(out).glob("*.sha256"))) == 3
     state = torch.load(checkpoint.saved(out)[-1], weights_only=True)
-    assert state["position"] == {"epoch": 1, "step_in_epoch": 5, "step": 10}
-    assert state["ranks"][0]["meter"]["images"] == 40
+    assert state["position"] == {"epoch": 1, "step_in_epoch": 3, "step": 6}
+    assert state["ranks"][0]["meter"]["images"] == 24
     assert len(state["ranks"][0]["meter"]["evals"]) == 1  # epoch 1's evaluation is still due
     assert state["workload"] == config.workload(config.load_saved(out / "config.json", {}))
     assert state["segments"][-1]["ended"] == "interrupted"
@@ -187,17 +200,24 @@ def test_checkpoints_are_kept_newest_first_hold_the_state_and_go_when_the_run_co
     assert not checkpoint.folder(out).exists() and done["checkpoint"] is None
 
 
-def stopped_run(tiny_dataset, tiny_run_args, out: Path) -> Path:
-    """A run stopped by SIGTERM after its second step."""
+@pytest.fixture(scope="module")
+def stopped_at_2(tiny_dataset, tiny_run_args, tmp_path_factory) -> Path:
+    """A run stopped by SIGTERM after its second step, made once: use `stopped_run`'s copy."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
     args = tiny_run_args(tiny_dataset, out, **{**SETTINGS, "epochs": 1})
     assert run_cli(args, step_fn=signal_at(step.train_step, 2)) == 128 + signal.SIGTERM
     return out
 
 
-def test_resume_refuses_a_setting_that_changes_the_workload(
-    tiny_dataset, tiny_run_args, tmp_path, monkeypatch, capsys
-):
-    out = stopped_run(tiny_dataset, tiny_run_args, tmp_path / "run")
+@pytest.fixture
+def stopped_run(stopped_at_2, tmp_path) -> Path:
+    """A copy of the run stopped after its second step, for this test alone to change and
+    resume (a run directory may move: `--resume` takes it where it is now)."""
+    return Path(shutil.copytree(stopped_at_2, tmp_path / "run"))
+
+
+def test_resume_refuses_a_setting_that_changes_the_workload(stopped_run, capsys):
+    out = stopped_run
     capsys.readouterr()
     assert run_cli(["run", "--resume", str(out), "--set", "lr=0.5"]) == 1
     assert "--set lr would change the workload" in capsys.readouterr().err
@@ -210,10 +230,8 @@ def test_resume_refuses_a_setting_that_changes_the_workload(
     assert "holds a completed run: there is nothing to resume" in capsys.readouterr().err
 
 
-def test_a_checkpoint_of_another_configuration_is_refused(
-    tiny_dataset, tiny_run_args, tmp_path, monkeypatch, capsys
-):
-    out = stopped_run(tiny_dataset, tiny_run_args, tmp_path / "run")
+def test_a_checkpoint_of_another_configuration_is_refused(stopped_run, capsys):
+    out = stopped_run
     saved = json.loads((out / "config.json").read_text())
     saved["train"]["lr"] = 0.5  # as if the checkpoint had come from another run
     (out / "config.json").write_text(json.dumps(saved))
@@ -233,10 +251,8 @@ class Planted:
         return (os.mkdir, (str(self.marker),))
 
 
-def test_a_checkpoint_carrying_code_is_refused_without_running_it(
-    tiny_dataset, tiny_run_args, tmp_path, monkeypatch, capsys
-):
-    out = stopped_run(tiny_dataset, tiny_run_args, tmp_path / "run")
+def test_a_checkpoint_carrying_code_is_refused_without_running_it(stopped_run, tmp_path, capsys):
+    out = stopped_run
     marker = tmp_path / "ran"
     planted = checkpoint.folder(out) / "step-9.pt"
     torch.save({"format": 1, "payload": Planted(marker)}, planted)
@@ -266,17 +282,17 @@ def test_a_full_disk_while_checkpointing_leaves_nothing_half_written(
     with monkeypatch.context() as patch:
         patch.setattr(checkpoint.torch, "save", fills_the_disk)
         args = tiny_run_args(tiny_dataset, out, **SETTINGS)
-        assert run_cli(args, step_fn=signal_at(step.train_step, 8)) == 128 + signal.SIGTERM
+        assert run_cli(args, step_fn=signal_at(step.train_step, 5)) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
-    assert "cannot write step 8" in err and "No space left on device" in err
-    assert "the newest checkpoint is still step-00000005.pt" in err
+    assert "cannot write step 5" in err and "No space left on device" in err
+    assert "the newest checkpoint is still step-00000003.pt" in err
     assert sorted(p.name for p in checkpoint.folder(out).iterdir()) == [
-        "step-00000005.pt",
-        "step-00000005.pt.sha256",
+        "step-00000003.pt",
+        "step-00000003.pt.sha256",
     ]
     stopped = results(out)
     assert stopped["status"] == "interrupted" and stopped["metrics"]["checkpoint_failures"] == 1
-    assert Path(stopped["checkpoint"]).name == "step-00000005.pt"
+    assert Path(stopped["checkpoint"]).name == "step-00000003.pt"
 
     assert run_cli(["run", "--resume", str(out)]) == 0
     resumed, whole = results(out)["metrics"], results(uninterrupted)["metrics"]
@@ -326,17 +342,26 @@ def test_a_background_write_saves_the_state_as_it_was_when_handed_over(tmp_path)
     assert saved["ranks"] == [{"rng": (1, 2)}]
 
 
-def stopped_with_checkpoints(tiny_dataset, tiny_run_args, out: Path) -> Path:
-    """A run with a checkpoint at every step (3 kept), stopped by SIGTERM at its 4th."""
+@pytest.fixture(scope="module")
+def stopped_at_3_with_checkpoints(tiny_dataset, tiny_run_args, tmp_path_factory) -> Path:
+    """A run with a checkpoint at every step (3 kept), stopped by SIGTERM at its 3rd, made once:
+    use `stopped_with_checkpoints`'s copy."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
     settings = {**SETTINGS, "epochs": 1, "checkpoint_minutes": 1e-6, "keep_checkpoints": 3}
     args = tiny_run_args(tiny_dataset, out, **settings)
-    assert run_cli(args, step_fn=signal_at(step.train_step, 4)) == 128 + signal.SIGTERM
+    assert run_cli(args, step_fn=signal_at(step.train_step, 3)) == 128 + signal.SIGTERM
     assert [p.name for p in checkpoint.saved(out)] == [
+        "step-00000001.pt",
         "step-00000002.pt",
         "step-00000003.pt",
-        "step-00000004.pt",
     ]
     return out
+
+
+@pytest.fixture
+def stopped_with_checkpoints(stopped_at_3_with_checkpoints, tmp_path) -> Path:
+    """A copy of that run, for this test alone to damage and resume."""
+    return Path(shutil.copytree(stopped_at_3_with_checkpoints, tmp_path / "run"))
 
 
 def truncate(path: Path) -> None:
@@ -352,32 +377,32 @@ def overwrite_middle(path: Path) -> None:
 
 @pytest.mark.parametrize("harm", [truncate, overwrite_middle])
 def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_goes_on_from_the_one_before(
-    harm, tiny_dataset, tiny_run_args, tmp_path, capsys
+    harm, stopped_with_checkpoints, capsys
 ):
-    out = stopped_with_checkpoints(tiny_dataset, tiny_run_args, tmp_path / "run")
+    out = stopped_with_checkpoints
     newest = checkpoint.saved(out)[-1]
     harm(newest)
     capsys.readouterr()
     assert run_cli(["run", "--resume", str(out)]) == 0
     err = capsys.readouterr().err
     (line,) = [line for line in err.splitlines() if "is damaged" in line]
-    assert "step-00000004.pt is damaged (its bytes are not those written" in line
-    assert "moved aside as step-00000004.pt.damaged" in line
+    assert "step-00000003.pt is damaged (its bytes are not those written" in line
+    assert "moved aside as step-00000003.pt.damaged" in line
     assert (checkpoint.folder(out).parent / "results.json").is_file()
     done = results(out)
     assert done["status"] == "completed"
-    assert done["segments"][-1]["resumed_from"] == "step-00000003.pt"
+    assert done["segments"][-1]["resumed_from"] == "step-00000002.pt"
     # Kept for a look, not deleted (the completed run's checkpoints go, the damaged one too).
     assert (
         not checkpoint.folder(out).exists()
-        or (checkpoint.folder(out) / "step-00000004.pt.damaged").is_file()
+        or (checkpoint.folder(out) / "step-00000003.pt.damaged").is_file()
     )
 
 
 def test_with_no_intact_checkpoint_the_resume_stops_saying_what_to_do(
-    tiny_dataset, tiny_run_args, tmp_path, capsys
+    stopped_with_checkpoints, capsys
 ):
-    out = stopped_with_checkpoints(tiny_dataset, tiny_run_args, tmp_path / "run")
+    out = stopped_with_checkpoints
     for path in checkpoint.saved(out):
         overwrite_middle(path)
     capsys.readouterr()

@@ -78,6 +78,29 @@ def test_windows_and_throughputs_follow_the_definitions():
     assert m["p_core"] >= m["p_train"] >= m["p_whole"]
 
 
+def test_checkpoint_time_counts_the_checkpoints_inside_train_time_only():
+    """An epoch's checkpoint before the next epoch's training is inside train_time; the one after
+    the last evaluation, where train_time ends, is not (docs/metrics.md), unless a stop ends the
+    training time after it."""
+    clock = FakeClock(100.0)
+    meter = Meter(command_start=100.0, device=CPU, clock=clock, synchronize=clock.sync)
+    meter.train_started()
+    for epoch in range(2):
+        with meter.core_step(images=2):
+            clock.advance(1.0)
+        with meter.evaluation():
+            clock.advance(2.0)
+        meter.eval_done(epoch, stats(0.1))
+        with meter.checkpointing():
+            clock.advance(0.25 * (epoch + 1))  # 0.25 s inside, then 0.5 s after the end
+    m = summarize(meter, single(), target_map=0.0)
+    assert m["train_time"] == pytest.approx(1 + 2 + 0.25 + 1 + 2)
+    assert m["checkpoint_time"] == pytest.approx(0.25)
+    assert m["breakdown"]["total"] == pytest.approx(2.0)  # the two core windows
+    meter.stopped()  # a run stopped after its last checkpoint: it is inside the training time
+    assert meter.checkpoint_time() == pytest.approx(0.75)
+
+
 def test_a_resumed_meter_adds_every_span_to_the_segments_before_it():
     clock = FakeClock(100.0)
     first = scripted_run(clock)  # init 3 s, train 20 s, e2e 23 s

@@ -164,15 +164,36 @@ def test_upgrade_leaves_current_results_as_they_are():
     assert upgrade(copy.deepcopy(built)) == built
 
 
+def _as_version_3(status: str = "completed") -> dict[str, Any]:
+    """The built results as a file of schema 3 has them: no breakdown of the time, no kind of
+    failure."""
+    older = _built(status)
+    del older["metrics"]["breakdown"], older["metrics"]["breakdown_note"], older["failure"]
+    return older
+
+
 def test_a_version_2_file_gets_no_notes():
-    older = {key: value for key, value in _built().items() if key not in ("notes", "failure")}
-    assert upgrade({**older, "schema_version": 2}) == _built()
+    older = {key: value for key, value in _as_version_3().items() if key != "notes"}
+    upgraded = upgrade({**older, "schema_version": 2})
+    assert upgraded["notes"] == [] and upgraded["schema_version"] == SCHEMA_VERSION
+
+
+def test_a_version_3_file_gets_a_null_breakdown_with_its_reason():
+    upgraded = upgrade({**_as_version_3(), "schema_version": 3})
+    check(upgraded)
+    m = upgraded["metrics"]
+    assert m["breakdown"] is None
+    assert m["breakdown_note"] == "results written before retinaperf broke the training time down"
+    assert "- time breakdown: none: results written before" in render_report(upgraded)
+    # everything else as it was written
+    expected = _built()
+    expected["metrics"] |= {"breakdown": None, "breakdown_note": m["breakdown_note"]}
+    assert upgraded == expected
 
 
 def test_a_version_3_failed_file_records_no_kind_of_failure():
-    failed = {**_built("failed"), "failure": "out_of_memory"}
-    older = {key: value for key, value in failed.items() if key != "failure"}
-    upgraded = upgrade({**older, "schema_version": 3})
+    upgraded = upgrade({**_as_version_3("failed"), "schema_version": 3})
+    check(upgraded)
     assert upgraded["failure"] is None and upgraded["status"] == "failed"
 
 

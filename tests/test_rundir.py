@@ -17,7 +17,7 @@ from cli_helpers import run_cli
 
 from retinaperf.run import checkpoint
 
-LONG = {"epochs": 4, "max_steps": 0, "monitor_interval": 0}  # 40 steps: some seconds
+HERE = Path(__file__).parent
 
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
@@ -29,6 +29,23 @@ def start(args: list[str], cwd: Path) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def start_held(args: list[str], cwd: Path, at_step: int) -> tuple[subprocess.Popen, Path]:
+    """`retinaperf ARGS` in a process of its own that holds before its `at_step`-th step while
+    the file returned exists (tests/held_run.py): live for as long as the test needs, however
+    slow the machine, without training for that long."""
+    hold = cwd / "hold"
+    hold.touch()
+    script = [str(HERE / "held_run.py"), str(hold), str(at_step)]
+    process = subprocess.Popen(
+        [sys.executable, *script, *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return process, hold
 
 
 def wait_for(condition, process: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -47,7 +64,8 @@ def has_stepped(out: Path) -> bool:
 def test_runs_started_together_without_an_output_dir_each_get_their_own(
     tiny_dataset, tiny_run_args, tmp_path
 ):
-    args = [a for a in tiny_run_args(tiny_dataset, Path("unused")) if a != "--output-dir"]
+    unnamed = tiny_run_args(tiny_dataset, Path("unused"), max_steps=1)
+    args = [a for a in unnamed if a != "--output-dir"]
     args.remove("unused")
     runs = [start(args, tmp_path) for _ in range(3)]
     for process in runs:
@@ -65,7 +83,8 @@ def test_a_folder_a_live_run_writes_in_is_refused_and_the_live_run_goes_on(
     second, tiny_dataset, tiny_run_args, tmp_path, capsys
 ):
     out = tmp_path / "run"
-    live = start(tiny_run_args(tiny_dataset, out, **LONG), tmp_path)
+    # 2 steps, held before the second while the other run is refused
+    live, hold = start_held(tiny_run_args(tiny_dataset, out, monitor_interval=0), tmp_path, 2)
     wait_for(lambda: has_stepped(out), live)
     args = (
         ["run", "--resume", str(out)] if second == "--resume" else tiny_run_args(tiny_dataset, out)
@@ -73,6 +92,8 @@ def test_a_folder_a_live_run_writes_in_is_refused_and_the_live_run_goes_on(
     assert run_cli(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{out} is in use by process {live.pid} on " in err[0]
+    assert live.poll() is None  # still live, and now let go on
+    hold.unlink()
     _, stderr = live.communicate(timeout=600)
     assert live.returncode == 0, stderr
     assert json.loads((out / "results.json").read_text())["status"] == "completed"
@@ -80,8 +101,9 @@ def test_a_folder_a_live_run_writes_in_is_refused_and_the_live_run_goes_on(
 
 def test_a_killed_runs_lock_does_not_block_its_resume(tiny_dataset, tiny_run_args, tmp_path):
     out = tmp_path / "run"
-    settings = {**LONG, "checkpoint_minutes": 1e-6}  # a checkpoint at every step
-    live = start(tiny_run_args(tiny_dataset, out, **settings), tmp_path)
+    # A checkpoint at every step; held before the 3rd (for good: it is killed there).
+    settings = {"max_steps": 3, "monitor_interval": 0, "checkpoint_minutes": 1e-6}
+    live, _ = start_held(tiny_run_args(tiny_dataset, out, **settings), tmp_path, 3)
     wait_for(lambda: len(checkpoint.saved(out)) >= 2, live)
     os.kill(live.pid, signal.SIGKILL)  # no stop of its own: its lock stays on disk
     live.communicate()

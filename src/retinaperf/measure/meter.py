@@ -12,6 +12,7 @@ Windows (seconds):
     eval_time  = sum of evaluation windows
     core time  = sum of core windows (forward + loss + backward + optimizer step)
     steady core time = the same without the first `timing_warmup_steps` steps
+    data time = sum of [wait for data, copy] (`batches`, `copying`): the breakdown's (breakdown.py)
 
 How device work is timed:
 - Evaluations and checkpoints: the host clock between two device synchronizes.
@@ -34,13 +35,14 @@ import contextlib
 import dataclasses
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
 from retinaperf.distributed import DistEnv, synchronize
+from retinaperf.measure.breakdown import CommTimer, breakdown
 from retinaperf.measure.energy import Phase
 
 
@@ -67,6 +69,11 @@ _TOTALS = (
     "images", "steps", "core_seconds", "steady_images", "steady_core_seconds", "eval_seconds",
     "checkpoint_seconds",
 )  # fmt: skip
+# The seconds of the time breakdown: a checkpoint written before they were counted has none, and
+# a run resumed from it counts them from then on.
+_BREAKDOWN_TOTALS = ("data_seconds", "comm_seconds", "host_bound_seconds")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -82,6 +89,9 @@ class Meter:
     on the host clock between synchronizes (the CPU)."""
     phases: Phases | None = None
     """Told where training, each evaluation and a stop begin; None: nothing follows them."""
+    comm: CommTimer | None = None
+    """Times DDP's all-reduce (the hook `step.wrap_ddp` registers; `comm_timer`); None: one
+    rank."""
     train_start: float | None = None
     train_end: float | None = None
     images: int = 0
@@ -91,6 +101,13 @@ class Meter:
     steady_core_seconds: float = 0.0
     eval_seconds: float = 0.0
     checkpoint_seconds: float = 0.0
+    data_seconds: float = 0.0
+    """Waiting for the next training batch and copying it to the device (`batches`, `copying`)."""
+    comm_seconds: float = 0.0
+    """The exposed part of DDP's all-reduce, inside the core windows (`CommTimer`)."""
+    host_bound_seconds: float = 0.0
+    """On an accelerator: the device time of the core windows that the host took at least as long
+    to enqueue (the device could only follow the host)."""
     evals: list[EvalRecord] = field(default_factory=list)
     prior_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_SPANS, 0.0))
     """Each span's seconds in the segments before this one (a resumed run)."""
@@ -100,7 +117,10 @@ class Meter:
     batch_shapes: set[tuple[int, ...]] = field(default_factory=set)
     """The distinct padded batch shapes the training steps saw."""
     _pending: deque = field(default_factory=deque)
-    """Core windows whose events the device may not have reached: (start, end, steady)."""
+    """Core windows whose events the device may not have reached: (start, end, steady, the
+    host's seconds enqueuing the step, the step's all-reduce stamps or None)."""
+    _checkpoints: list[tuple[float, float]] = field(default_factory=list)
+    """This segment's checkpoints: (start, seconds)."""
 
     def train_started(self) -> None:
         """Call after the barrier that has every rank ready."""
@@ -111,6 +131,14 @@ class Meter:
         """Seconds of training up to the last evaluation (or `stopped`), over all segments."""
         assert self.train_start is not None and self.train_end is not None
         return self._over_segments("train", self.train_start, self.train_end)
+
+    def checkpoint_time(self) -> float:
+        """Seconds training waited for checkpoints, over all segments: those inside `train_time`.
+        The checkpoint written after the last evaluation, where `train_time` ends, is not."""
+        after_end = sum(
+            seconds for start, seconds in self._checkpoints if start >= (self.train_end or 0.0)
+        )
+        return self.checkpoint_seconds - after_end
 
     def init_time(self) -> float:
         """Seconds from command start to train start, over all segments."""
@@ -152,16 +180,42 @@ class Meter:
             # Recorded on the stream: the device stamps them as it reaches them, the host goes on.
             start = self.events()
             start.record()
+            enqueue_start = self.clock()  # the host's own time for the step: a read, no wait
             yield
+            enqueued = self.clock() - enqueue_start
             end = self.events()
             end.record()
-            self._pending.append((start, end, steady))
+            comm = self.comm.step_done() if self.comm is not None else None
+            self._pending.append((start, end, steady, enqueued, comm))
             self.settle(wait=False)
+        if self.events is None and self.comm is not None and (comm := self.comm.step_done()):
+            ready, done = comm  # host clock readings: the CPU's all-reduce runs on the host
+            self.comm_seconds += max(0.0, done - ready)
         self.images += images
         self.steps += 1
         if steady:
             self.steady_images += images
         self._interval_images += images
+
+    def batches(self, loader: Iterable[T]) -> Iterator[T]:
+        """The items of `loader`, the wait for each added to the data time."""
+        items = iter(loader)
+        while True:
+            start = self.clock()
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            finally:
+                self.data_seconds += self.clock() - start
+            yield item
+
+    @contextlib.contextmanager
+    def copying(self) -> Iterator[None]:
+        """Times a batch's checks and its copy to the device, part of the data time."""
+        start = self.clock()
+        yield
+        self.data_seconds += self.clock() - start
 
     def saw_batch(self, shape: tuple[int, ...]) -> None:
         """A training step's padded batch shape (N, C, H, W)."""
@@ -171,12 +225,19 @@ class Meter:
         """Add the device times of the core windows the device has finished; with `wait`, wait
         for the device to finish them all (before the totals are read)."""
         while self._pending:
-            start, end, steady = self._pending[0]
+            start, end, steady, enqueued, comm = self._pending[0]
             if wait:
                 end.synchronize()
             elif not end.query():
                 return
-            self._add_core(start.elapsed_time(end) / 1000, steady)  # elapsed_time is in ms
+            seconds = start.elapsed_time(end) / 1000  # elapsed_time is in ms
+            self._add_core(seconds, steady)
+            if enqueued >= seconds:
+                self.host_bound_seconds += seconds
+            if comm is not None:
+                # The step's stream waited for the all-reduce before `end`: both are stamped.
+                ready, done = comm
+                self.comm_seconds += max(0.0, ready.elapsed_time(done) / 1000)
             self._pending.popleft()
 
     def _add_core(self, seconds: float, steady: bool) -> None:
@@ -208,7 +269,9 @@ class Meter:
         self.synchronize(self.device)
         start = self.clock()
         yield
-        self.checkpoint_seconds += self.clock() - start
+        seconds = self.clock() - start
+        self.checkpoint_seconds += seconds
+        self._checkpoints.append((start, seconds))
 
     def eval_done(self, epoch: int, stats: dict[str, float]) -> EvalRecord:
         """Record the stats of the evaluation that just ended."""
@@ -228,7 +291,7 @@ class Meter:
         self.settle()
         now = self.clock()
         return {
-            **{name: getattr(self, name) for name in _TOTALS},
+            **{name: getattr(self, name) for name in _TOTALS + _BREAKDOWN_TOTALS},
             "evals": [dataclasses.asdict(record) for record in self.evals],
             "batch_shapes": sorted(self.batch_shapes),
             "train_seconds": self._over_segments("train", self.train_start, now),
@@ -240,6 +303,8 @@ class Meter:
         """Continue from a checkpoint's totals (before `train_started`)."""
         for name in _TOTALS:
             setattr(self, name, state[name])
+        for name in _BREAKDOWN_TOTALS:
+            setattr(self, name, state.get(name, 0.0))
         self.evals = [EvalRecord(**record) for record in state["evals"]]
         self.batch_shapes = {tuple(shape) for shape in state["batch_shapes"]}
         self.prior_seconds = {span: state[f"{span}_seconds"] for span in _SPANS}
@@ -258,6 +323,23 @@ def device_events(device: torch.device) -> Callable[[], Any] | None:
     if device.type == "cpu":
         return None
     return lambda: torch.Event(device=device, enable_timing=True)
+
+
+def comm_timer(device: torch.device, world_size: int) -> CommTimer | None:
+    """The timer of DDP's exposed all-reduce for a Meter on `device`: host clock readings on the
+    CPU, timing events on an accelerator's streams; None for one rank (no all-reduce)."""
+    if world_size == 1:
+        return None
+    events = device_events(device)
+    if events is None:
+        return CommTimer(time.perf_counter)
+
+    def stamp() -> Any:
+        event = events()
+        event.record()
+        return event
+
+    return CommTimer(stamp)
 
 
 def summarize(meter: Meter, env: DistEnv, target_map: float, reduce: bool = True) -> dict:
@@ -282,11 +364,12 @@ def summarize(meter: Meter, env: DistEnv, target_map: float, reduce: bool = True
 
     train_time = meter.train_time()
     train_minus_eval = train_time - meter.eval_seconds
+    checkpoint_time = meter.checkpoint_time()
     return {
         "init_time": meter.init_time(),
         "train_time": train_time,
         "eval_time": meter.eval_seconds,
-        "checkpoint_time": meter.checkpoint_seconds,
+        "checkpoint_time": checkpoint_time,
         "core_time": core_max,
         "trained_images": int(images),
         "steps": int(steps / env.world_size),
@@ -296,6 +379,15 @@ def summarize(meter: Meter, env: DistEnv, target_map: float, reduce: bool = True
         # None when the run had no step after the timing warm-up
         "p_core_steady": _ratio(steady_images, steady_core_max),
         "timing_warmup_steps": meter.timing_warmup_steps,
+        # Rank 0's own view, as train_time is: its parts add up to its training time.
+        "breakdown": breakdown(
+            train_minus_eval - checkpoint_time,
+            meter.data_seconds,
+            meter.core_seconds,
+            meter.comm_seconds,
+            None if meter.events is None else meter.host_bound_seconds,
+        ),
+        "breakdown_note": None,
         **_accuracy(meter.evals, target_map),
     }
 

@@ -26,6 +26,7 @@ def lines(results: dict) -> list[str]:
         f"{m['train_time']:.1f}, of which evaluation {m['eval_time']:.1f}; core "
         f"{m['core_time']:.1f}",
         _steady_line(m),
+        *breakdown_lines(m),
         *_resilience_lines(results),
         *_profile_lines(results["config"]),
         f"- mem: {m['mem']} GiB ({m['mem_source']}); this process's view {m['mem_process']} "
@@ -106,6 +107,28 @@ def _resilience_lines(results: dict) -> list[str]:
             "between them, counted in no time above"
         )
     return lines
+
+
+def breakdown_lines(m: dict) -> list[str]:
+    """Where the training time went, and what bounds the run (docs/metrics.md)."""
+    b = m["breakdown"]
+    if b is None:
+        return [f"- time breakdown: none: {m['breakdown_note']}"]
+    parts = ", ".join(
+        f"{p['part']} {p['seconds']:.1f} s ({_share(p['share'])})" for p in b["parts"]
+    )
+    cpu = " (on the CPU the device is the host: one part, device)" if b["device_is_host"] else ""
+    lines = [
+        f"- where the time went, of {b['total']:.1f} s of training without evaluation and "
+        f"checkpoints: {parts}{cpu}"
+    ]
+    if b["bound_by"] is None:
+        return [*lines, f"- bound by: {NO_VALUE} ({b['evidence']})"]
+    return [*lines, f"- bound by: {b['bound_by']} ({b['evidence']}); try: {b['advice']}"]
+
+
+def _share(share: float | None) -> str:
+    return NO_VALUE if share is None else f"{share:.0%}"
 
 
 def _steady_line(m: dict) -> str:

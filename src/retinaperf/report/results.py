@@ -5,9 +5,10 @@ brings a file of any earlier version to the current shape (`upgrade.upgrade`) an
 (`check`), so that no reader needs to know which version wrote it. Versions: 0, files without
 `schema_version` (their fields came in over several commits, back to the first committed
 results, of 966242c); 1, the first versioned schema; 2, issue 18: device plug-ins name their
-readings and peaks; 3: `notes`, what went wrong after the outcome was written (issue
-23); 4, this one: `failure`, what kind of failure a failed run met (issue 25: `retinaperf sweep`
-records a run out of memory as the boundary of the batch, not as a crash).
+readings and peaks; 3, `notes`, what went wrong after the outcome was written (issue 23); 4,
+this one (issue 25): `breakdown`, where the training time went, and `failure`, what kind of
+failure a failed run met (`retinaperf sweep` records a run out of memory as the boundary of the
+batch, not as a crash).
 
 TypedDicts, not dataclasses: results.json is a JSON object that readers index by key and the
 builder writes as a dict; TypedDicts type those keys without a conversion at either end, and
@@ -40,6 +41,23 @@ class Evaluation(TypedDict):
     seconds: float
 
 
+class TimePart(TypedDict):
+    part: Literal["data", "host", "device", "communication", "other"]
+    seconds: float  # "other" is negative where parts overlapped
+    share: float | None  # of the breakdown's total; None: a total of 0
+
+
+class Breakdown(TypedDict):
+    """Where the training time went (`measure.breakdown.breakdown`, docs/metrics.md)."""
+
+    total: float  # train_time - eval_time - checkpoint_time
+    parts: list[TimePart]  # they add up to `total`
+    device_is_host: bool  # the CPU: no host part, the device's is the host's time
+    bound_by: Literal["data", "host", "device", "communication"] | None
+    evidence: str
+    advice: str | None  # None: no verdict (no step timed)
+
+
 class Summary(TypedDict):
     """The times, throughputs and accuracy of docs/metrics.md (`measure.meter.summarize`)."""
 
@@ -55,6 +73,8 @@ class Summary(TypedDict):
     p_core: float | None
     p_core_steady: float | None  # None: no step after the first timing_warmup_steps
     timing_warmup_steps: int
+    breakdown: Breakdown | None  # None: a file written before the breakdown (breakdown_note)
+    breakdown_note: str | None  # why there is no breakdown; None when there is one
     mAP: float | None  # None: a stopped run with no evaluation
     best_mAP: float | None
     best_epoch: int | None

@@ -33,7 +33,12 @@ def upgrade(results: dict[str, Any]) -> dict[str, Any]:
     if version < 2:
         _from_version_1(upgraded)
     upgraded.setdefault("notes", [])  # version 3: nothing was noted after the outcome before
-    # version 4: a failure's kind was not recorded before (None: not known, as for no failure)
+    # Version 4 (issue 25): the time was not broken down before, nor a failure's kind recorded
+    # (None: not known, as for no failure).
+    upgraded["metrics"].setdefault("breakdown", None)
+    upgraded["metrics"].setdefault(
+        "breakdown_note", "results written before retinaperf broke the training time down"
+    )
     upgraded.setdefault("failure", None)
     # First, as written; a versioned file's own (older) number must not win over it.
     return {

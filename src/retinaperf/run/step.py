@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from retinaperf.config import ModelConfig, TrainConfig
 from retinaperf.distributed import DistEnv
 from retinaperf.errors import OutOfMemory, UserError
+from retinaperf.measure.breakdown import CommTimer
 from retinaperf.measure.memory import is_out_of_memory
 from retinaperf.model.precision import Precision
 
@@ -87,8 +88,11 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def wrap_ddp(model: nn.Module, env: DistEnv) -> tuple[nn.Module, dict | None]:
-    """The model DDP-wrapped when there are several ranks, and how it was wrapped."""
+def wrap_ddp(
+    model: nn.Module, env: DistEnv, comm: CommTimer | None = None
+) -> tuple[nn.Module, dict | None]:
+    """The model DDP-wrapped when there are several ranks, and how it was wrapped; `comm`, when
+    given, times its all-reduce (the default one, as its communication hook)."""
     if env.world_size == 1:
         return model, None
     options = {
@@ -110,8 +114,12 @@ def wrap_ddp(model: nn.Module, env: DistEnv) -> tuple[nn.Module, dict | None]:
         # torch 2.13 renamed the per-forward broadcast (and warns on every rank at the old
         # name); unlike the old False, the new one still syncs buffers once at init, which is
         # harmless here: every rank starts from the same weights.
-        return ddp(forward_sync_buffers=options["broadcast_buffers"]), options
-    return ddp(broadcast_buffers=options["broadcast_buffers"]), options
+        wrapped = ddp(forward_sync_buffers=options["broadcast_buffers"])
+    else:
+        wrapped = ddp(broadcast_buffers=options["broadcast_buffers"])
+    if comm is not None:
+        wrapped.register_comm_hook(None, comm.hook)  # None: the default process group
+    return wrapped, options
 
 
 # Every batch norm class of torch.nn, by their public names (their private base,

@@ -30,7 +30,7 @@ from retinaperf.measure import energy
 from retinaperf.measure.devices import registry
 from retinaperf.measure.devices.base import DevicePlugin
 from retinaperf.measure.memory import is_out_of_memory
-from retinaperf.measure.meter import EvalRecord, Meter, device_events
+from retinaperf.measure.meter import EvalRecord, Meter, comm_timer, device_events
 from retinaperf.measure.monitor import HostSampler, Monitor
 from retinaperf.measure.profiling import StepProfiler
 from retinaperf.model import precision, weights
@@ -152,6 +152,7 @@ class Trainer:
             timing_warmup_steps=self.config.train.timing_warmup_steps,
             events=device_events(env.device),
             phases=self.energy,
+            comm=comm_timer(env.device, env.world_size),
         )
         # The padded batch shapes of the training steps (cuDNN's benchmark mode and CUDA
         # graphs work per shape): the model's transform makes them.
@@ -205,7 +206,7 @@ class Trainer:
         self.flops_per_image, self.setup_failure = counted
         if config.model.compile:
             model.compile_parts(config.model.compile_mode)
-        self.model, ddp = step.wrap_ddp(model, env)
+        self.model, ddp = step.wrap_ddp(model, env, self.meter.comm)
         implementation = step.implementation(config.model, self.channels_last, self.optimizer, ddp)
         self.facts = {
             **self.loaders.facts,
@@ -306,14 +307,15 @@ class Trainer:
             disable=not self.env.is_main,
         )
         with bar:  # closed on error too, so the error starts on a line of its own
-            for step_in_epoch, batch in enumerate(self.loaders.train_loader, start):
+            for step_in_epoch, batch in enumerate(meter.batches(self.loaders.train_loader), start):
                 lr = cfg.lr * step.lr_factor(
                     step_in_epoch, epoch, warmup_iters, cfg.warmup_factor, cfg.lr_steps,
                     cfg.lr_gamma,
                 )  # fmt: skip
                 step.set_lr(self.optimizer, lr)
-                images, targets = coco.check_batch(batch)  # outside the core window: the wait
-                images, targets = coco.to_device(images, targets, self.env.device)  # and copy
+                with meter.copying():  # outside the core window, as the wait for the batch
+                    images, targets = coco.check_batch(batch)
+                    images, targets = coco.to_device(images, targets, self.env.device)
                 number = meter.steps + 1
                 self.profiler.before_step(number)
                 with meter.core_step(len(images)):
