@@ -19,7 +19,6 @@ from retinaperf.data import coco, sampling, synth
 from retinaperf.distributed import DistEnv
 from retinaperf.errors import OutOfMemory, UserError
 from retinaperf.measure import scoring, utilization
-from retinaperf.measure.memory import is_out_of_memory
 from retinaperf.model import weights
 from retinaperf.model.precision import Precision
 from retinaperf.report import results
@@ -192,8 +191,8 @@ def count_flops(
     try:
         return utilization.train_flops_per_image(model, images, targets, trained_in.autocast), None
     except Exception as err:
-        if not is_out_of_memory(err):
-            raise
         where = "counting the FLOPs of the first batch (a training step's forward and backward)"
-        message = step.out_of_memory_message(env.device, where, images, cfg, trained_in.name, err)
-    return None, OutOfMemory(message)  # outside the handler: its frames (and tensors) are gone
+        oom = step.out_of_memory(err, env.device, where, images, cfg, trained_in)
+        if oom is None:
+            raise
+    return None, oom  # outside the handler: its frames (and tensors) are gone

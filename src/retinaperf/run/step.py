@@ -156,28 +156,30 @@ def implementation(
     }
 
 
-def out_of_memory_message(
+def out_of_memory(
+    err: BaseException,
     device: torch.device,
     where: str,
     images: list[torch.Tensor],
     model: ModelConfig,
-    precision: str,
-    err: BaseException,
-) -> str:
-    """What to do when a step (`where`: "at step 3") ran out of device memory, with the batch
-    that did it."""
+    precision: Precision,
+) -> OutOfMemory | None:
+    """Where `err` is an allocation that failed in a step's work (`where`: "at step 3"), the
+    OutOfMemory that says what to do, with the batch that did it; None for any other error."""
+    if not is_out_of_memory(err):
+        return None
     largest = max(images, key=lambda image: image.shape[1] * image.shape[2])
-    return (
+    return OutOfMemory(
         f"out of {device} memory {where}: local batch {len(images)}, images up to "
         f"{largest.shape[2]}x{largest.shape[1]} px resized to short side {model.min_size} "
-        f"(long side at most {model.max_size}), precision {precision}: lower batch_size "
+        f"(long side at most {model.max_size}), precision {precision.name}: lower batch_size "
         f"(and lr with it), min_size/max_size, or use bf16/amp ({str(err).splitlines()[0]})"
     )
 
 
 def as_out_of_memory(err: BaseException, device: torch.device) -> BaseException:
     """`err` as OutOfMemory where it is an allocation that failed (in an evaluation, say:
-    a step's own says more, `out_of_memory_message`), so that it is recorded as such and told
+    a step's own says more, `out_of_memory`), so that it is recorded as such and told
     in one line; any other error as it is."""
     if isinstance(err, UserError) or not is_out_of_memory(err):
         return err

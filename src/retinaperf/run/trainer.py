@@ -25,11 +25,10 @@ from retinaperf import clock
 from retinaperf.config import RunConfig, parse_step_window, workload
 from retinaperf.data import coco
 from retinaperf.distributed import DistEnv
-from retinaperf.errors import OutOfMemory, UserError
+from retinaperf.errors import UserError
 from retinaperf.measure import energy
 from retinaperf.measure.devices import registry
 from retinaperf.measure.devices.base import DevicePlugin
-from retinaperf.measure.memory import is_out_of_memory
 from retinaperf.measure.meter import EvalRecord, Meter, comm_timer, device_events
 from retinaperf.measure.monitor import HostSampler, Monitor
 from retinaperf.measure.profiling import StepProfiler
@@ -200,9 +199,9 @@ class Trainer:
         in the event log."""
         config, env = self.config, self.env
         # Counted before compiling (compiled kernels bypass the FLOP counter) and before DDP
-        # wraps the model (so that no gradient hook fires). Out of memory, it is the run's
-        # failure, raised once the trainer is whole (job.py), so that results.json records it.
-        counted = build.count_flops(model, self.loaders, env, self.precision, self.config.model)
+        # wraps the model (no gradient hook fires); out of memory there fails the run once the
+        # trainer is whole (job.py), so that results.json records it.
+        counted = build.count_flops(model, self.loaders, env, self.precision, config.model)
         self.flops_per_image, self.setup_failure = counted
         if config.model.compile:
             model.compile_parts(config.model.compile_mode)
@@ -344,14 +343,12 @@ class Trainer:
                 self.precision,
                 self.config.train.clip_grad_norm,
             )
-        except Exception as err:  # out of memory; anything else goes on up
-            if not is_out_of_memory(err):
+        except Exception as err:  # out of memory told with its batch; anything else as it is
+            model, where = self.config.model, f"at step {number}"
+            oom = step.out_of_memory(err, self.env.device, where, images, model, self.precision)
+            if oom is None:
                 raise
-            message = step.out_of_memory_message(
-                self.env.device, f"at step {number}", images, self.config.model,
-                self.precision.name, err,
-            )  # fmt: skip
-            raise OutOfMemory(message) from None
+            raise oom from None
         self.watch.update(losses)
         return losses
 
@@ -430,10 +427,9 @@ class Trainer:
         return record
 
     def close(self) -> None:
-        """Close what the set-up opened, last first; in a `finally`, whatever happened. Lets
-        go of the DDP wrapper, whose reducer holds the process group: the trainer itself may
-        outlive the run (a library's reference cycle can keep a frame that holds it), the
-        group must not."""
+        """Close what the set-up opened, last first, whatever happened. Lets go of the DDP
+        wrapper, whose reducer holds the process group: the trainer may outlive the run (a
+        library's reference cycle can keep a frame that holds it); the group must not."""
         self._owned.close()
         if hasattr(self, "inference_model"):  # built: the DDP wrapper, if any, goes
             self.model = self.inference_model
