@@ -312,3 +312,27 @@ def test_ctrl_c_stops_the_sweep_and_reports_the_points_that_finished(
     assert all(p["status"] == "interrupted" for p in rest)  # the second, if it had started
     report = (out / "report.md").read_text()
     assert "then the sweep was interrupted" in report and "| batch_size-2 (smoke) |" in report
+
+
+def test_nproc_axis_runs_each_point_on_its_processes_and_reports_scaling(
+    tiny_run_args, sweep_dataset, tmp_path
+):
+    """`--vary nproc_per_node=1,2`, the seed's 1x1 and 1xN rows: the 2-process point runs two
+    ranks (torchrun, gloo) at twice the global batch and, by the linear rule, twice the lr; the
+    report's row for it has the scaling figure against the 1-process point."""
+    out = tmp_path / "sweep"
+    args = ["sweep", *tiny_run_args(sweep_dataset, out, max_steps=1, monitor_interval=0)[1:]]
+    assert cli.main([*args, "--vary", "nproc_per_node=1,2"]) == 0
+    points = json.loads((out / SWEEP).read_text())["points"]
+    assert [(p["name"], p["nproc_per_node"]) for p in points] == [
+        ("nproc_per_node-1", 1),
+        ("nproc_per_node-2", 2),
+    ]
+    one, two = (json.loads((out / p["name"] / RESULTS).read_text())["metrics"] for p in points)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert two["global_batch"] == 2 * one["global_batch"]
+    assert two["lr"] == pytest.approx(2 * one["lr"]) and two["lr"] == points[1]["lr"]
+    report = (out / "report.md").read_text()
+    row = next(line for line in report.splitlines() if "| nproc_per_node-2 (smoke) |" in line)
+    scaling = two["p_train"] / (2 * one["p_train"])
+    assert f"| {100 * scaling:.1f}% |" in row
