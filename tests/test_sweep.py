@@ -74,6 +74,36 @@ def test_batch_search_stops_at_a_failure_and_when_nothing_fits():
     assert (none.largest_fit, none.smallest_out_of_memory, none.tried) == (None, 1, [4, 2, 1])
 
 
+@pytest.mark.parametrize("max_trials", [1, 2, 3, 4, 5])
+def test_batch_search_runs_at_most_max_trials_batches_and_brackets_the_boundary(max_trials):
+    """Capacity 37 from 16: the whole search is 16, 32, 64, 48, 40, 36, 38, 37 (8 batches)."""
+    whole = batch_search.search(16, lambda batch: "fits" if batch <= 37 else "out_of_memory")
+    limited = batch_search.search(
+        16, lambda batch: "fits" if batch <= 37 else "out_of_memory", max_trials
+    )
+    assert limited.tried == whole.tried[:max_trials] and limited.out_of_trials
+    assert limited.stopped_at is None
+    fitted = [b for b in limited.tried if b <= 37]
+    too_large = [b for b in limited.tried if b > 37]
+    assert limited.largest_fit == max(fitted)
+    assert limited.smallest_out_of_memory == (min(too_large) if too_large else None)
+    exact = batch_search.search(16, lambda batch: "fits" if batch <= 37 else "out_of_memory", 8)
+    assert exact.tried == whole.tried and not exact.out_of_trials
+
+
+@pytest.mark.parametrize(
+    ("find_batch", "max_trials", "message"),
+    [
+        (False, 3, "--max-trials: it limits --find-batch's search; add --find-batch"),
+        (True, -1, "--max-trials -1: give 0 .no limit. or a number of batches"),
+    ],
+)
+def test_max_trials_needs_a_search_and_a_count(find_batch, max_trials, message):
+    axes = parse_axes(["precision=fp32,bf16"])
+    with pytest.raises(UserError, match=message):
+        sweep.check_plan(axes, find_batch, "linear", {}, max_trials)
+
+
 def _point(batch, p_core, status="completed", precision="fp32"):
     return {
         "name": f"b{batch}",
@@ -336,3 +366,13 @@ def test_nproc_axis_runs_each_point_on_its_processes_and_reports_scaling(
     row = next(line for line in report.splitlines() if "| nproc_per_node-2 (smoke) |" in line)
     scaling = two["p_train"] / (2 * one["p_train"])
     assert f"| {100 * scaling:.1f}% |" in row
+
+
+def test_a_limited_search_says_so_in_sweep_json_and_the_report(tmp_path, capsys):
+    base = Base("A100-1x1", 16, 0.04, 1, "bf16", 0.0, True)
+    plan = SweepPlan(tmp_path, (), True, "linear", base, None, lambda n, pairs: [], "START", 3)
+    written = sweep.write_outputs(plan, [], None)
+    capsys.readouterr()
+    assert json.loads((tmp_path / SWEEP).read_text())["max_trials"] == written["max_trials"] == 3
+    report = (tmp_path / "report.md").read_text()
+    assert "the largest batch searched (--find-batch, at most 3 batches a search)" in report

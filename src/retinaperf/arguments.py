@@ -71,6 +71,15 @@ def add_sweep(sweep: argparse.ArgumentParser) -> None:
         "doubling then bisecting from the configuration's batch",
     )
     sweep.add_argument(
+        "--max-trials",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --find-batch: run at most N batches per search, to fit a time budget; its "
+        "answer is then the largest that fitted and the smallest that did not, with the batches "
+        "between untried (default: 0, search until they are one apart)",
+    )
+    sweep.add_argument(
         "--lr-rule",
         choices=("linear", "none"),
         default="linear",

@@ -210,7 +210,7 @@ def _sweep(args: argparse.Namespace) -> int:
     overrides = config.parse_overrides(pairs)  # a bad setting, once, before any point runs
     resolved = config.resolve(args.preset or "smoke", overrides, args.synthetic)
     axes = sweep.parse_axes(args.vary)
-    sweep.check_plan(axes, args.find_batch, args.lr_rule, overrides)
+    sweep.check_plan(axes, args.find_batch, args.lr_rule, overrides, args.max_trials)
     for varied in sweep.axis_overrides(axes):  # each value checked before any point runs
         config.resolve(args.preset or "smoke", {**overrides, **varied}, args.synthetic)
     out_dir = Path(args.output_dir) if args.output_dir else files.new_timestamped_dir()
@@ -224,9 +224,8 @@ def _sweep(args: argparse.Namespace) -> int:
             return [sys.executable, "-m", "retinaperf", *child]
         return _torchrun_command(nproc, child)
 
-    plan = sweep.SweepPlan(
-        out_dir, axes, args.find_batch, args.lr_rule, base, args.nproc_per_node, command, START_ENV
-    )
+    launch_plan = (base, args.nproc_per_node, command, START_ENV, args.max_trials)
+    plan = sweep.SweepPlan(out_dir, axes, args.find_batch, args.lr_rule, *launch_plan)
     with invocation.handed_down():  # so that a point's messages name the command typed
         return sweep.run_sweep(plan)
 

@@ -89,7 +89,8 @@ def render(sweep: dict[str, Any], runs: list[dict], plot: str | None) -> str:
     """report.md of a sweep: sweep.json's points and summary, the completed points' results."""
     base = sweep["base"]
     axes = "; ".join(f"{k}={','.join(v)}" for k, v in sweep["axes"].items())
-    searched = "; the largest batch searched (--find-batch)" if sweep["find_batch"] else ""
+    trials = f", at most {sweep['max_trials']} batches a search" if sweep["max_trials"] else ""
+    searched = f"; the largest batch searched (--find-batch{trials})" if sweep["find_batch"] else ""
     lines = [
         f"# retinaperf sweep: preset {base['preset']}",
         "",

@@ -4,7 +4,9 @@ it fits, then bisect between the largest that fitted and the smallest that ran o
 
 Where the start itself runs out of memory, the batch is halved until one fits (or batch 1 does
 not). A point that fails for another reason, or is interrupted, ends the search where it stands:
-nothing above it can be told to fit or not.
+nothing above it can be told to fit or not. So does a limit on the batches tried (Lightning's
+`max_trials`), for a search that must fit a time budget: its answer is then a bracket, the
+largest batch that fitted and the smallest that did not, with the batches between untried.
 """
 
 from __future__ import annotations
@@ -22,15 +24,19 @@ class SearchResult:
     smallest_out_of_memory: int | None = None  # None: no batch tried ran out of memory
     stopped_at: int | None = None  # the batch whose failure (or interruption) ended the search
     tried: list[int] = field(default_factory=list)  # in the order they ran
+    out_of_trials: bool = False  # the limit on the batches tried ended the search
 
 
-def search(start: int, attempt: Callable[[int], Outcome]) -> SearchResult:
-    """Run `attempt(batch)` for the batches of the search from `start` (>= 1); the result holds
-    the largest that fitted and the smallest that did not: they differ by 1 unless the search
-    stopped early."""
+def search(start: int, attempt: Callable[[int], Outcome], max_trials: int = 0) -> SearchResult:
+    """Run `attempt(batch)` for the batches of the search from `start` (>= 1), at most
+    `max_trials` of them (0: no limit); the result holds the largest that fitted and the smallest
+    that did not: they differ by 1 unless the search stopped early."""
     result = SearchResult()
 
     def tried(batch: int) -> Outcome:
+        if max_trials and len(result.tried) == max_trials:
+            result.out_of_trials = True
+            return "stop"
         result.tried.append(batch)
         outcome = attempt(batch)
         if outcome == "fits":

@@ -68,6 +68,7 @@ class SweepPlan:
     # `retinaperf run` for N processes (None: one) with the point's `--set` pairs
     command: Callable[[int | None, list[str]], list[str]]
     start_variable: str  # the environment variable that hands a point its start time
+    max_trials: int = 0  # --find-batch's batches tried per search at most (0: no limit)
 
 
 def parse_axes(texts: list[str]) -> tuple[Axis, ...]:
@@ -99,9 +100,16 @@ def parse_axes(texts: list[str]) -> tuple[Axis, ...]:
     return tuple(axes)
 
 
-def check_plan(axes: tuple[Axis, ...], find_batch: bool, lr_rule: str, overrides: dict) -> None:
-    """What cannot go together: the batch searched and varied, lr varied and scaled."""
+def check_plan(
+    axes: tuple[Axis, ...], find_batch: bool, lr_rule: str, overrides: dict, max_trials: int = 0
+) -> None:
+    """What cannot go together: the batch searched and varied, lr varied and scaled, a limit on
+    a search's trials without a search."""
     keys = [axis.key for axis in axes]
+    if max_trials < 0:
+        raise UserError(f"--max-trials {max_trials}: give 0 (no limit) or a number of batches")
+    if max_trials and not find_batch:
+        raise UserError("--max-trials: it limits --find-batch's search; add --find-batch")
     if find_batch and BATCH in keys:
         raise UserError("--find-batch: drop --vary batch_size: the search chooses the batches")
     if not find_batch and not axes:
@@ -225,7 +233,7 @@ def _run_points(plan: SweepPlan, records: list[dict[str, Any]], received: list[i
             record = attempt({**values, BATCH: str(batch)}, f"searching; {left} searches after it")
             return _search_outcome(record, received)
 
-        result = batch_search.search(plan.base.batch_size, fits)
+        result = batch_search.search(plan.base.batch_size, fits, plan.max_trials)
         if received or (records and records[-1]["status"] == "interrupted"):
             return received[0] if received else signal.SIGINT
         print(_search_line(values, result), flush=True)
@@ -242,9 +250,10 @@ def _search_line(values: dict[str, str], result: batch_search.SearchResult) -> s
     where = ", ".join(f"{k}={v}" for k, v in values.items()) or "the configuration"
     if result.stopped_at is not None:
         return f"retinaperf: {where}: search stopped at batch {result.stopped_at} (failed)"
+    untried = f" (--max-trials {len(result.tried)} reached)" if result.out_of_trials else ""
     return (
         f"retinaperf: {where}: largest batch that fits {result.largest_fit}, out of memory at "
-        f"{result.smallest_out_of_memory}"
+        f"{result.smallest_out_of_memory}{untried}"
     )
 
 
@@ -317,6 +326,7 @@ def write_outputs(plan: SweepPlan, records: list[dict[str, Any]], stopped_by: in
         "status": "interrupted" if stopped_by is not None else "completed",
         "axes": {axis.key: list(axis.values) for axis in plan.axes},
         "find_batch": plan.find_batch,
+        "max_trials": plan.max_trials,
         "lr_rule": plan.lr_rule,
         "base": {
             "preset": plan.base.preset,
