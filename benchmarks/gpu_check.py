@@ -3,10 +3,10 @@ in which, and how long each should take on one H100).
 
 Tier 1, the default, answers the main questions in about 5 minutes of one H100: the tests
 marked `gpu`, then the throughput mode of the A100-1x1 preset (its batch, lr and 800x1333
-resize, on generated COCO-like data) for 40 steps in fp32, bf16, bf16 with torchvision's code
+resize, on generated COCO-like data) for 30 steps in fp32, bf16, bf16 with torchvision's code
 for every part of the step (the reference) and bf16 with torch.compile replaying CUDA graphs,
-and bf16 stopped by SIGTERM, resumed and compared with the same run left alone. A short
-`sweep --find-batch` in bf16 joins tier 1 once `retinaperf sweep` exists. Tier 2 runs 100
+and bf16 stopped by SIGTERM, resumed and compared with the same run left alone, and a short
+`sweep --find-batch` in bf16 (two batches from 32: the largest batch's bracket). Tier 2 runs 100
 steps of the rest: amp, fp32-strict, and bf16 without channels-last, with cuDNN's benchmark
 mode, with a profiler window (top operators, how much of the window the device was busy) and
 with torch.compile: what each choice of the step is worth there. Writes
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import re
 import shlex
@@ -42,6 +43,11 @@ sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
 import torch  # noqa: E402
 from gpu_tiers import (  # noqa: E402
+    FIND_BATCH,
+    FIND_BATCH_SETTINGS,
+    FIND_BATCH_START,
+    FIND_BATCH_STEPS,
+    FIND_BATCH_TRIALS,
     PROFILED,
     RESUME,
     RESUME_SETTINGS,
@@ -62,11 +68,13 @@ from retinaperf.files import write_text_atomic  # noqa: E402
 from retinaperf.report import comparison, loading, tables  # noqa: E402
 from retinaperf.report.events import EVENTS, read_events  # noqa: E402
 from retinaperf.report.results import RESULTS  # noqa: E402
+from retinaperf.run.sweep import SWEEP  # noqa: E402
 from retinaperf.units import NO_VALUE, significant  # noqa: E402
 
 PRESET = "A100-1x1"
 # Any precision can be asked for by name, as a run of that precision alone (tier 2).
 KNOWN_RUNS = {**{p: (f"precision={p}",) for p in KNOWN_PRECISIONS}, **RUNS}
+PAIRS_AND_SWEEPS = (RESUME, FIND_BATCH)  # entries that are not one run
 DETERMINISTIC_CUBLAS = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}  # bit-equal cuBLAS, for the pair
 
 
@@ -123,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     times = [(e.name, e.tier, e.steps, e.estimate_s, measured.get(e.name)) for e in plan]
     finished = [out_dir / e.name for e in plan if (out_dir / e.name / RESULTS).is_file()]
     loaded = [loading.load_results(d) for d in finished]
-    text = summary(name, loaded, verdict, failed, argv, resumed, times)
+    searched = out_dir / FIND_BATCH / SWEEP
+    search = json.loads(searched.read_text()) if searched.is_file() else None
+    text = summary(name, loaded, verdict, failed, argv, resumed, times, search)
     write_text_atomic(out_dir / "README.md", text)
     print(text)
     for tier, estimated, took in tier_totals(times):
@@ -135,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
 def _tiers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> set[int]:
     """The tiers asked for: --tier's, else all when --runs names the runs, else tier 1. With
     both, a run named outside the tier is refused: the two say different things."""
-    unknown = sorted(set(args.runs or ()) - {*KNOWN_RUNS, RESUME})
+    known = [*KNOWN_RUNS, *PAIRS_AND_SWEEPS]
+    unknown = sorted(set(args.runs or ()) - set(known))
     if unknown:
-        parser.error(f"--runs {', '.join(unknown)}: choose from {', '.join([*KNOWN_RUNS, RESUME])}")
+        parser.error(f"--runs {', '.join(unknown)}: choose from {', '.join(known)}")
     if args.steps is not None and args.steps < 1:
         parser.error("--steps >= 1")
     tier = args.tier or ("all" if args.runs else "1")
@@ -165,12 +176,16 @@ def _plan(args: argparse.Namespace, tiers: set[int], out_dir: Path) -> list[Plan
     for name in names:
         steps = args.steps or TIER_STEPS[tier_of(name)]
         if name == RESUME:
-            steps = min(steps, RESUME_STEPS)
-            command = _run_args((*RESUME_SETTINGS, f"max_steps={steps}"), overrides)
+            steps, settings = min(steps, RESUME_STEPS), RESUME_SETTINGS
+            command = _run_args((*settings, f"max_steps={steps}"), overrides)
+        elif name == FIND_BATCH:
+            steps, settings = args.steps or FIND_BATCH_STEPS, FIND_BATCH_SETTINGS
+            command = _find_batch_command(steps, out_dir / name, overrides)
         else:
-            command = _run_command(KNOWN_RUNS[name], steps, out_dir / name, overrides)
-        settings = RESUME_SETTINGS if name == RESUME else KNOWN_RUNS[name]
-        plan.append(Planned(name, tier_of(name), steps, estimate_s(name, settings, steps), command))
+            settings = KNOWN_RUNS[name]
+            command = _run_command(settings, steps, out_dir / name, overrides)
+        estimate = estimate_s(name, settings, steps)
+        plan.append(Planned(name, tier_of(name), steps, estimate, command))
     return plan
 
 
@@ -212,6 +227,7 @@ def summary(
     argv: list[str] | None,
     resumed: ResumeCheck | None = None,
     times: list[tuple[str, int, int | None, float, float | None]] | None = None,
+    search: dict | None = None,
 ) -> str:
     """The results folder's README: what ran, the seed's table of the runs, the columns a
     throughput check adds (p_core_steady, MFU, the float32 math in force, how the step ran), and
@@ -247,6 +263,8 @@ def summary(
             "",
             resumed.table(),
         ]
+    if search is not None:
+        lines += ["", _search_line(search)]
     if times:
         lines += [
             "",
@@ -311,6 +329,20 @@ def _extra_row(results: dict) -> dict[str, str]:
     }
 
 
+def _search_line(search: dict) -> str:
+    """What the find-batch sweep (sweep.json) found: the bracket of the largest batch."""
+    (group,) = search["groups"]
+    device = group["out_of_memory_device_gib"]
+    above = NO_VALUE if group["out_of_memory_at"] is None else str(group["out_of_memory_at"])
+    above += "" if device is None else f" (of {device:.1f} GiB)"
+    tried = ", ".join(str(p["batch_size"]) for p in search["points"])
+    return (
+        f"`sweep --find-batch` in bf16 ({FIND_BATCH}/report.md), batches tried {tried} (at most "
+        f"{search['max_trials'] or 'any number'}): largest that fits "
+        f"{group['largest_fit'] or NO_VALUE}, out of memory at {above}."
+    )
+
+
 def _bound_by(breakdown: dict | None) -> str:
     if breakdown is None or breakdown["bound_by"] is None:
         return NO_VALUE
@@ -328,6 +360,22 @@ def _run_command(
 ) -> list[str]:
     run_args = _run_args((*settings, f"max_steps={steps}"), [*overrides, f"output_dir={run_dir}"])
     return [sys.executable, "-m", "retinaperf", "run", *run_args]
+
+
+def _find_batch_command(steps: int, sweep_dir: Path, overrides: list[str]) -> list[str]:
+    """`retinaperf sweep --find-batch`: the preset's throughput mode in bf16, each point `steps`
+    steps, from FIND_BATCH_START (a batch in `overrides` wins) for FIND_BATCH_TRIALS batches."""
+    given = {pair.partition("=")[0].strip().rpartition(".")[2] for pair in overrides}
+    start = () if "batch_size" in given else (f"batch_size={FIND_BATCH_START}",)
+    sweep_args = _run_args((*FIND_BATCH_SETTINGS, *start, f"max_steps={steps}"), overrides)
+    search = [
+        "--find-batch",
+        "--max-trials",
+        str(FIND_BATCH_TRIALS),
+        "--output-dir",
+        str(sweep_dir),
+    ]
+    return [sys.executable, "-m", "retinaperf", "sweep", *sweep_args, *search]
 
 
 def _run_args(settings: tuple[str, ...], overrides: list[str]) -> list[str]:
@@ -385,12 +433,13 @@ def _parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         help=f"steps per run (default: {TIER_STEPS[1]} in tier 1, {TIER_STEPS[2]} in tier 2; "
-        f"{RESUME} at most {RESUME_STEPS})",
+        f"{RESUME} at most {RESUME_STEPS}; {FIND_BATCH} {FIND_BATCH_STEPS} a point)",
     )
     parser.add_argument(
         "--runs",
         type=lambda text: [name for name in text.split(",") if name],
-        help=f"comma-separated run names: a precision or one of {', '.join([*RUNS, RESUME])} "
+        help=f"comma-separated run names: a precision or one of "
+        f"{', '.join([*RUNS, *PAIRS_AND_SWEEPS])} "
         "(default: every run of the tiers asked for)",
     )
     parser.add_argument("--out", default=str(REPO / "docs" / "results"), help="parent folder")

@@ -3,8 +3,8 @@
 A device is lent rarely, for 15 minutes with its start included, and for at most 10 minutes a
 command, so the check comes in two tiers. Tier 1 answers the main questions in at most 5 minutes
 of one H100 by the estimate below: the tests marked gpu, fp32, bf16, bf16 with every reference
-path, bf16 with CUDA graphs, and the bf16 stop-and-resume pair. (A short `sweep --find-batch` in
-bf16 joins tier 1 once `retinaperf sweep` exists.) Tier 2 is every other run.
+path, bf16 with CUDA graphs, the bf16 stop-and-resume pair, and a short `sweep --find-batch` in
+bf16. Tier 2 is every other run.
 
 The estimate of a run: START_S to start and end its process, plus its steps at its precision's
 seconds per step times the run's own factor, plus its one-off seconds (compiling, say). No H100
@@ -16,6 +16,8 @@ H100 check, whose README's time table sets each run's measured wall time beside 
 from __future__ import annotations
 
 from collections.abc import Iterable
+
+from retinaperf.run import batch_search
 
 H200_CHECK = "docs/results/2026-11-28-nvidia-h200-gpu-check"  # 100 steps per run, measured
 TESTS = "tests marked gpu"
@@ -47,12 +49,23 @@ RESUME = "bf16-resume"
 RESUME_SETTINGS = ("precision=bf16", "deterministic=true", "log_every=1")
 RESUME_STEPS = 20  # stopped after step 10: past the first logged steps, and short for tier 1
 
-TIER_1 = (TESTS, "fp32", "bf16", "bf16-torchvision", "bf16-cudagraphs", RESUME)
+# Not a run but a sweep: `retinaperf sweep --find-batch` in bf16, each point a run of
+# FIND_BATCH_STEPS steps (the first step holds the peak but for the optimizer's state, which the
+# second adds), from batch FIND_BATCH_START for at most FIND_BATCH_TRIALS batches: short, so its
+# answer is a bracket (on an H100 where FIND_BATCH_CAPACITY puts it: 32 fits, 64 does not).
+FIND_BATCH = "bf16-find-batch"
+FIND_BATCH_SETTINGS = ("precision=bf16",)
+FIND_BATCH_START, FIND_BATCH_TRIALS, FIND_BATCH_STEPS = 32, 2, 2
+# The largest batch an H100 (80 GiB) holds if memory grew in proportion to the batch from the H200
+# check's bf16 run (mem_used_gib 35.0 at batch 16): a floor, as part of that peak does not grow.
+FIND_BATCH_CAPACITY = int(16 * 80 / 35.0)
+
+TIER_1 = (TESTS, "fp32", "bf16", "bf16-torchvision", "bf16-cudagraphs", RESUME, FIND_BATCH)
 TIER_1_MAX_S = 5 * 60
-# Steps per run of each tier unless --steps says otherwise: 40 keeps tier 1's estimate within
-# TIER_1_MAX_S and leaves 30 steady steps after the 10 of timing_warmup_steps; tier 2 keeps 100,
+# Steps per run of each tier unless --steps says otherwise: 30 keeps tier 1's estimate within
+# TIER_1_MAX_S and leaves 20 steady steps after the 10 of timing_warmup_steps; tier 2 keeps 100,
 # the check's steps before it had tiers (bf16-profile records steps 40 to 45).
-TIER_STEPS = {1: 40, 2: 100}
+TIER_STEPS = {1: 30, 2: 100}
 
 # Seconds per step of A100-1x1 (16 images at 800x1333) on one H100: the H200 check's measured
 # 16 / p_core_steady, times the H200's memory bandwidth over the H100's (4.8 / 3.35 TB/s). That
@@ -94,6 +107,16 @@ def tier_of(name: str) -> int:
     return 1 if name in TIER_1 else 2
 
 
+def find_batch_tried() -> list[int]:
+    """The batches the find-batch sweep should try on an H100 (FIND_BATCH_CAPACITY)."""
+    result = batch_search.search(
+        FIND_BATCH_START,
+        lambda batch: "fits" if batch <= FIND_BATCH_CAPACITY else "out_of_memory",
+        FIND_BATCH_TRIALS,
+    )
+    return result.tried
+
+
 def estimate_s(name: str, settings: tuple[str, ...], steps: int) -> float:
     """Seconds the run `name` with these settings and steps should take on one H100."""
     if name == TESTS:
@@ -103,6 +126,8 @@ def estimate_s(name: str, settings: tuple[str, ...], steps: int) -> float:
     step = STEP_S.get(precision, STEP_S["fp32"]) * factor  # an unmeasured precision: as fp32
     if name == RESUME:  # three processes: left alone, stopped, resumed; the steps twice over
         return 3 * START_S + 2 * steps * step + once
+    if name == FIND_BATCH:  # a process per point, its step in proportion to its batch
+        return sum(START_S + steps * step * batch / 16 for batch in find_batch_tried())
     return START_S + steps * step + once
 
 

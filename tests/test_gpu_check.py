@@ -2,6 +2,7 @@
 CPU at toy sizes (the tests marked gpu skip; two precisions; the generated summary)."""
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -42,7 +43,8 @@ def test_without_cuda_it_prints_what_it_would_run_and_exits_0(tmp_path):
     tier_1 = ["fp32", "bf16", "bf16-torchvision", "bf16-cudagraphs"]
     tier_2 = ["bf16-nchw", "bf16-cudnn-benchmark", "bf16-profile", "bf16-compile", "amp"]
     assert names == [*tier_1, *tier_2, "fp32-strict"]  # the short answers first, the slowest last
-    assert all("max_steps=40" in runs[names.index(name)] for name in tier_1)
+    steps = load("gpu_tiers").TIER_STEPS
+    assert all(f"max_steps={steps[1]}" in runs[names.index(name)] for name in tier_1)
     assert all("max_steps=100" in runs[names.index(name)] for name in [*tier_2, "fp32-strict"])
     reference = runs[names.index("bf16-torchvision")]
     for setting in ("transform", "loss", "postprocess"):
@@ -56,6 +58,11 @@ def test_without_cuda_it_prints_what_it_would_run_and_exits_0(tmp_path):
     (resume,) = [line for line in lines if line.strip().startswith("bf16-resume:")]
     assert "--stop-at 10" in resume and "--set max_steps=20" in resume
     assert "--set deterministic=true" in resume and "--set log_every=1" in resume
+    # The short search: bf16 from batch 32, two batches at most, into its own folder
+    (search,) = [line for line in lines if line.strip().startswith("bf16-find-batch:")]
+    assert "-m retinaperf sweep --preset A100-1x1 --synthetic --set precision=bf16" in search
+    assert "--set batch_size=32" in search and "--find-batch --max-trials 2" in search
+    assert search.endswith("/bf16-find-batch")
     assert not (tmp_path / "results").exists()  # a dry run writes nothing
 
 
@@ -76,14 +83,13 @@ def tier_totals_printed(stdout: str) -> dict[str, float]:
 
 def test_tier_1_is_the_default_and_its_own_estimate_is_at_most_5_minutes(tmp_path):
     tiers = load("gpu_tiers")
+    # name -> (settings, steps) of each entry that is not one run
+    entries = {
+        tiers.RESUME: (tiers.RESUME_SETTINGS, min(tiers.TIER_STEPS[1], tiers.RESUME_STEPS)),
+        tiers.FIND_BATCH: (tiers.FIND_BATCH_SETTINGS, tiers.FIND_BATCH_STEPS),
+    }
     estimated = sum(
-        tiers.estimate_s(
-            name,
-            tiers.RESUME_SETTINGS if name == tiers.RESUME else tiers.RUNS.get(name, ()),
-            min(tiers.TIER_STEPS[1], tiers.RESUME_STEPS)
-            if name == tiers.RESUME
-            else tiers.TIER_STEPS[1],
-        )
+        tiers.estimate_s(name, *entries.get(name, (tiers.RUNS.get(name, ()), tiers.TIER_STEPS[1])))
         for name in tiers.TIER_1
     )
     assert estimated <= tiers.TIER_1_MAX_S == 5 * 60
@@ -96,7 +102,7 @@ def test_tier_1_is_the_default_and_its_own_estimate_is_at_most_5_minutes(tmp_pat
 
 def test_every_run_of_the_check_is_in_exactly_one_tier(tmp_path):
     tiers = load("gpu_tiers")
-    everything = [tiers.TESTS, *tiers.RUNS, tiers.RESUME]
+    everything = [tiers.TESTS, *tiers.RUNS, tiers.RESUME, tiers.FIND_BATCH]
     assert set(tiers.TIER_1) <= set(everything)
     assert all(tiers.tier_of(name) in (1, 2) for name in everything)
     done = gpu_check("--dry-run", "--tier", "all", "--out", str(tmp_path))
@@ -144,7 +150,14 @@ def test_the_whole_check_on_the_cpu_writes_runs_and_a_generated_summary(tmp_path
     sets = [arg for key, value in tiny.items() for arg in ("--set", f"{key}={value}")]
     out = tmp_path / "results"
     done = gpu_check(
-        "--cpu", "--steps", "2", "--runs", "fp32,bf16-torchvision", "--out", str(out), *sets
+        "--cpu",
+        "--steps",
+        "2",
+        "--runs",
+        "fp32,bf16-torchvision,bf16-find-batch",
+        "--out",
+        str(out),
+        *sets,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     (folder,) = out.iterdir()
@@ -166,6 +179,13 @@ def test_the_whole_check_on_the_cpu_writes_runs_and_a_generated_summary(tmp_path
         "postprocess torchvision" in readme
     )
     assert "conv ieee, matmul ieee" in readme
+    # The search from the batch --set gives (2; 32 on a GPU), two batches, both fitting here
+    points = json.loads((folder / "bf16-find-batch" / "sweep.json").read_text())["points"]
+    assert [(p["batch_size"], p["status"]) for p in points] == [(2, "completed"), (4, "completed")]
+    assert (
+        "`sweep --find-batch` in bf16 (bf16-find-batch/report.md), batches tried 2, 4 (at most 2):"
+        " largest that fits 4, out of memory at –." in readme
+    )
     # Each run's measured wall time beside its estimate, and the tiers' totals
     (fp32,) = [line.split("|") for line in lines if line.startswith("| fp32 | 1 | 2 |")]
     assert float(fp32[4]) > 0 and float(fp32[5]) > 0  # estimated, measured seconds
