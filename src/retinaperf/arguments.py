@@ -70,15 +70,12 @@ def add_sweep(sweep: argparse.ArgumentParser) -> None:
         help="search the largest local batch that fits, per combination of the other axes, "
         "doubling then bisecting from the configuration's batch",
     )
-    sweep.add_argument(
-        "--max-trials",
-        type=int,
-        default=0,
-        metavar="N",
-        help="with --find-batch: run at most N batches per search, to fit a time budget; its "
-        "answer is then the largest that fitted and the smallest that did not, with the batches "
-        "between untried (default: 0, search until they are one apart)",
+    trials = (
+        "with --find-batch: run at most N batches per search, to fit a time budget; its answer "
+        "is then the largest that fitted and the smallest that did not, with the batches between "
+        "untried (default: 0, search until they are one apart)"
     )
+    sweep.add_argument("--max-trials", type=int, default=0, metavar="N", help=trials)
     sweep.add_argument(
         "--lr-rule",
         choices=("linear", "none"),
