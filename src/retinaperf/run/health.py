@@ -40,14 +40,14 @@ def diverged(longest: int, limit: int) -> bool:
 
 
 def divergence_message(
-    longest: int, limit: int, step: int, parts: dict[str, float], lr: float, kept: str
+    longest: int, limit: int, step: int, parts: dict[str, float], lr: float, kept: str | None
 ) -> str:
     """Why the run stops as failed, naming the step, the loss parts, the lr and the last good
-    checkpoint (`kept`), and what to do."""
+    checkpoint (`kept`; None: none was written), and what to do."""
     shown = ", ".join(f"{name} {value:.4g}" for name, value in parts.items())
+    checkpoint = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written"
     return (
         f"training diverged: the loss was not finite for {int(longest)} consecutive steps "
-        f"(limit max_bad_steps={limit}); at step {step}: {shown}, lr {lr:g}; the last good "
-        f"checkpoint is {kept}: lower lr, raise clip_grad_norm's protection, or use another "
-        "precision"
+        f"(limit max_bad_steps={limit}); at step {step}: {shown}, lr {lr:g}; {checkpoint}: "
+        "lower lr, raise clip_grad_norm's protection, or use another precision"
     )

@@ -359,7 +359,7 @@ class Trainer:
         if diverged(figures.longest_bad_run, limit):
             self.checkpointer.finish()  # so that the message names the newest good one
             newest = self.checkpointer.newest
-            kept = newest.name if newest else "none was written"
+            kept = newest.name if newest else None
             message = divergence_message(
                 figures.longest_bad_run, limit, self.meter.steps, figures.parts, lr, kept
             )
