@@ -180,7 +180,7 @@ def test_report_of_two_precisions_has_every_point_a_row_and_a_group_per_precisio
     assert "| bf16 | 310 (32) | 16 | 32 | 64 (40.0 GiB device) |" in report
     assert "(sweep.png)" in report and (tmp_path / "sweep.png").stat().st_size > 0
     assert cli.main(["report", str(tmp_path)]) == 0
-    assert capsys.readouterr().out.rstrip("\n") == report.rstrip("\n")
+    assert capsys.readouterr().out == report
 
 
 # What a sweep's points run: one step at 256 px (fp32), where a training image's memory shows
@@ -240,7 +240,7 @@ def test_grid_report_has_every_point_a_row_saturation_and_plot(grid, capsys):
     assert "## Saturation and memory" in report and "| fp32 | " in report
     assert (out / "sweep.png").stat().st_size > 0
     assert cli.main(["report", str(out)]) == 0
-    assert capsys.readouterr().out.rstrip("\n") == report.rstrip("\n")
+    assert capsys.readouterr().out == report
     assert cli.main(["report", str(out), "--format", "json"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 2
 

@@ -309,7 +309,8 @@ def _report(args: argparse.Namespace) -> int:
     # Named where they are now, as given: a run directory may have moved since it was written.
     runs = [{**load_results(d), "run_dir": str(d)} for d in run_dirs]
     if len(args.run_dirs) == 1 and sweep.is_sweep(Path(args.run_dirs[0])) and args.format == "md":
-        print(sweep.report_text(Path(args.run_dirs[0])))  # its points, and what they tell
+        # its points, and what they tell: report.md as the sweep wrote it, to the byte
+        print(sweep.report_text(Path(args.run_dirs[0])), end="")
     else:
         print(spread.render_runs(runs, args.format))
     if args.plots:
