@@ -19,13 +19,9 @@ def peak_resident_bytes() -> int:
     ru_maxrss survives exec on Linux: a process started by a large one (a launcher, a benchmark
     holding gigabytes) reports at least the parent's resident set at the fork. VmHWM is the
     high-water mark of this program's own memory."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
+    high_water = _status_bytes("VmHWM")
+    if high_water is not None:
+        return high_water
     usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return usage if sys.platform == "darwin" else usage * 1024  # macOS: bytes; Linux: KiB
 
@@ -104,7 +100,8 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 def _status_bytes(field: str) -> int | None:
-    """A size from Linux's /proc/self/status (`VmData`, `VmRSS`), or None where it does not say."""
+    """A size from Linux's /proc/self/status (`VmHWM`, `VmData`, `VmRSS`), or None where it does
+    not say."""
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
