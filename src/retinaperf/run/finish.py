@@ -22,7 +22,7 @@ from retinaperf.distributed import DistEnv
 from retinaperf.errors import OutOfMemory, UserError
 from retinaperf.measure import energy, environment, monitor, utilization
 from retinaperf.measure.devices.base import DevicePlugin
-from retinaperf.measure.memory import driver_peak, is_out_of_memory, memory_peak
+from retinaperf.measure.memory import driver_peak, memory_peak
 from retinaperf.measure.memory import memory as job_memory
 from retinaperf.measure.meter import Meter, summarize
 from retinaperf.measure.monitor import Monitor
@@ -184,11 +184,11 @@ def publish(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
 
 
 def record_failure(t: TrainedRun, err: BaseException) -> None:
-    """results.json of a run that failed once set up, saying why; never masks the error."""
+    """results.json of a run that failed once set up, saying why; never masks the error. An
+    allocation that failed is an OutOfMemory by now (job.py, `step.as_out_of_memory`)."""
     reason = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
-    out_of_memory = isinstance(err, OutOfMemory) or is_out_of_memory(err)
     try:
-        finish(t, "failed", reason, "out_of_memory" if out_of_memory else "error")
+        finish(t, "failed", reason, "out_of_memory" if isinstance(err, OutOfMemory) else "error")
     except Exception as secondary:  # the run is failing already: say so, keep the first error
         warnings.warn(
             "could not write the failed run's results.json: "
