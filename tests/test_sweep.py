@@ -101,7 +101,7 @@ def test_batch_search_runs_at_most_max_trials_batches_and_brackets_the_boundary(
 def test_max_trials_needs_a_search_and_a_count(find_batch, max_trials, message):
     axes = parse_axes(["precision=fp32,bf16"])
     with pytest.raises(UserError, match=message):
-        sweep.check_plan(axes, find_batch, "linear", {}, max_trials)
+        sweep.check_plan(axes, find_batch, "linear", max_trials)
 
 
 def _point(batch, p_core, status="completed", precision="fp32"):

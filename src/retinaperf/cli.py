@@ -210,7 +210,7 @@ def _sweep(args: argparse.Namespace) -> int:
     overrides = config.parse_overrides(pairs)  # a bad setting, once, before any point runs
     resolved = config.resolve(args.preset or "smoke", overrides, args.synthetic)
     axes = sweep.parse_axes(args.vary)
-    sweep.check_plan(axes, args.find_batch, args.lr_rule, overrides, args.max_trials)
+    sweep.check_plan(axes, args.find_batch, args.lr_rule, args.max_trials)
     for varied in sweep.axis_overrides(axes):  # each value checked before any point runs
         config.resolve(args.preset or "smoke", {**overrides, **varied}, args.synthetic)
     out_dir = Path(args.output_dir) if args.output_dir else files.new_timestamped_dir()
@@ -310,7 +310,7 @@ def _report(args: argparse.Namespace) -> int:
     runs = [{**load_results(d), "run_dir": str(d)} for d in run_dirs]
     if len(args.run_dirs) == 1 and sweep.is_sweep(Path(args.run_dirs[0])) and args.format == "md":
         # its points, and what they tell: report.md as the sweep wrote it, to the byte
-        print(sweep.report_text(Path(args.run_dirs[0])), end="")
+        print(sweep.report_text(Path(args.run_dirs[0]), runs), end="")
     else:
         print(spread.render_runs(runs, args.format))
     if args.plots:

@@ -30,7 +30,7 @@ from retinaperf.run import batch_search, rounds, signals
 SWEEP = "sweep.json"
 PLOT = "sweep.png"
 NPROC_AXIS = "nproc_per_node"  # an axis of the launch (torchrun's processes), not a key
-BATCH = "batch_size"
+BATCH = sweep_report.BATCH
 LR_RULES = ("linear", "none")
 STOPS = (signal.SIGINT, signal.SIGTERM)  # what stops a sweep, as it stops a run
 # Keys a point cannot vary: each point has its own run directory, and lr follows the batch.
@@ -100,9 +100,7 @@ def parse_axes(texts: list[str]) -> tuple[Axis, ...]:
     return tuple(axes)
 
 
-def check_plan(
-    axes: tuple[Axis, ...], find_batch: bool, lr_rule: str, overrides: dict, max_trials: int = 0
-) -> None:
+def check_plan(axes: tuple[Axis, ...], find_batch: bool, lr_rule: str, max_trials: int = 0) -> None:
     """What cannot go together: the batch searched and varied, lr varied and scaled, a limit on
     a search's trials without a search."""
     keys = [axis.key for axis in axes]
@@ -129,14 +127,15 @@ def axis_overrides(axes: tuple[Axis, ...]) -> list[dict[str, Any]]:
     ]
 
 
-def _bare_key(pair: str) -> str:
+def bare_key(pair: str) -> str:
+    """The bare key of a `--set` pair: `train.batch_size=4` -> `batch_size`."""
     return pair.partition("=")[0].strip().rpartition(".")[2]
 
 
 def replace_pairs(pairs: list[str], point_pairs: list[str]) -> list[str]:
     """The sweep's `--set` pairs with those of keys a point sets dropped, then the point's."""
-    replaced = {_bare_key(p) for p in point_pairs}
-    return [*(p for p in pairs if _bare_key(p) not in replaced), *point_pairs]
+    replaced = {bare_key(p) for p in point_pairs}
+    return [*(p for p in pairs if bare_key(p) not in replaced), *point_pairs]
 
 
 def base_of(resolved: config.RunConfig, nproc_per_node: int | None) -> Base:
@@ -338,7 +337,7 @@ def write_outputs(plan: SweepPlan, records: list[dict[str, Any]], stopped_by: in
         **sweep_report.summarize(records),
     }
     files.write_json_atomic(plan.out_dir / SWEEP, sweep)
-    runs = _completed_runs(plan.out_dir, sweep)
+    runs = [{**loading.load_results(d), "run_dir": str(d)} for d in _completed(plan.out_dir, sweep)]
     series = sweep_report.plot_series(records)
     if series:
         figure = plots.sweep_figure(series)
@@ -350,17 +349,9 @@ def write_outputs(plan: SweepPlan, records: list[dict[str, Any]], stopped_by: in
     return sweep
 
 
-def _completed_runs(out_dir: Path, sweep: dict) -> list[dict]:
-    """The completed points' results, named by their run directories where they are now."""
-    return [
-        {**loading.load_results(d), "run_dir": str(d)}
-        for d in (Path(out_dir) / Path(p["run_dir"]).name for p in sweep["points"])
-        if (d / RESULTS).exists() and _status_of(sweep, d.name) == "completed"
-    ]
-
-
-def _status_of(sweep: dict, name: str) -> str:
-    return next(p["status"] for p in sweep["points"] if p["name"] == name)
+def _completed(folder: Path, sweep: dict) -> list[Path]:
+    """The run directories of the sweep's completed points, where they are now (in `folder`)."""
+    return [Path(folder) / p["name"] for p in sweep["points"] if p["status"] == "completed"]
 
 
 def is_sweep(path: Path) -> bool:
@@ -372,13 +363,12 @@ def run_dirs(path: Path) -> list[Path]:
     points, or what `rounds.run_dirs` finds (a run, a `--repeat` folder's rounds)."""
     if not is_sweep(path):
         return rounds.run_dirs(path)
-    sweep = files.read_json(Path(path) / SWEEP, "report")
-    return [Path(path) / p["name"] for p in sweep["points"] if p["status"] == "completed"]
+    return _completed(path, files.read_json(Path(path) / SWEEP, "report"))
 
 
-def report_text(path: Path) -> str:
-    """A sweep folder's report, as its report.md holds it, from sweep.json and the points'
-    results where they are now."""
+def report_text(path: Path, runs: list[dict]) -> str:
+    """A sweep folder's report, as its report.md holds it, from sweep.json and `runs`, the
+    results of its completed points (`run_dirs`) as loaded."""
     sweep = files.read_json(Path(path) / SWEEP, "report")
     plot = PLOT if (Path(path) / PLOT).exists() else None
-    return sweep_report.render(sweep, _completed_runs(Path(path), sweep), plot)
+    return sweep_report.render(sweep, runs, plot)
