@@ -68,7 +68,7 @@ from retinaperf.files import write_text_atomic  # noqa: E402
 from retinaperf.report import comparison, loading, tables  # noqa: E402
 from retinaperf.report.events import EVENTS, read_events  # noqa: E402
 from retinaperf.report.results import RESULTS  # noqa: E402
-from retinaperf.run.sweep import SWEEP  # noqa: E402
+from retinaperf.run.sweep import SWEEP, bare_key  # noqa: E402
 from retinaperf.units import NO_VALUE, significant  # noqa: E402
 
 PRESET = "A100-1x1"
@@ -365,7 +365,7 @@ def _run_command(
 def _find_batch_command(steps: int, sweep_dir: Path, overrides: list[str]) -> list[str]:
     """`retinaperf sweep --find-batch`: the preset's throughput mode in bf16, each point `steps`
     steps, from FIND_BATCH_START (a batch in `overrides` wins) for FIND_BATCH_TRIALS batches."""
-    given = {pair.partition("=")[0].strip().rpartition(".")[2] for pair in overrides}
+    given = {bare_key(pair) for pair in overrides}
     start = () if "batch_size" in given else (f"batch_size={FIND_BATCH_START}",)
     sweep_args = _run_args((*FIND_BATCH_SETTINGS, *start, f"max_steps={steps}"), overrides)
     search = [
