@@ -34,6 +34,13 @@ class FakeClock:
         self.now += seconds
 
 
+def clocked_meter(start: float) -> tuple[FakeClock, Meter]:
+    """A meter on the CPU whose command started at `start`, read from a clock that stands there
+    until a test advances it."""
+    clock = FakeClock(start)
+    return clock, Meter(command_start=start, device=CPU, clock=clock, synchronize=clock.sync)
+
+
 def single() -> DistEnv:
     return DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, device=CPU)
 
@@ -82,8 +89,7 @@ def test_checkpoint_time_counts_the_checkpoints_inside_train_time_only():
     """An epoch's checkpoint before the next epoch's training is inside train_time; the one after
     the last evaluation, where train_time ends, is not (docs/metrics.md), unless a stop ends the
     training time after it."""
-    clock = FakeClock(100.0)
-    meter = Meter(command_start=100.0, device=CPU, clock=clock, synchronize=clock.sync)
+    clock, meter = clocked_meter(100.0)
     meter.train_started()
     for epoch in range(2):
         with meter.core_step(images=2):
@@ -136,8 +142,7 @@ def test_accuracy_fields_track_last_best_and_target():
 
 
 def test_best_map_is_not_the_last_when_accuracy_drops():
-    clock = FakeClock(0.0)
-    meter = Meter(command_start=0.0, device=CPU, clock=clock, synchronize=clock.sync)
+    clock, meter = clocked_meter(0.0)
     meter.train_started()
     for epoch, ap in enumerate([0.3, 0.5, 0.45]):
         with meter.core_step(images=2):
@@ -151,8 +156,7 @@ def test_best_map_is_not_the_last_when_accuracy_drops():
 
 
 def test_core_window_is_bracketed_by_device_synchronizes():
-    clock = FakeClock(0.0)
-    meter = Meter(command_start=0.0, device=CPU, clock=clock, synchronize=clock.sync)
+    clock, meter = clocked_meter(0.0)
     meter.train_started()
     clock.log.clear()
     with meter.core_step(images=1):
@@ -240,8 +244,7 @@ def test_accelerator_core_windows_are_device_events_read_without_waiting():
 
 
 def test_interval_rate_counts_images_since_last_call():
-    clock = FakeClock(0.0)
-    meter = Meter(command_start=0.0, device=CPU, clock=clock, synchronize=clock.sync)
+    clock, meter = clocked_meter(0.0)
     meter.train_started()
     for _ in range(3):
         with meter.core_step(images=4):
