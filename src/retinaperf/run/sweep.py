@@ -5,7 +5,7 @@ Each point is a fresh `retinaperf run` process (through torchrun for several pro
 round of `run --repeat` is (run/rounds.py): a point that fails or runs out of memory cannot
 leave the next one a fragmented allocator or a broken process group. A point out of memory is
 the boundary of the batch, not a crash: its run writes results.json with `failure`
-"out_of_memory", read here. The learning rate follows the batch by a rule (`LR_RULES`). Then
+"out_of_memory", read here. The learning rate follows the batch by a rule (`point_lr`). Then
 sweep.json, report.md (report/sweep_report.py) and sweep.png sit beside the points' run
 directories; `retinaperf report` reads such a folder (`run_dirs`).
 """
@@ -31,7 +31,6 @@ SWEEP = "sweep.json"
 PLOT = "sweep.png"
 NPROC_AXIS = "nproc_per_node"  # an axis of the launch (torchrun's processes), not a key
 BATCH = sweep_report.BATCH
-LR_RULES = ("linear", "none")
 STOPS = (signal.SIGINT, signal.SIGTERM)  # what stops a sweep, as it stops a run
 # Keys a point cannot vary: each point has its own run directory, and lr follows the batch.
 FIXED_KEYS = {"output_dir": "each point gets its own run directory in the sweep's folder"}
