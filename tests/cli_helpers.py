@@ -42,15 +42,20 @@ class StepWatch:
             self.longest = max(self.longest, time.perf_counter() - self.started)
 
 
-def signal_at(fn: Callable, call: int) -> Callable:
-    """`fn`, sending this process SIGTERM during its `call`-th call (1-based)."""
+def at_call(fn: Callable, call: int, action: Callable[[], None]) -> Callable:
+    """`fn`, doing `action` first at its `call`-th call (1-based)."""
     calls = []
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         calls.append(1)
         if len(calls) == call:
-            os.kill(os.getpid(), signal.SIGTERM)
+            action()
         return fn(*args, **kwargs)
 
     return wrapped
+
+
+def signal_at(fn: Callable, call: int) -> Callable:
+    """`fn`, sending this process SIGTERM during its `call`-th call (1-based)."""
+    return at_call(fn, call, lambda: os.kill(os.getpid(), signal.SIGTERM))

@@ -6,12 +6,11 @@ call (1-based), waits while HOLD_FILE exists (the steps before it are done and l
 checkpoints written), then steps on as usual. Used by test_rundir.py.
 """
 
-import functools
 import sys
 import time
 from pathlib import Path
 
-from cli_helpers import run_cli
+from cli_helpers import at_call, run_cli
 
 from retinaperf.run import step
 
@@ -20,18 +19,13 @@ HOLD_LIMIT_S = 600.0  # a test that never lets go fails on its own timeout first
 
 def hold_at(fn, call: int, hold: Path):
     """`fn`, waiting at its `call`-th call while `hold` exists."""
-    calls = []
 
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == call:
-            deadline = time.monotonic() + HOLD_LIMIT_S
-            while hold.exists() and time.monotonic() < deadline:
-                time.sleep(0.02)
-        return fn(*args, **kwargs)
+    def wait() -> None:
+        deadline = time.monotonic() + HOLD_LIMIT_S
+        while hold.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
-    return wrapped
+    return at_call(fn, call, wait)
 
 
 if __name__ == "__main__":

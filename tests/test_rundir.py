@@ -20,10 +20,12 @@ from retinaperf.run import checkpoint
 HERE = Path(__file__).parent
 
 
-def start(args: list[str], cwd: Path) -> subprocess.Popen:
-    """`retinaperf ARGS` in a process of its own."""
+def start(
+    args: list[str], cwd: Path, script: tuple[str, ...] = ("-m", "retinaperf")
+) -> subprocess.Popen:
+    """`retinaperf ARGS` in a process of its own (`script`: what runs it)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "retinaperf", *args],
+        [sys.executable, *script, *args],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -37,15 +39,7 @@ def start_held(args: list[str], cwd: Path, at_step: int) -> tuple[subprocess.Pop
     slow the machine, without training for that long."""
     hold = cwd / "hold"
     hold.touch()
-    script = [str(HERE / "held_run.py"), str(hold), str(at_step)]
-    process = subprocess.Popen(
-        [sys.executable, *script, *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    return process, hold
+    return start(args, cwd, (str(HERE / "held_run.py"), str(hold), str(at_step))), hold
 
 
 def wait_for(condition, process: subprocess.Popen, timeout: float = 120.0) -> None:
